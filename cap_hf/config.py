@@ -1,0 +1,138 @@
+"""PruningConfig: everything a one-shot pruning step needs, in the CAP/SparseML recipe vocabulary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("magnitude", "obs", "cap", "fastcap")
+METHOD_ALIASES = {"woodfisher": "obs", "wf": "obs", "gm": "magnitude", "fast_cap": "fastcap"}
+
+
+def parse_structure(structure: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M): at most N non-zeros in every M consecutive weights."""
+    if structure == "unstructured":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", structure)
+    if not match:
+        raise ValueError(f"structure must be 'unstructured' or 'N:M' such as '2:4', got {structure!r}.")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"structure {structure!r}: need 0 < N < M (N non-zeros kept in every M weights).")
+    return n, m
+
+
+@dataclass
+class PruningConfig:
+    """One pruning step. Field names follow the CAP / SparseML recipes users already know."""
+
+    method: str = field(default="cap", metadata={"help": "magnitude | obs (WoodFisher) | cap | fastcap"})
+    sparsity: float = field(default=0.5, metadata={"help": "Fraction of target weights set to zero, in [0, 1)."})
+    sparsity_distribution: str = field(
+        default="global",
+        metadata={"help": "global: one threshold over all targets; uniform: the same sparsity in every layer. "
+                  "FastCAP is always uniform."},
+    )
+    structure: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' (e.g. '2:4'), "
+                                                                     "for magnitude and cap."})
+    targets: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "Regex (full match on module names) or list of module names to prune. "
+                  "Default: the model family's attention q/k/v/o and MLP weights."},
+    )
+    ignore: str | None = field(default=None, metadata={"help": "Regex of module names never to prune."})
+    num_grads: int = field(default=1024, metadata={"help": "Mini-batch gradients for the empirical Fisher (m)."})
+    grad_batch_size: int = field(default=32, metadata={"help": "Images per Fisher gradient."})
+    fisher_block_size: int = field(default=192, metadata={"help": "Fisher block size B (paper: 192 for ViT)."})
+    damp: float = field(default=1e-7, metadata={"help": "Absolute dampening lambda added to the Fisher (CAP/OBS)."})
+    fastcap_damp: float = field(
+        default=1e-2, metadata={"help": "FastCAP relative dampening, times the mean Fisher diagonal."}
+    )
+    fastcap_column_block: int | None = field(
+        default=None, metadata={"help": "FastCAP column chunk; default: the whole Fisher block (one chunk)."}
+    )
+    label_free_fisher: bool = field(
+        default=False,
+        metadata={"help": "Sample labels from the model's own predictions instead of using dataset labels "
+                  "(for unlabeled data and self-supervised backbones with a probe head)."},
+    )
+    trace_mode: str = field(
+        default="recompute",
+        metadata={"help": "CAP: 'recompute' re-runs the elimination to each block's cut (memory ~ d*B); "
+                  "'snapshot' keeps (B+1)*d weight snapshots like the reference code."},
+    )
+    grad_chunk_size: int = field(default=32, metadata={"help": "Gradients per batched Fisher product."})
+    elimination_chunk_size: int = field(
+        default=512, metadata={"help": "Fisher blocks eliminated in parallel (memory vs. speed)."}
+    )
+    device: str | None = field(default=None, metadata={"help": "Device for Fisher math (default: the model's)."})
+    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and label-free Fisher."})
+
+    def __post_init__(self) -> None:
+        self.method = METHOD_ALIASES.get(self.method.lower(), self.method.lower())
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError with what is wrong and what to do, before any long work starts."""
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        if not (0.0 <= float(self.sparsity) < 1.0):
+            raise ValueError(
+                f"sparsity must be in [0, 1) (a fraction of weights to zero), got {self.sparsity}. "
+                "Use e.g. 0.75 for 75%."
+            )
+        if self.sparsity_distribution not in ("global", "uniform"):
+            raise ValueError(f"sparsity_distribution must be 'global' or 'uniform', got {self.sparsity_distribution!r}.")
+        nm = parse_structure(self.structure)
+        if nm is not None and self.method not in ("magnitude", "cap"):
+            raise ValueError(f"structure {self.structure!r} is supported by magnitude and cap, not {self.method}.")
+        for name in ("num_grads", "grad_batch_size", "fisher_block_size", "grad_chunk_size", "elimination_chunk_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if nm is not None and self.fisher_block_size % nm[1]:
+            raise ValueError(
+                f"fisher_block_size {self.fisher_block_size} must be a multiple of M={nm[1]} for {self.structure}."
+            )
+        if not self.damp > 0 or not self.fastcap_damp > 0:
+            raise ValueError("damp and fastcap_damp must be positive: they keep the Fisher invertible.")
+        if self.trace_mode not in ("recompute", "snapshot"):
+            raise ValueError(f"trace_mode must be 'recompute' or 'snapshot', got {self.trace_mode!r}.")
+
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        return parse_structure(self.structure)
+
+    @property
+    def needs_fisher(self) -> str | None:
+        """Which Fisher statistic the method needs: 'block', 'shared' or None."""
+        return {"obs": "block", "cap": "block", "fastcap": "shared"}.get(self.method)
+
+    def replace(self, **changes) -> PruningConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PruningConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown PruningConfig keys {unknown}; valid keys: {sorted(known)}.")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        text = json.dumps(self.to_dict(), indent=2) if path.suffix == ".json" else yaml.safe_dump(self.to_dict())
+        path.write_text(text)
+
+    @classmethod
+    def load(cls, path: str | Path) -> PruningConfig:
+        text = Path(path).read_text()
+        data = json.loads(text) if Path(path).suffix == ".json" else yaml.safe_load(text)
+        return cls.from_dict(data)

@@ -1,0 +1,139 @@
+"""Image-classification data: Hub ids, save_to_disk folders and imagefolder folders; preprocessing
+from the model's image processor; and the offline data sets that ship in packages."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
+FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                        "Bag", "Ankle boot"]
+EVAL_SPLITS = ("validation", "valid", "val", "test")
+
+
+def load_image_dataset(name_or_path: str) -> DatasetDict:
+    """A DatasetDict from a save_to_disk folder (Dataset or DatasetDict), an imagefolder folder or a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = load_from_disk(str(path))
+            return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+        return load_dataset("imagefolder", data_dir=str(path))
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"Dataset folder {name_or_path!r} does not exist (or is not a folder). Pass a "
+                                "save_to_disk folder, an imagefolder folder or a Hub dataset id.")
+    try:
+        return load_dataset(name_or_path)
+    except Exception as err:  # offline mode, gated repo, typo: say what was tried
+        raise ValueError(f"Could not load dataset {name_or_path!r} from the Hub ({type(err).__name__}: {err}). "
+                         "Check the id and your network / HF_HUB_OFFLINE, or pass a local folder.") from err
+
+
+def pick_split(dataset: DatasetDict, wanted: str | None, candidates: Sequence[str], role: str) -> str:
+    if wanted is not None:
+        if wanted not in dataset:
+            raise ValueError(f"Split {wanted!r} for {role} not found; the dataset has {list(dataset)}.")
+        return wanted
+    for name in candidates:
+        if name in dataset:
+            return name
+    raise ValueError(f"No {role} split among {list(candidates)}; the dataset has {list(dataset)}. "
+                     f"Name one with the {role} split flag.")
+
+
+def check_columns(dataset: Dataset, image_column: str, label_column: str | None, role: str) -> None:
+    columns = dataset.column_names
+    if image_column not in columns:
+        raise ValueError(f"The {role} split has no image column {image_column!r}; its columns are {columns}. "
+                         "Set --image_column_name.")
+    if label_column is not None and label_column not in columns:
+        raise ValueError(f"The {role} split has no label column {label_column!r}; its columns are {columns}. "
+                         "Set --label_column_name, or use --label_free_fisher for calibration without labels.")
+
+
+def label_names(dataset: Dataset, label_column: str) -> list[str] | None:
+    feature = dataset.features.get(label_column)
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+class ImageClassificationTransform:
+    """Batch transform for `Dataset.with_transform`: PIL images -> pixel_values via the image processor."""
+
+    def __init__(self, image_processor, image_column: str = "image", label_column: str | None = "label",
+                 num_channels: int = 3, augment=None):
+        self.image_processor = image_processor
+        self.image_column = image_column
+        self.label_column = label_column
+        self.mode = "L" if num_channels == 1 else "RGB"
+        self.augment = augment
+
+    def __call__(self, examples: dict) -> dict:
+        images = [img.convert(self.mode) for img in examples[self.image_column]]
+        if self.augment is not None:
+            images = [self.augment(img) for img in images]
+        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        out = {"pixel_values": pixel_values}
+        if self.label_column is not None and self.label_column in examples:
+            out["labels"] = torch.as_tensor(examples[self.label_column], dtype=torch.long)
+        return out
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    batch = {"pixel_values": torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples])}
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
+    return batch
+
+
+def calibration_loader(dataset: Dataset, batch_size: int, seed: int = 0) -> torch.utils.data.DataLoader:
+    """Shuffled, full batches for Fisher gradients (one batch = one gradient)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       collate_fn=collate, generator=generator)
+
+
+def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str]) -> Dataset:
+    features = Features({"image": Image(), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+
+
+def digits_dataset(test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
+    """scikit-learn's 8x8 handwritten digits (1797 images) as grayscale images, split train/test."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_test = int(round(test_fraction * len(images)))
+    test, train = order[:n_test], order[n_test:]
+    names = [str(i) for i in range(10)]
+    return DatasetDict({"train": _image_dataset(images[train], digits.target[train], names),
+                        "test": _image_dataset(images[test], digits.target[test], names)})
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_dataset(root: str | os.PathLike = FASHION_MNIST_DIR) -> DatasetDict:
+    """Fashion-MNIST (60k train / 10k test, 28x28 grayscale) from the idx files of the Debian package."""
+    root = Path(root)
+    files = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    missing = [name for pair in files.values() for name in pair if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"Fashion-MNIST files {missing} not found in {root}. Install the Debian package "
+                                "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or pass --root.")
+    return DatasetDict({split: _image_dataset(_read_idx(root / img), _read_idx(root / lab), FASHION_MNIST_LABELS)
+                        for split, (img, lab) in files.items()})

@@ -1,0 +1,1 @@
+"""TrainerCallbacks that bring pruning to any transformers Trainer (built in the CAPTrainer issue)."""
