@@ -137,3 +137,34 @@ def fashion_mnist_dataset(root: str | os.PathLike = FASHION_MNIST_DIR) -> Datase
                                 "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or pass --root.")
     return DatasetDict({split: _image_dataset(_read_idx(root / img), _read_idx(root / lab), FASHION_MNIST_LABELS)
                         for split, (img, lab) in files.items()})
+
+
+def prepare_splits(
+    dataset_name: str,
+    image_processor,
+    num_channels: int,
+    image_column: str = "image",
+    label_column: str = "label",
+    train_split: str | None = None,
+    eval_split: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    train_needs_labels: bool = True,
+    seed: int = 0,
+) -> tuple[Dataset, Dataset, list[str] | None]:
+    """(train, eval, label names): train is the calibration/training split, eval is `validation` or
+    else `test`; both carry a transform giving pixel_values (+ labels). Columns are checked up front."""
+    dataset = load_image_dataset(dataset_name)
+    train_name = pick_split(dataset, train_split, ("train",), "train (--train_split)")
+    eval_name = pick_split(dataset, eval_split, EVAL_SPLITS, "evaluation (--eval_split)")
+    train, evaluation = dataset[train_name], dataset[eval_name]
+    check_columns(train, image_column, label_column if train_needs_labels else None, train_name)
+    check_columns(evaluation, image_column, label_column, eval_name)
+    if max_train_samples is not None and max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(max_train_samples))
+    if max_eval_samples is not None and max_eval_samples < len(evaluation):
+        evaluation = evaluation.shuffle(seed=seed).select(range(max_eval_samples))
+    train_labels = label_column if label_column in train.column_names else None
+    transform = ImageClassificationTransform(image_processor, image_column, train_labels, num_channels)
+    eval_transform = ImageClassificationTransform(image_processor, image_column, label_column, num_channels)
+    return train.with_transform(transform), evaluation.with_transform(eval_transform), label_names(evaluation, label_column)

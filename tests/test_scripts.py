@@ -1,0 +1,94 @@
+"""End to end: scripts/train_dense.py and scripts/oneshot.py on real data (scikit-learn digits)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def run_script(name, *args, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], env=ENV,
+                            capture_output=True, text=True, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "digits"
+    run_script("prepare_data.py", "--dataset", "digits", "--output_dir", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "digits-vit"
+    run_script("train_dense.py", "--dataset_name", digits_dir, "--output_dir", out, "--image_size", 8,
+               "--patch_size", 2, "--hidden_size", 32, "--num_hidden_layers", 2, "--num_attention_heads", 2,
+               "--num_train_epochs", 20, "--learning_rate", 3e-3, "--per_device_train_batch_size", 32,
+               "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none")
+    return out
+
+
+def test_train_dense_writes_a_loadable_classifier(digits_model):
+    from cap_hf.models import load_classifier
+
+    model, processor = load_classifier(str(digits_model))
+    assert model.config.num_labels == 10 and model.config.num_channels == 1
+    assert processor.size == {"height": 8, "width": 8}
+    results = json.loads((digits_model / "all_results.json").read_text())
+    assert results["eval_accuracy"] > 0.5  # 10 classes: chance is 0.1
+
+
+def test_oneshot_end_to_end(digits_model, digits_dir, tmp_path):
+    out = tmp_path / "oneshot"
+    run_script("oneshot.py", "--model_name_or_path", digits_model, "--dataset_name", digits_dir,
+               "--methods", "magnitude,obs,cap,fastcap", "--sparsities", "0.5,0.9", "--num_grads", 48,
+               "--grad_batch_size", 16, "--fisher_block_size", 32, "--damp", 1e-7, "--output_dir", out)
+    records = json.loads((out / "results.json").read_text())
+    assert records[0]["method"] == "dense"
+    assert [(r["method"], r["sparsity"]) for r in records[1:]] == [
+        (m, s) for m in ("magnitude", "obs", "cap", "fastcap") for s in (0.5, 0.9)]
+    for r in records:
+        assert set(r) >= {"method", "sparsity", "achieved_sparsity", "accuracy", "prune_seconds"}
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["prune_seconds"] >= 0
+        assert abs(r["achieved_sparsity"] - r["sparsity"]) < 1e-3
+    by = {(r["method"], r["sparsity"]): r["accuracy"] for r in records}
+    assert by[("cap", 0.9)] >= by[("magnitude", 0.9)]
+    assert (out / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an existing result is not overwritten silently
+    again = run_script("oneshot.py", "--model_name_or_path", digits_model, "--dataset_name", digits_dir,
+                       "--output_dir", out, "--methods", "magnitude", check=False)
+    assert again.returncode != 0 and "overwrite_output_dir" in again.stderr
+    assert json.loads((out / "results.json").read_text()) == records
+
+
+def test_oneshot_two_four(digits_model, digits_dir, tmp_path):
+    out = tmp_path / "nm"
+    run_script("oneshot.py", "--model_name_or_path", digits_model, "--dataset_name", digits_dir,
+               "--methods", "magnitude,cap", "--structure", "2:4", "--num_grads", 32, "--grad_batch_size", 16,
+               "--fisher_block_size", 32, "--output_dir", out)
+    records = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["sparsity"]) for r in records[1:]] == [("magnitude", 0.5), ("cap", 0.5)]
+    assert all(r["achieved_sparsity"] == pytest.approx(0.5) for r in records[1:])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--sparsities", "0.5,1.0"], "sparsity must be in [0, 1)"),
+    (["--methods", "cap,random"], "Unknown pruning method 'random'"),
+    (["--num_grads", 100000], "calibration images"),
+    (["--label_column_name", "target"], "no label column 'target'"),
+])
+def test_oneshot_bad_input(digits_model, digits_dir, tmp_path, extra, message):
+    result = run_script("oneshot.py", "--model_name_or_path", digits_model, "--dataset_name", digits_dir,
+                        "--output_dir", tmp_path / "bad", "--grad_batch_size", 16, *extra, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "bad" / "results.json").exists()
