@@ -18,8 +18,16 @@ FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "
 EVAL_SPLITS = ("validation", "valid", "val", "test")
 
 
+BUILTIN_DATASETS = ("builtin:digits", "builtin:fashion-mnist")
+
+
 def load_image_dataset(name_or_path: str) -> DatasetDict:
-    """A DatasetDict from a save_to_disk folder (Dataset or DatasetDict), an imagefolder folder or a Hub id."""
+    """A DatasetDict from a save_to_disk folder (Dataset or DatasetDict), an imagefolder folder, a Hub id,
+    or the offline data sets `builtin:digits` (scikit-learn) and `builtin:fashion-mnist` (Debian package)."""
+    if name_or_path == "builtin:digits":
+        return digits_dataset()
+    if name_or_path == "builtin:fashion-mnist":
+        return fashion_mnist_dataset()
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
@@ -139,8 +147,35 @@ def fashion_mnist_dataset(root: str | os.PathLike = FASHION_MNIST_DIR) -> Datase
                         for split, (img, lab) in files.items()})
 
 
+class RandomResizedCropFlip:
+    """Training augmentation on PIL images (no torchvision): a random crop of `scale` of the area and
+    aspect `ratio`, then an optional horizontal flip. The image processor resizes afterwards."""
+
+    def __init__(self, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 hflip: bool = True, seed: int | None = None):
+        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, img):
+        width, height = img.size
+        area = width * height
+        for _ in range(10):
+            target = area * self.rng.uniform(*self.scale)
+            aspect = np.exp(self.rng.uniform(np.log(self.ratio[0]), np.log(self.ratio[1])))
+            w = int(round(np.sqrt(target * aspect)))
+            h = int(round(np.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                left = int(self.rng.integers(0, width - w + 1))
+                top = int(self.rng.integers(0, height - h + 1))
+                img = img.crop((left, top, left + w, top + h))
+                break
+        if self.hflip and self.rng.random() < 0.5:
+            img = img.transpose(0)  # PIL.Image.FLIP_LEFT_RIGHT
+        return img
+
+
 def prepare_splits(
-    dataset_name: str,
+    dataset_name: str | DatasetDict,
     image_processor,
     num_channels: int,
     image_column: str = "image",
@@ -151,10 +186,19 @@ def prepare_splits(
     max_eval_samples: int | None = None,
     train_needs_labels: bool = True,
     seed: int = 0,
+    train_augment=None,
+    train_val_split: float | None = None,
 ) -> tuple[Dataset, Dataset, list[str] | None]:
     """(train, eval, label names): train is the calibration/training split, eval is `validation` or
-    else `test`; both carry a transform giving pixel_values (+ labels). Columns are checked up front."""
-    dataset = load_image_dataset(dataset_name)
+    else `test` (or a `train_val_split` fraction of train); both carry a transform giving
+    pixel_values (+ labels). Columns are checked up front. `train_augment` (PIL -> PIL) applies to train."""
+    dataset = dataset_name if isinstance(dataset_name, DatasetDict) else load_image_dataset(dataset_name)
+    if train_val_split is not None and eval_split is None and not any(n in dataset for n in EVAL_SPLITS):
+        if not 0 < train_val_split < 1:
+            raise ValueError(f"train_val_split must be in (0, 1), got {train_val_split}.")
+        name = pick_split(dataset, train_split, ("train",), "train (--train_split)")
+        parts = dataset[name].train_test_split(test_size=train_val_split, seed=seed)
+        dataset = DatasetDict({**dataset, name: parts["train"], "validation": parts["test"]})
     train_name = pick_split(dataset, train_split, ("train",), "train (--train_split)")
     eval_name = pick_split(dataset, eval_split, EVAL_SPLITS, "evaluation (--eval_split)")
     train, evaluation = dataset[train_name], dataset[eval_name]
@@ -165,6 +209,7 @@ def prepare_splits(
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
         evaluation = evaluation.shuffle(seed=seed).select(range(max_eval_samples))
     train_labels = label_column if label_column in train.column_names else None
-    transform = ImageClassificationTransform(image_processor, image_column, train_labels, num_channels)
+    transform = ImageClassificationTransform(image_processor, image_column, train_labels, num_channels,
+                                             augment=train_augment)
     eval_transform = ImageClassificationTransform(image_processor, image_column, label_column, num_channels)
     return train.with_transform(transform), evaluation.with_transform(eval_transform), label_names(evaluation, label_column)

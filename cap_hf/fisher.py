@@ -125,7 +125,10 @@ def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_free
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Cross-entropy of the model's logits; with label_free, labels sampled from its own softmax."""
     outputs = model(pixel_values=batch["pixel_values"])
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    logits = getattr(outputs, "logits", None)
+    if logits is None:
+        raise ValueError(f"{type(model).__name__} returns no logits, so the Fisher has no loss. Give the backbone "
+                         "a classification head (e.g. a linear probe), or pass loss_fn(model, batch).")
     if label_free:
         probs = torch.softmax(logits.detach().float(), dim=-1)
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -138,12 +141,9 @@ def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_free
 
 
 @torch.no_grad()
-def _stack_grads(targets: Mapping[str, nn.Module], buffers: dict[str, torch.Tensor], row: int,
+def _stack_grads(names: list[str], grads: tuple[torch.Tensor, ...], buffers: dict[str, torch.Tensor], row: int,
                  masks: Mapping[str, torch.Tensor] | None, step: int) -> None:
-    for name, module in targets.items():
-        grad = module.weight.grad
-        if grad is None:
-            raise RuntimeError(f"Layer {name} received no gradient; is it used in the forward pass?")
+    for name, grad in zip(names, grads, strict=True):
         flat = grad.detach().reshape(-1).float()
         if not bool(torch.isfinite(flat).all()):
             raise FloatingPointError(
@@ -172,8 +172,10 @@ def collect_fisher(
 ) -> dict[str, BlockFisher]:
     """Run `num_grads` backward passes in eval mode and fp32 and accumulate the requested Fisher kinds.
 
-    Gradients are multiplied by `masks` (True = kept) so pruned weights contribute nothing. The model's
-    train/eval mode and requires_grad flags are restored afterwards.
+    Gradients are multiplied by `masks` (True = kept) so pruned weights contribute nothing. They come
+    from torch.autograd.grad, so nothing is accumulated into .grad and no DDP reducer hook fires (each
+    process computes its own share; the sums are all-reduced at the end). The model's train/eval mode
+    and requires_grad flags are restored afterwards.
     """
     param = next(model.parameters())
     device = torch.device(device) if device is not None else param.device
@@ -183,11 +185,12 @@ def collect_fisher(
     buffers = {name: torch.empty(chunk, n, device=device) for name, n in numels.items()}
     generator = torch.Generator(device=param.device).manual_seed(seed) if label_free else None
 
+    names = list(targets)
+    weights = [targets[name].weight for name in names]
     was_training = model.training
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    target_params = {module.weight for module in targets.values()}
-    for p in model.parameters():
-        p.requires_grad_(p in target_params)
+    saved_flags = {w: w.requires_grad for w in weights}
+    for w in weights:
+        w.requires_grad_(True)
     model.eval()
     collected, row = 0, 0
     bar = None
@@ -198,13 +201,14 @@ def collect_fisher(
         for batch in batches:
             if collected >= num_grads:
                 break
-            for module in targets.values():
-                module.weight.grad = None
             batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.enable_grad(), torch.autocast(device_type=param.device.type, enabled=False):
                 loss = loss_fn(model, batch) if loss_fn is not None else default_loss(model, batch, label_free, generator)
-                loss.backward()
-            _stack_grads(targets, buffers, row, masks, collected)
+                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+            missing = [name for name, g in zip(names, grads, strict=True) if g is None]
+            if missing:
+                raise RuntimeError(f"Layers {missing[:3]} received no gradient; are they used in the forward pass?")
+            _stack_grads(names, grads, buffers, row, masks, collected)
             row += 1
             collected += 1
             if row == chunk or collected == num_grads:
@@ -216,10 +220,8 @@ def collect_fisher(
     finally:
         if bar is not None:
             bar.close()
-        for module in targets.values():
-            module.weight.grad = None
-        for p, flag in saved_flags.items():
-            p.requires_grad_(flag)
+        for w, flag in saved_flags.items():
+            w.requires_grad_(flag)
         model.train(was_training)
     if collected < num_grads:
         raise ValueError(f"The calibration data gave only {collected} batches, but num_grads={num_grads} were "

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTConfig, ViTForImageClassification
-from transformers import ViTImageProcessorPil
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessorPil,
+)
 
 
 def make_image_processor(image_size: int, num_channels: int, mean: float = 0.5, std: float = 0.5):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -12,6 +13,8 @@ from cap_hf.fisher import BlockFisher, collect_fisher
 from cap_hf.masks import SparsityReport, current_masks, sparsity_report
 from cap_hf.pruners import get_pruner
 from cap_hf.targets import find_targets
+
+logger = logging.getLogger(__name__)
 
 
 def compute_fisher(
@@ -81,8 +84,10 @@ def oneshot_sweep(
     import copy
     import time
 
-    configs = {m: base_config.replace(method=m) for m in methods}  # validates every method up front
-    for s in sparsities:
+    n_m = base_config.n_m
+    levels = [1.0 - n_m[0] / n_m[1]] if n_m is not None else list(sparsities)
+    configs = {m: base_config.replace(method=m, sparsity=levels[0]) for m in methods}  # validated up front
+    for s in levels:
         base_config.replace(sparsity=s)
     targets = find_targets(model, base_config.targets, base_config.ignore)
     records = [{"method": "dense", "sparsity": 0.0, "achieved_sparsity": sparsity_report(targets).overall,
@@ -100,7 +105,6 @@ def oneshot_sweep(
         start = time.perf_counter()
         pruner.prepare(targets, fishers.get(pruner.fisher_kind))
         prepare_seconds = time.perf_counter() - start
-        levels = [1.0 - config.n_m[0] / config.n_m[1]] if config.n_m is not None else sparsities
         for sparsity in levels:
             pruned = copy.deepcopy(model)
             pruned_targets = find_targets(pruned, config.targets, config.ignore)
@@ -108,14 +112,17 @@ def oneshot_sweep(
             pruner.apply(pruned_targets, sparsity)
             apply_seconds = time.perf_counter() - start
             own_fisher = fisher_seconds if pruner.fisher_kind else 0.0
-            records.append({
+            record = {
                 "method": method, "sparsity": sparsity,
                 "achieved_sparsity": sparsity_report(pruned_targets).overall,
                 "accuracy": evaluate(pruned),
                 "prune_seconds": own_fisher + prepare_seconds + apply_seconds,
                 "fisher_seconds": own_fisher, "prepare_seconds": prepare_seconds, "apply_seconds": apply_seconds,
                 "structure": config.structure,
-            })
+            }
+            records.append(record)
+            logger.info("%s at %.2f: top-1 %.4f (prepare %.1f s, apply %.1f s)", method, sparsity,
+                           record["accuracy"], prepare_seconds, apply_seconds)
             del pruned
         del pruner
     return records

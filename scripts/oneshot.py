@@ -11,6 +11,7 @@ and OUTPUT_DIR/accuracy_vs_sparsity.png.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser
 
-from cap_hf.config import PruningConfig
+from cap_hf.config import PruningConfig, parse_structure
 from cap_hf.data import calibration_loader, collate, prepare_splits
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier
@@ -62,12 +63,17 @@ def parse_floats(text: str, name: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cap_hf").setLevel(logging.INFO)
     (args,) = HfArgumentParser(OneShotArguments).parse_args_into_dataclasses(args=argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     sparsities = parse_floats(args.sparsities, "sparsities")
     try:  # every combination is checked before anything is loaded
+        n_m = parse_structure(args.structure)
+        if n_m is not None:  # N:M fixes the sparsity
+            sparsities = [1 - n_m[0] / n_m[1]]
         base = PruningConfig(
-            method=methods[0] if methods else "", sparsity=0.0, num_grads=args.num_grads,
+            method=methods[0] if methods else "", sparsity=sparsities[0] if sparsities else 0.0, num_grads=args.num_grads,
             grad_batch_size=args.grad_batch_size, fisher_block_size=args.fisher_block_size, damp=args.damp,
             fastcap_damp=args.fastcap_damp, fastcap_column_block=args.fastcap_column_block,
             sparsity_distribution=args.sparsity_distribution, structure=args.structure, targets=args.targets,
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
         args.train_split, args.eval_split, None, args.max_eval_samples,
         train_needs_labels=not args.label_free_fisher, seed=args.seed)
-    if base.needs_fisher or any(base.replace(method=m).needs_fisher for m in methods):
+    if any(base.replace(method=m).needs_fisher for m in methods):
         available = len(train) // args.grad_batch_size
         if available < args.num_grads:
             raise SystemExit(f"error: --num_grads {args.num_grads} x --grad_batch_size {args.grad_batch_size} needs "

@@ -68,6 +68,16 @@ def test_bad_config_values():
         PruningConfig(method="obs", structure="2:4")
     with pytest.raises(ValueError, match="need 0 < N < M"):
         PruningConfig(structure="4:2")
+    with pytest.raises(ValueError, match="'2:4' means sparsity 0.5"):
+        PruningConfig(method="cap", structure="2:4", sparsity=0.75)
+
+
+def test_backbone_without_logits_needs_a_head_or_loss():
+    from transformers import ViTModel
+
+    backbone = ViTModel(tiny_vit_config())
+    with pytest.raises(ValueError, match="returns no logits"):
+        oneshot_prune(backbone, small_config("cap", 0.5, num_grads=2), random_batches(2))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -163,7 +173,7 @@ def test_snapshot_and_recompute_modes_agree():
     twin = copy.deepcopy(model)
     oneshot_prune(model, small_config("cap", 0.7, trace_mode="recompute"), random_batches(12))
     oneshot_prune(twin, small_config("cap", 0.7, trace_mode="snapshot"), random_batches(12))
-    for (n, a), (_, b) in zip(find_targets(model).items(), find_targets(twin).items()):
+    for (n, a), (_, b) in zip(find_targets(model).items(), find_targets(twin).items(), strict=True):
         torch.testing.assert_close(a.weight, b.weight, rtol=1e-4, atol=1e-6, msg=n)
 
 

@@ -1,0 +1,143 @@
+"""Gradual pruning with fine-tuning and distillation: the main job.
+
+  accelerate launch scripts/prune.py                       # offline demo: digits ViT -> 75% with CAP + KD
+  accelerate launch scripts/prune.py --model_name_or_path M --dataset_name D --output_dir OUT \
+      --final_sparsity 0.75 --num_train_epochs 10 ...    # every CAPTrainingArguments / TrainingArguments flag
+  accelerate launch scripts/prune.py config.json           # or config.yaml: the same keys
+
+On one or many processes (`accelerate launch --multi_gpu --num_processes N`); without a GPU the
+processes train on the CPU with DDP over gloo. OUT/all_results.json holds eval_accuracy, sparsity
+and the dense model's accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser
+
+from cap_hf.data import RandomResizedCropFlip, prepare_splits
+from cap_hf.metrics import compute_metrics
+from cap_hf.models import load_classifier
+from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
+
+logger = logging.getLogger("cap_hf.prune")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Dense image classifier: Hub id or local folder."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(metadata={"help": "Hub id, save_to_disk folder, imagefolder folder, or "
+                                                "builtin:digits / builtin:fashion-mnist."})
+    image_column_name: str = field(default="image")
+    label_column_name: str = field(default="label")
+    train_split: str | None = field(default=None, metadata={"help": "Default: train."})
+    eval_split: str | None = field(default=None, metadata={"help": "Default: validation, else test."})
+    train_val_split: float | None = field(default=None, metadata={"help": "Hold out this fraction of train for "
+                                                                           "evaluation when there is no eval split."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    crop_scale_min: float = field(default=0.08, metadata={"help": "RandomResizedCrop minimum area (1 = no crop)."})
+    hflip: bool = field(default=True, metadata={"help": "Random horizontal flips in training."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+
+
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, CAPTrainingArguments]:
+    from cap_hf.demo import demo_arguments, ensure_digits_teacher
+
+    if not argv:  # the offline demo
+        from accelerate import PartialState
+
+        with PartialState().main_process_first():
+            ensure_digits_teacher()
+        argv = demo_arguments()
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:  # CPU processes: DDP over gloo
+        argv = [*argv, "--use_cpu", "true"]
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "--ddp_backend" not in argv:
+            argv += ["--ddp_backend", "gloo"]
+    parser = HfArgumentParser((ModelArguments, DataArguments, CAPTrainingArguments))
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        return loader(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_output_dir(data_args: DataArguments, training_args: CAPTrainingArguments) -> None:
+    out = Path(training_args.output_dir)
+    if out.is_dir() and any(out.iterdir()) and not data_args.overwrite_output_dir \
+            and not training_args.resume_from_checkpoint:
+        raise SystemExit(f"error: {out} is not empty (it may hold another run). Choose a new --output_dir, pass "
+                         "--overwrite_output_dir true, or --resume_from_checkpoint to continue it.")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("cap_hf").setLevel(logging.INFO)
+    logging.getLogger("trainer_plugins").setLevel(logging.INFO)
+    try:
+        model_args, data_args, training_args = parse(sys.argv[1:] if argv is None else argv)
+    except ValueError as err:  # bad recipe values: before anything is loaded
+        raise SystemExit(f"error: {err}") from None
+    check_output_dir(data_args, training_args)
+    training_args.remove_unused_columns = False
+
+    model, processor = load_classifier(model_args.model_name_or_path)
+    channels = model.config.num_channels
+    augment = RandomResizedCropFlip(scale=(data_args.crop_scale_min, 1.0), hflip=data_args.hflip,
+                                    seed=training_args.seed)
+    try:
+        train, evaluation, names = prepare_splits(
+            data_args.dataset_name, processor, channels, data_args.image_column_name, data_args.label_column_name,
+            data_args.train_split, data_args.eval_split, data_args.max_train_samples, data_args.max_eval_samples,
+            train_needs_labels=True, seed=training_args.seed, train_augment=augment,
+            train_val_split=data_args.train_val_split)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+    if names is not None and len(names) != model.config.num_labels:
+        raise SystemExit(f"error: the dataset has {len(names)} classes but the model has {model.config.num_labels}; "
+                         "fine-tune a classifier for this label set first (scripts/train_dense.py).")
+    from cap_hf.data import ImageClassificationTransform
+
+    calibration = train.with_transform(ImageClassificationTransform(
+        processor, data_args.image_column_name, data_args.label_column_name, channels))  # eval transforms
+
+    teacher = None
+    if training_args.distill and training_args.teacher_name_or_path:
+        teacher, _ = load_classifier(training_args.teacher_name_or_path)
+    try:
+        trainer = CAPTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                             calibration_dataset=calibration, teacher_model=teacher, processing_class=processor,
+                             compute_metrics=compute_metrics)
+    except ValueError as err:  # schedule does not fit, teacher with other labels, ...
+        raise SystemExit(f"error: {err}") from None
+
+    dense_metrics = trainer.evaluate(metric_key_prefix="dense")
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    metrics["sparsity"] = trainer.pruning_callback.sparsity
+    metrics["dense_accuracy"] = dense_metrics["dense_accuracy"]
+    metrics["pruning_history"] = trainer.pruning_callback.history
+    metrics["num_processes"] = trainer.args.world_size
+    metrics["ranks_identical"] = trainer.pruning_callback.ranks_identical
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        Path(training_args.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=2))
+        trainer.save_state()
+        print(f"dense top-1 {100 * metrics['dense_accuracy']:.2f}% -> sparse top-1 "
+              f"{100 * metrics['eval_accuracy']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
+              f"({training_args.pruning_method}); model in {training_args.output_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""scripts/prune.py end to end: one process, two processes (DDP over gloo on CPU), bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env(threads="1"):
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": threads, "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A digits ViT trained from a config (the demo's teacher, cached in a temp folder)."""
+    from cap_hf.demo import ensure_digits_teacher
+
+    return ensure_digits_teacher(tmp_path_factory.mktemp("teacher") / "digits-vit", epochs=15)
+
+
+def prune_args(teacher, out, *extra):
+    return ["--model_name_or_path", str(teacher), "--dataset_name", "builtin:digits", "--output_dir", str(out),
+            "--final_sparsity", "0.75", "--num_train_epochs", "2", "--num_grads", "16", "--grad_batch_size", "16",
+            "--fisher_block_size", "64", "--per_device_train_batch_size", "32", "--save_strategy", "no",
+            "--report_to", "none", "--disable_tqdm", "true", "--crop_scale_min", "0.8", "--hflip", "false",
+            *map(str, extra)]
+
+
+def run(cmd, threads="1"):
+    return subprocess.run(cmd, env=env(threads), capture_output=True, text=True, cwd=ROOT)
+
+
+def test_prune_one_process(teacher, tmp_path):
+    out = tmp_path / "run"
+    result = run([sys.executable, "scripts/prune.py", *prune_args(teacher, out)], threads="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.75, abs=1e-4)
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["dense_accuracy"] > 0.5
+    assert [h["num_grads"] for h in metrics["pruning_history"]] == [16] * len(metrics["pruning_history"])
+    from transformers import AutoModelForImageClassification
+
+    from cap_hf import verify_sparsity
+
+    verify_sparsity(AutoModelForImageClassification.from_pretrained(out), 0.75, tolerance=1e-4)
+    assert "dense top-1" in result.stdout
+    # the folder now holds a run: a second run refuses to overwrite it
+    again = run([sys.executable, "scripts/prune.py", *prune_args(teacher, out)])
+    assert again.returncode != 0 and "is not empty" in again.stderr
+    assert json.loads((out / "all_results.json").read_text()) == metrics
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_prune_two_processes_gloo(teacher, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/prune.py", *prune_args(teacher, out)]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["num_processes"] == 2 and metrics["ranks_identical"] is True
+    assert metrics["sparsity"] == pytest.approx(0.75, abs=1e-4)
+    history = metrics["pruning_history"]
+    assert history and all(h["processes"] == 2 and h["num_grads"] == 16 for h in history)  # 8 per rank, summed
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--final_sparsity", "1.0"], "final_sparsity must be in [0, 1)"),
+    (["--init_sparsity", "0.9"], "init_sparsity (0.9) must be in [0, final_sparsity=0.75]"),
+    (["--pruning_schedule", "0:0.5,5:0.75"], "only 2.00 epochs"),
+    (["--label_column_name", "target"], "no label column 'target'"),
+])
+def test_prune_bad_input(teacher, tmp_path, extra, message):
+    out = tmp_path / "bad"
+    result = run([sys.executable, "scripts/prune.py", *prune_args(teacher, out), *extra])
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-2000:]
+    assert not (out / "all_results.json").exists()

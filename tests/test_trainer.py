@@ -1,0 +1,165 @@
+"""CAPPruningCallback with a plain Trainer, and CAPTrainer: masks, schedule, distillation, resume."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_vit_config
+from transformers import Trainer, TrainingArguments, ViTForImageClassification
+
+from cap_hf import PruningConfig, find_targets, verify_sparsity
+from cap_hf.data import collate, digits_dataset, prepare_splits
+from cap_hf.models import make_image_processor
+from cap_hf.schedule import SparsitySchedule
+from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
+from trainer_plugins.pruning import CAPPruningCallback
+
+
+class RandomImages(torch.utils.data.Dataset):
+    def __init__(self, n=64, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 1, 8, 8, generator=gen)
+        self.y = torch.randint(0, 10, (n,), generator=gen)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+@pytest.fixture(scope="module")
+def digits_splits():
+    processor = make_image_processor(8, 1)
+    train, evaluation, _ = prepare_splits(digits_dataset(), processor, 1, max_train_samples=256, max_eval_samples=128)
+    return train, evaluation
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return ViTForImageClassification(tiny_vit_config())
+
+
+def test_masks_stay_exact_through_adamw_weight_decay_and_accumulation(tmp_path):
+    model = tiny_model()
+    data = RandomImages()
+    schedule = SparsitySchedule((0, 3), (0.5, 0.7))
+    callback = CAPPruningCallback(PruningConfig(method="magnitude"), schedule)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2, weight_decay=0.1,
+                             gradient_accumulation_steps=2, per_device_train_batch_size=8, use_cpu=True,
+                             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    seen = {}
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[callback])
+    original_prune = callback.prune
+
+    after_prune = None
+
+    def prune_and_record(m, sparsity, step):
+        nonlocal after_prune
+        original_prune(m, sparsity, step)
+        seen[step] = {n: (mod.weight == 0).clone() for n, mod in callback.targets.items()}
+        after_prune = m.vit.layers[0].mlp.fc1.weight.detach().clone()
+
+    callback.prune = prune_and_record
+    trainer.train()
+    assert sorted(seen) == [0, 3]
+    report = verify_sparsity(model, 0.7, tolerance=1e-4)
+    assert report.num_zeros == round(0.7 * report.num_weights)
+    for name, module in find_targets(model).items():
+        assert bool((module.weight[seen[0][name]] == 0).all())  # step-0 zeros survived AdamW + weight decay
+        assert bool((module.weight[seen[3][name]] == 0).all())
+    assert callback.history[-1]["sparsity"] == report.overall
+    # the optimizer did move the kept weights; only the pruned ones are pinned at zero
+    kept = ~seen[3]["vit.layers.0.mlp.fc1"]
+    assert not torch.equal(model.vit.layers[0].mlp.fc1.weight[kept], after_prune[kept])
+
+
+def cap_args(tmp_path, **overrides):
+    values = dict(output_dir=str(tmp_path), max_steps=16, learning_rate=2e-3, per_device_train_batch_size=16,
+                  use_cpu=True, report_to="none", save_strategy="no", logging_steps=4, disable_tqdm=True,
+                  remove_unused_columns=False, pruning_method="cap", final_sparsity=0.8, init_sparsity=0.5,
+                  pruning_schedule="0:0.5,0.25:0.7,0.5:0.8", num_grads=8, grad_batch_size=8, fisher_block_size=16,
+                  damp=1e-6, cyclic_lr=True, seed=0)
+    values.update(overrides)
+    return CAPTrainingArguments(**values)
+
+
+def test_cap_trainer_prunes_on_schedule_with_distillation(tmp_path, digits_splits):
+    train, evaluation = digits_splits
+    model = tiny_model()
+    trainer = CAPTrainer(model=model, args=cap_args(tmp_path), train_dataset=train, eval_dataset=evaluation)
+    assert trainer.teacher is not None and trainer.loss_is_scaled_for_ga is False
+    dense_teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.train()
+    steps = [h["step"] for h in trainer.pruning_callback.history]
+    assert steps == [0, 4, 8]  # 16 steps per epoch (256 / 16), epochs 0, 0.25, 0.5
+    assert [h["target"] for h in trainer.pruning_callback.history] == [0.5, 0.7, 0.8]
+    verify_sparsity(model, 0.8, tolerance=1e-4)
+    assert all(torch.equal(v, trainer.teacher.state_dict()[k]) for k, v in dense_teacher.items())  # frozen
+    logged = [entry for entry in trainer.state.log_history if "sparsity" in entry]
+    assert logged and logged[-1]["sparsity"] == pytest.approx(0.8, abs=1e-4)
+    assert any("prune_seconds" in entry for entry in trainer.state.log_history)
+    # cyclic LR: back at learning_rate right after each pruning step, lower just before the next one
+    assert trainer.lr_scheduler.lr_lambdas[0](4) == 1.0 and trainer.lr_scheduler.lr_lambdas[0](7) < 1.0
+
+
+def test_resume_continues_without_re_pruning(tmp_path, digits_splits):
+    train, evaluation = digits_splits
+    args = cap_args(tmp_path / "run", save_strategy="steps", save_steps=6, distill=False)
+    first = CAPTrainer(model=tiny_model(), args=args, train_dataset=train)
+    first.train()
+    full_history = [h["step"] for h in first.pruning_callback.history]
+
+    model = tiny_model(seed=1)  # different init: resume must load the checkpoint's weights
+    resumed = CAPTrainer(model=model, args=cap_args(tmp_path / "run", distill=False), train_dataset=train)
+    sparsity_at_resume = {}
+    original = resumed.pruning_callback.on_train_begin
+
+    def spy(*a, **kw):
+        original(*a, **kw)
+        sparsity_at_resume["value"] = resumed.pruning_callback.sparsity
+
+    resumed.pruning_callback.on_train_begin = spy
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    assert full_history == [0, 4, 8]
+    assert sparsity_at_resume["value"] == pytest.approx(0.7, abs=1e-3)  # not re-densified
+    assert [h["step"] for h in resumed.pruning_callback.history] == [8]  # not re-pruned
+    verify_sparsity(model, 0.8, tolerance=1e-4)
+
+
+def test_teacher_with_other_labels_is_rejected(tmp_path, digits_splits):
+    train, _ = digits_splits
+    teacher = ViTForImageClassification(tiny_vit_config(num_labels=5))
+    with pytest.raises(ValueError, match="teacher's labels"):
+        CAPTrainer(model=tiny_model(), args=cap_args(tmp_path), train_dataset=train, teacher_model=teacher)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (dict(final_sparsity=1.0), "final_sparsity must be in"),
+    (dict(final_sparsity=0.5, init_sparsity=0.7, pruning_schedule=None), "init_sparsity"),
+    (dict(pruning_method="nope"), "Unknown pruning method"),
+])
+def test_bad_recipe_fails_at_construction(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        cap_args(tmp_path, **overrides)
+
+
+def test_schedule_that_does_not_fit_fails_before_training(tmp_path, digits_splits):
+    train, _ = digits_splits
+    with pytest.raises(ValueError, match="only 1.00 epochs"):
+        CAPTrainer(model=tiny_model(), args=cap_args(tmp_path, pruning_schedule="0:0.5,3:0.8"), train_dataset=train)
+
+
+def test_callback_works_with_a_copy_of_the_model_as_calibration_source(tmp_path):
+    """OBS through the callback on a plain Trainer: the Fisher comes from calibration batches."""
+    model = tiny_model()
+    data = RandomImages()
+    batches = lambda step, rank: torch.utils.data.DataLoader(data, batch_size=8, collate_fn=collate)  # noqa: E731
+    callback = CAPPruningCallback(PruningConfig(method="obs", num_grads=6, fisher_block_size=16, damp=1e-5),
+                                  SparsitySchedule((0,), (0.6,)), calibration_batches=batches)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, use_cpu=True,
+                             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    before = copy.deepcopy(model)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[callback]).train()
+    verify_sparsity(model, 0.6, tolerance=1e-4)
+    assert not torch.equal(before.vit.layers[0].mlp.fc1.weight, model.vit.layers[0].mlp.fc1.weight)
