@@ -43,11 +43,12 @@ def machine() -> str:
             f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} (torch threads {torch.get_num_threads()})")
 
 
-def write_section(path: Path, body: str) -> None:
+def write_section(path: Path, body: str, section: str = SECTION) -> None:
+    """Replace (or append) the part of docs/benchmarks.md that starts with `section`."""
     text = path.read_text() if path.exists() else "# Benchmarks\n\nEvery number here comes from a script in scripts/; the command is given with it.\n"
-    start = text.find(SECTION)
+    start = text.find(section)
     if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
+        end = text.find("\n## ", start + len(section))
         text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + body

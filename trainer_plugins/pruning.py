@@ -7,7 +7,8 @@
   weights during backward (before clipping, accumulation and the all-reduce), and the weights are
   re-masked after every optimizer step (AdamW momentum and weight decay would revive them otherwise).
 - Masks come from the weights' zeros at the start of training, so resuming from a checkpoint neither
-  re-densifies nor re-prunes.
+  re-densifies nor re-prunes. (With a plain Trainer on transformers 5.23, resuming ViT-family models
+  does not load the renamed weights; CAPTrainer fixes that, see docs/design.md.)
 """
 
 from __future__ import annotations

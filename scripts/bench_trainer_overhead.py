@@ -1,0 +1,105 @@
+"""Benchmark: training-step time of CAPTrainer (masks kept by gradient hooks + re-masking after each
+optimizer step) against a plain transformers.Trainer on the same model, outside pruning steps.
+
+  OMP_NUM_THREADS=2 python scripts/bench_trainer_overhead.py
+
+The model is the DeiT-Tiny-width ViT of the other benchmarks (6 layers, hidden 192, 28x28 inputs);
+CAPTrainer prunes once to 75% by magnitude at step 0 and then only keeps the masks; distillation is
+off (it adds a teacher forward pass by design). Runs alternate plain / CAP; the median step time of
+each (first steps skipped) is compared. Writes docs/benchmarks.md (section "Trainer overhead").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from bench_oneshot import ROOT, machine, write_section
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from cap_hf.data import collate
+from cap_hf.models import make_vit_classifier
+from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
+
+SECTION = "## Trainer overhead: CAPTrainer vs Trainer outside pruning steps"
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.times.append(time.perf_counter())
+
+
+class Images(torch.utils.data.Dataset):
+    def __init__(self, n: int):
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 1, 28, 28, generator=gen)
+        self.y = torch.randint(0, 10, (n,), generator=gen)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def run_once(kind: str, steps: int, batch: int, skip: int) -> float:
+    model = make_vit_classifier([str(i) for i in range(10)], 28, 1, 7)
+    data = Images(steps * batch)
+    timer = StepTimer()
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, per_device_train_batch_size=batch,
+                  learning_rate=5e-4, weight_decay=0.05, use_cpu=True, report_to="none", save_strategy="no",
+                  logging_strategy="no", disable_tqdm=True, remove_unused_columns=False, seed=0)
+    if kind == "plain":
+        trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, data_collator=collate,
+                          callbacks=[timer])
+    else:
+        args = CAPTrainingArguments(**common, pruning_method="magnitude", final_sparsity=0.75,
+                                    pruning_schedule="0:0.75", distill=False)
+        trainer = CAPTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+    trainer.train()
+    deltas = [b - a for a, b in zip(timer.times[skip:], timer.times[skip + 1:], strict=False)]
+    return statistics.median(deltas)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", type=int, default=5, help="First steps left out (warm-up, the pruning step).")
+    parser.add_argument("--no_write", action="store_true")
+    args = parser.parse_args()
+    results = {"plain": [], "cap": []}
+    for _ in range(args.repeats):
+        for kind in ("plain", "cap"):
+            results[kind].append(run_once(kind, args.steps, args.batch_size, args.skip))
+            print(kind, f"{results[kind][-1] * 1000:.1f} ms/step", flush=True)
+    plain, cap = statistics.median(results["plain"]), statistics.median(results["cap"])
+    overhead = 100 * (cap - plain) / plain
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    body = "\n".join([
+        SECTION, "",
+        f"Command: `OMP_NUM_THREADS={threads} python scripts/bench_trainer_overhead.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "", f"Machine: {machine()}.", "",
+        f"ViT 6 layers, hidden 192, 28x28 grayscale, batch {args.batch_size}, AdamW, {args.steps} steps per run, "
+        f"median step time over steps {args.skip + 1}..{args.steps} of each run, median over {args.repeats} "
+        "alternating runs. CAPTrainer: 75% magnitude at step 0, then gradient hooks + re-masking; no distillation.",
+        "", "| trainer | ms / step | runs (ms) |", "|---|---|---|",
+        f"| Trainer | {plain * 1000:.1f} | {', '.join(f'{t * 1000:.1f}' for t in results['plain'])} |",
+        f"| CAPTrainer | {cap * 1000:.1f} | {', '.join(f'{t * 1000:.1f}' for t in results['cap'])} |",
+        "", f"Overhead outside pruning steps: **{overhead:+.1f}%** (goal: under 5%).", ""])
+    print(body)
+    if not args.no_write:
+        write_section(ROOT / "docs" / "benchmarks.md", body, SECTION)
+
+
+if __name__ == "__main__":
+    main()
