@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from bench_oneshot import ROOT, machine, write_section
 
@@ -60,7 +59,8 @@ def main() -> None:
     dense = rows[0][2]["dense_accuracy"]
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     lines = [SECTION, "",
-             f"Command: `OMP_NUM_THREADS={threads} python scripts/bench_gradual.py {' '.join(sys.argv[1:])}`".rstrip(),
+             "Command: `" + " ".join([f"OMP_NUM_THREADS={threads}", "python", "scripts/bench_gradual.py",
+                                      *sys.argv[1:]]) + "`",
              "", f"Machine: {machine()}.", "",
              f"Starting point: the dense teacher `{args.teacher_dir}` (top-1 **{100 * dense:.2f}%** on the 10k test "
              f"images). Each run: {args.epochs} epochs on {args.max_train_samples} training images, 4 pruning steps "

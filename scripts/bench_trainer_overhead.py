@@ -71,15 +71,15 @@ def run_once(kind: str, steps: int, batch: int, skip: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--skip", type=int, default=5, help="First steps left out (warm-up, the pruning step).")
     parser.add_argument("--no_write", action="store_true")
     args = parser.parse_args()
     results = {"plain": [], "cap": []}
-    for _ in range(args.repeats):
-        for kind in ("plain", "cap"):
+    for repeat in range(args.repeats):
+        for kind in (("plain", "cap") if repeat % 2 == 0 else ("cap", "plain")):  # alternate the order
             results[kind].append(run_once(kind, args.steps, args.batch_size, args.skip))
             print(kind, f"{results[kind][-1] * 1000:.1f} ms/step", flush=True)
     plain, cap = statistics.median(results["plain"]), statistics.median(results["cap"])
@@ -87,11 +87,12 @@ def main() -> None:
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     body = "\n".join([
         SECTION, "",
-        f"Command: `OMP_NUM_THREADS={threads} python scripts/bench_trainer_overhead.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "Command: `" + " ".join([f"OMP_NUM_THREADS={threads}", "python", "scripts/bench_trainer_overhead.py",
+                                 *sys.argv[1:]]) + "`",
         "", f"Machine: {machine()}.", "",
         f"ViT 6 layers, hidden 192, 28x28 grayscale, batch {args.batch_size}, AdamW, {args.steps} steps per run, "
         f"median step time over steps {args.skip + 1}..{args.steps} of each run, median over {args.repeats} "
-        "alternating runs. CAPTrainer: 75% magnitude at step 0, then gradient hooks + re-masking; no distillation.",
+        "runs alternating in order (plain first, then CAP first, ...). CAPTrainer: 75% magnitude at step 0, then gradient hooks + re-masking; no distillation.",
         "", "| trainer | ms / step | runs (ms) |", "|---|---|---|",
         f"| Trainer | {plain * 1000:.1f} | {', '.join(f'{t * 1000:.1f}' for t in results['plain'])} |",
         f"| CAPTrainer | {cap * 1000:.1f} | {', '.join(f'{t * 1000:.1f}' for t in results['cap'])} |",
