@@ -36,15 +36,47 @@ def make_vit_classifier(label_names: list[str], image_size: int, num_channels: i
     return ViTForImageClassification(config)
 
 
-def load_classifier(name_or_path: str):
-    """(model, image processor) from a Hub id or a local folder written by save_pretrained."""
-    if Path(name_or_path).expanduser().exists() and not (Path(name_or_path).expanduser() / "config.json").exists():
+def _check_folder(name_or_path: str) -> None:
+    path = Path(name_or_path).expanduser()
+    if path.exists() and not (path / "config.json").exists():
         raise FileNotFoundError(f"{name_or_path!r} has no config.json; pass a folder written by save_pretrained "
                                 "(e.g. by scripts/train_dense.py) or a Hub model id.")
-    model = AutoModelForImageClassification.from_pretrained(name_or_path)
+
+
+def load_image_processor(name_or_path: str):
+    """The model's image processor, with a clear error when the folder has none."""
+    _check_folder(name_or_path)
     try:
-        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        return AutoImageProcessor.from_pretrained(name_or_path)
     except OSError as err:
         raise FileNotFoundError(f"No image processor (preprocessor_config.json) found for {name_or_path!r}; "
                                 "save one next to the model with image_processor.save_pretrained(folder).") from err
-    return model, processor
+
+
+def load_classifier(name_or_path: str):
+    """(model, image processor) from a Hub id or a local folder written by save_pretrained."""
+    processor = load_image_processor(name_or_path)
+    return AutoModelForImageClassification.from_pretrained(name_or_path), processor
+
+
+def load_for_labels(name_or_path: str, label_names: list[str] | None):
+    """(model, processor, fresh_head) for a dataset's label set.
+
+    A backbone without a classifier (DINO's ViTModel, Dinov2Model) or a classifier for another label
+    set comes back as an *ForImageClassification model with a new head (`fresh_head=True`); train it
+    as a linear probe (cap_hf.probe) before pruning.
+    """
+    processor = load_image_processor(name_or_path)
+    kwargs = {}
+    if label_names is not None:
+        kwargs = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                      label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True)
+    model, info = AutoModelForImageClassification.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    fresh = {k for k in info.get("missing_keys", ()) if "classifier" in k} | \
+        {k[0] for k in info.get("mismatched_keys", ()) if "classifier" in k[0]}
+    return model, processor, bool(fresh)
+
+
+def head_parameters(model) -> list:
+    """The classification head's parameters (`classifier.*` in transformers' vision classifiers)."""
+    return [p for n, p in model.named_parameters() if n.startswith("classifier")]

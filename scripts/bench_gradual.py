@@ -70,7 +70,7 @@ def main() -> None:
              "| method | final sparsity | top-1 (%) | drop vs dense (points) | relative drop | "
              "pruning steps (s, total) | run wall time (s) |",
              "|---|---|---|---|---|---|---|"]
-    for method, sparsity, metrics, wall, prune_s in rows:
+    for method, _sparsity, metrics, wall, prune_s in rows:
         acc = metrics["eval_accuracy"]
         lines.append(f"| {method} | {100 * metrics['sparsity']:.1f}% | {100 * acc:.2f} | {100 * (dense - acc):.2f} | "
                      f"{100 * (dense - acc) / dense:.2f}% | {prune_s:.0f} | {wall:.0f} |")

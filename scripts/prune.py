@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser
+from transformers import AutoConfig, HfArgumentParser
 
-from cap_hf.data import RandomResizedCropFlip, prepare_splits
+from cap_hf.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
 from cap_hf.metrics import compute_metrics
-from cap_hf.models import load_classifier
+from cap_hf.models import load_classifier, load_for_labels, load_image_processor
+from cap_hf.probe import train_linear_probe
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
 
 logger = logging.getLogger("cap_hf.prune")
@@ -32,7 +33,11 @@ logger = logging.getLogger("cap_hf.prune")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "Dense image classifier: Hub id or local folder."})
+    model_name_or_path: str = field(metadata={"help": "Dense image classifier, or a backbone (DINO, DINOv2) that "
+                                                     "gets a linear probe first: Hub id or local folder."})
+    probe_epochs: float = field(default=3.0, metadata={"help": "Epochs of the linear probe trained on frozen "
+                                                              "features when the model has no head for the labels."})
+    probe_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of that probe."})
 
 
 @dataclass
@@ -61,6 +66,8 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, CAPTrainingAr
         with PartialState().main_process_first():
             ensure_digits_teacher()
         argv = demo_arguments()
+    if len(argv) != 1 and "--eval_strategy" not in argv:  # eval accuracy every epoch unless asked otherwise
+        argv = [*argv, "--eval_strategy", "epoch"]
     if not torch.cuda.is_available() and "--use_cpu" not in argv:  # CPU processes: DDP over gloo
         argv = [*argv, "--use_cpu", "true"]
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "--ddp_backend" not in argv:
@@ -91,8 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     check_output_dir(data_args, training_args)
     training_args.remove_unused_columns = False
 
-    model, processor = load_classifier(model_args.model_name_or_path)
-    channels = model.config.num_channels
+    try:
+        processor = load_image_processor(model_args.model_name_or_path)
+        channels = getattr(AutoConfig.from_pretrained(model_args.model_name_or_path), "num_channels", 3)
+    except (OSError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
     augment = RandomResizedCropFlip(scale=(data_args.crop_scale_min, 1.0), hflip=data_args.hflip,
                                     seed=training_args.seed)
     try:
@@ -103,13 +113,16 @@ def main(argv: list[str] | None = None) -> dict:
             train_val_split=data_args.train_val_split)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    if names is not None and len(names) != model.config.num_labels:
-        raise SystemExit(f"error: the dataset has {len(names)} classes but the model has {model.config.num_labels}; "
-                         "fine-tune a classifier for this label set first (scripts/train_dense.py).")
-    from cap_hf.data import ImageClassificationTransform
-
+    model, processor, fresh_head = load_for_labels(model_args.model_name_or_path, names)
     calibration = train.with_transform(ImageClassificationTransform(
         processor, data_args.image_column_name, data_args.label_column_name, channels))  # eval transforms
+
+    if fresh_head:  # a backbone (or another label set): linear probe on frozen features first
+        logger.info("%s has no head for these %d labels; training a linear probe for %g epochs",
+                    model_args.model_name_or_path, model.config.num_labels, model_args.probe_epochs)
+        probe = train_linear_probe(model, train, evaluation, training_args, model_args.probe_epochs,
+                                   model_args.probe_learning_rate)
+        logger.info("linear probe: top-1 %.4f", probe.get("probe_accuracy", float("nan")))
 
     teacher = None
     if training_args.distill and training_args.teacher_name_or_path:

@@ -82,3 +82,46 @@ def test_prune_bad_input(teacher, tmp_path, extra, message):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert not (out / "all_results.json").exists()
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dino-vit", "deit"])
+def test_prune_backbone_gets_a_linear_probe(tmp_path, family):
+    """DINO (ViTModel), DINOv2 and DeiT backbones have no head: a probe is trained on frozen features, then
+    the model is pruned and evaluated through it."""
+    from transformers import (
+        AutoModelForImageClassification,
+        DeiTConfig,
+        DeiTModel,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTModel,
+    )
+
+    from cap_hf.models import make_image_processor
+
+    backbone_dir = tmp_path / "backbone"
+    if family == "dinov2":
+        backbone = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8,
+                                            patch_size=2, num_channels=1))
+    elif family == "deit":
+        backbone = DeiTModel(DeiTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=64, image_size=8, patch_size=2, num_channels=1),
+                             add_pooling_layer=False)
+    else:
+        backbone = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                      image_size=8, patch_size=2, num_channels=1), add_pooling_layer=False)
+    backbone.save_pretrained(backbone_dir)
+    make_image_processor(8, 1).save_pretrained(backbone_dir)
+    out = tmp_path / "pruned"
+    args = prune_args(backbone_dir, out, "--probe_epochs", 2, "--fisher_block_size", 32)
+    result = run([sys.executable, "scripts/prune.py", *args], threads="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "linear probe" in result.stderr
+    metrics = json.loads((out / "all_results.json").read_text())
+    assert metrics["sparsity"] == pytest.approx(0.75, abs=1e-4)
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.num_labels == 10 and model.config.id2label[3] == "3"
+    expected = {"dinov2": "Dinov2ForImageClassification", "deit": "DeiTForImageClassification",
+                "dino-vit": "ViTForImageClassification"}[family]
+    assert type(model).__name__ == expected

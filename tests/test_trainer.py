@@ -40,13 +40,14 @@ def tiny_model(seed=0):
     return ViTForImageClassification(tiny_vit_config())
 
 
-def test_masks_stay_exact_through_adamw_weight_decay_and_accumulation(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_masks_stay_exact_through_adamw_weight_decay_and_accumulation(tmp_path, bf16):
     model = tiny_model()
     data = RandomImages()
     schedule = SparsitySchedule((0, 3), (0.5, 0.7))
     callback = CAPPruningCallback(PruningConfig(method="magnitude"), schedule)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, learning_rate=1e-2, weight_decay=0.1,
-                             gradient_accumulation_steps=2, per_device_train_batch_size=8, use_cpu=True,
+                             gradient_accumulation_steps=2, per_device_train_batch_size=8, use_cpu=True, bf16=bf16,
                              report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True)
     seen = {}
     trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[callback])
