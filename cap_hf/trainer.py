@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from cap_hf.config import PruningConfig
+from cap_hf.config import PruningConfig, parse_structure
 from cap_hf.data import collate
 from cap_hf.distill import distillation_loss
 from cap_hf.schedule import SparsitySchedule, build_schedule, cyclic_linear_factor
@@ -74,13 +74,8 @@ class CAPTrainingArguments(TrainingArguments):
 
     def pruning_config(self) -> PruningConfig:
         structure = self.sparsity_structure
-        n_m = None if structure == "unstructured" else structure
-        sparsity = 0.0
-        if n_m is not None:
-            from cap_hf.config import parse_structure
-
-            n, m = parse_structure(structure)
-            sparsity = 1 - n / m
+        n_m = parse_structure(structure)  # N:M fixes the sparsity; otherwise the schedule sets it per step
+        sparsity = 1 - n_m[0] / n_m[1] if n_m is not None else 0.0
         return PruningConfig(
             method=self.pruning_method, sparsity=sparsity, sparsity_distribution=self.sparsity_distribution,
             structure=structure, targets=self.prune_targets, num_grads=self.num_grads,
