@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -51,18 +52,25 @@ def sparsity_report(targets: Mapping[str, nn.Module]) -> SparsityReport:
 
 def verify_sparsity(
     model: nn.Module,
-    expected: float | Mapping[str, float] | None = None,
+    expected: float | Mapping[str, float] | str | os.PathLike | None = None,
     targets: str | list[str] | Mapping[str, nn.Module] | None = None,
-    tolerance: float = 1e-3,
+    tolerance: float | None = None,
     n_m: tuple[int, int] | None = None,
 ) -> SparsityReport:
     """Measure the sparsity of the target weights and check it against what is expected.
 
-    `expected` is an overall fraction or a {layer: fraction} mapping; `n_m` checks an N:M pattern.
-    Raises SparsityMismatchError naming the layers that drifted (for example after fine-tuning
-    without masks); returns the report otherwise.
+    `expected` is an overall fraction, a {layer: fraction} mapping, or a checkpoint folder whose
+    sparsity_config.json gives the layers, their sparsities and the structure (checked exactly unless
+    `tolerance` is given); `n_m` checks an N:M pattern. Raises SparsityMismatchError naming the layers
+    that drifted (for example after fine-tuning without masks); returns the report otherwise.
     """
     from cap_hf.targets import find_targets
+
+    if isinstance(expected, (str, os.PathLike)):
+        from cap_hf.checkpoint import verify_checkpoint_sparsity
+
+        return verify_checkpoint_sparsity(model, expected, tolerance=tolerance or 0.0)
+    tolerance = 1e-3 if tolerance is None else tolerance
 
     if not isinstance(targets, Mapping):
         targets = find_targets(model, targets)

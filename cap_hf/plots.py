@@ -28,3 +28,27 @@ def plot_accuracy_vs_sparsity(records: list[dict], path: str | Path, title: str 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_layer_sparsity(per_layer: dict[str, float], path: str | Path, title: str = "Sparsity per layer") -> Path:
+    """Horizontal bars, one per pruned weight matrix, in model order."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(per_layer)
+    height = max(2.5, 0.22 * len(names) + 1.0)
+    fig, ax = plt.subplots(figsize=(7, height), dpi=110)
+    ax.barh(range(len(names)), [100 * per_layer[n] for n in names], color="#4C72B0")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("sparsity (%)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

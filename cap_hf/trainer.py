@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -106,6 +107,7 @@ class CAPTrainer(Trainer):
         if not isinstance(args, CAPTrainingArguments):
             raise TypeError("CAPTrainer needs CAPTrainingArguments (TrainingArguments plus the pruning recipe).")
         self.teacher = None
+        self.recipe_info: dict = {}
         if args.distill:
             self.teacher = teacher_model if teacher_model is not None else copy.deepcopy(model)
             self.teacher.eval().requires_grad_(False)
@@ -196,8 +198,6 @@ class CAPTrainer(Trainer):
         """Trainer (transformers 5.23) loads model.safetensors with a plain non-strict load_state_dict, but
         ViT/DeiT/DINOv2 checkpoints keep the legacy on-disk names, so most weights would silently stay
         un-loaded. Load through from_pretrained (which applies the renaming rules) and copy strictly."""
-        import os
-
         from transformers import PreTrainedModel
 
         model = model if model is not None else self.model
@@ -207,6 +207,59 @@ class CAPTrainer(Trainer):
         loaded = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
         model.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
+
+    # ---- checkpoints and model card ----------------------------------------------------------------
+    def recipe(self) -> dict:
+        """The recipe actually used: pruning settings, resolved schedule, distillation, training, plus
+        whatever the caller put in `recipe_info` (command, base model, dataset)."""
+        args = self.args
+        config = args.pruning_config().to_dict()
+        config.pop("sparsity", None)  # set per step by the schedule
+        schedule = self.pruning_callback.schedule
+        recipe = {"pruning": config}
+        if isinstance(schedule, SparsitySchedule):
+            recipe["schedule"] = {
+                "final_sparsity": args.final_sparsity, "inter_func": args.inter_func,
+                "steps": [[int(k), float(v)] for k, v in zip(schedule.steps, schedule.sparsities, strict=True)]}
+        if self.teacher is not None:
+            recipe["distillation"] = {"teacher": args.teacher_name_or_path, "alpha": args.distill_alpha,
+                                      "temperature": args.distill_temperature}
+        recipe["training"] = {"epochs": args.num_train_epochs, "learning_rate": args.learning_rate,
+                              "cyclic_lr": args.cyclic_lr, "batch_size": args.per_device_train_batch_size,
+                              "processes": args.world_size, "seed": args.seed}
+        recipe.update(self.recipe_info)
+        return recipe
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """save_pretrained as usual, plus sparsity_config.json and cap_recipe.yaml (also in checkpoint-N)."""
+        super().save_model(output_dir, _internal_call)
+        callback = self.pruning_callback
+        if self.args.should_save and callback.targets:
+            from cap_hf.checkpoint import write_sparsity_files
+
+            write_sparsity_files(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
+                                 method=callback.config.method, structure=callback.config.structure,
+                                 targets=callback.targets, ignore=callback.config.ignore,
+                                 sparsity_distribution=callback.config.sparsity_distribution,
+                                 recipe=self.recipe(), base_model=self.recipe_info.get("base_model"))
+
+    def create_model_card(self, model_name: str | None = None, license: str | None = None,
+                          finetuned_from: str | None = None, dataset_tags=None, dataset=None, **kwargs) -> None:
+        """Trainer.push_to_hub calls this: our sparse-model card instead of the generic one."""
+        if not self.is_world_process_zero():
+            return
+        from cap_hf.checkpoint import SPARSITY_FILE
+
+        if not os.path.isfile(os.path.join(self.args.output_dir, SPARSITY_FILE)):
+            return super().create_model_card(model_name=model_name, license=license, finetuned_from=finetuned_from,
+                                             dataset_tags=dataset_tags, dataset=dataset, **kwargs)
+        from model_cards import write_model_card
+
+        def first(value):
+            return value[0] if isinstance(value, (list, tuple)) and value else value
+
+        write_model_card(self.args.output_dir, repo_id=model_name or self.args.hub_model_id, license=license,
+                         base_model=finetuned_from, dataset=first(dataset_tags), dataset_name=first(dataset))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs = dict(logs)

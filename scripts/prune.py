@@ -6,8 +6,10 @@
   accelerate launch scripts/prune.py config.json           # or config.yaml: the same keys
 
 On one or many processes (`accelerate launch --multi_gpu --num_processes N`); without a GPU the
-processes train on the CPU with DDP over gloo. OUT/all_results.json holds eval_accuracy, sparsity
-and the dense model's accuracy.
+processes train on the CPU with DDP over gloo. OUT is a pruned checkpoint: the model (plain
+`from_pretrained`), sparsity_config.json, cap_recipe.yaml, eval_results.json, the model card
+(README.md + sparsity_per_layer.png) and all_results.json (accuracy, sparsity, pruning history).
+`--push_to_hub --hub_model_id NAME` publishes OUT when training is done (checked before it starts).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +25,15 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, HfArgumentParser
 
+from cap_hf.checkpoint import CheckpointError
 from cap_hf.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
+from cap_hf.hub import HubError, check_online, check_repo_id, push_checkpoint
+from cap_hf.masks import SparsityMismatchError
 from cap_hf.metrics import compute_metrics
 from cap_hf.models import load_classifier, load_for_labels, load_image_processor
 from cap_hf.probe import train_linear_probe
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
+from model_cards import write_model_card
 
 logger = logging.getLogger("cap_hf.prune")
 
@@ -87,13 +94,27 @@ def check_output_dir(data_args: DataArguments, training_args: CAPTrainingArgumen
                          "--overwrite_output_dir true, or --resume_from_checkpoint to continue it.")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def check_hub(training_args: CAPTrainingArguments, hub_api=None) -> str | None:
+    """Before training: a valid repo id and a reachable Hub. We push the whole folder ourselves at the
+    end (Trainer's own pushes skip sparsity_config.json and the recipe), so the Trainer's is turned off."""
+    if not training_args.push_to_hub:
+        return None
+    repo_id = check_repo_id(training_args.hub_model_id)
+    if hub_api is None:
+        check_online()
+    training_args.push_to_hub = False
+    return repo_id
+
+
+def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     logging.getLogger("trainer_plugins").setLevel(logging.INFO)
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        model_args, data_args, training_args = parse(sys.argv[1:] if argv is None else argv)
-    except ValueError as err:  # bad recipe values: before anything is loaded
+        model_args, data_args, training_args = parse(argv)
+        repo_id = check_hub(training_args, hub_api)
+    except (ValueError, HubError) as err:  # bad recipe values, bad repo id, offline: before anything is loaded
         raise SystemExit(f"error: {err}") from None
     check_output_dir(data_args, training_args)
     training_args.remove_unused_columns = False
@@ -142,13 +163,30 @@ def main(argv: list[str] | None = None) -> dict:
     metrics["pruning_history"] = trainer.pruning_callback.history
     metrics["num_processes"] = trainer.args.world_size
     metrics["ranks_identical"] = trainer.pruning_callback.ranks_identical
+    command = shlex.join(["accelerate", "launch", "scripts/prune.py", *argv])
+    trainer.recipe_info = {"command": command, "base_model": model_args.model_name_or_path,
+                           "dataset": data_args.dataset_name}
     trainer.save_model()
+    out = training_args.output_dir
     if trainer.is_world_process_zero():
-        Path(training_args.output_dir, "all_results.json").write_text(json.dumps(metrics, indent=2))
+        eval_split = str(getattr(evaluation, "split", None) or data_args.eval_split or "evaluation")
+        trainer.save_metrics("eval", {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, combined=False)
+        Path(out, "all_results.json").write_text(json.dumps(metrics, indent=2))
         trainer.save_state()
+        write_model_card(out, repo_id=repo_id or Path(out).name, base_model=model_args.model_name_or_path,
+                         dataset=data_args.dataset_name, eval_split=eval_split, command=command)
         print(f"dense top-1 {100 * metrics['dense_accuracy']:.2f}% -> sparse top-1 "
               f"{100 * metrics['eval_accuracy']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
-              f"({training_args.pruning_method}); model in {training_args.output_dir}")
+              f"({training_args.pruning_method}); model in {out}")
+        if repo_id:
+            try:
+                info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,
+                                       revision=training_args.hub_revision, token=training_args.hub_token,
+                                       api=hub_api)
+            except (HubError, CheckpointError, SparsityMismatchError) as err:
+                raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it later with "
+                                 f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}`.") from None
+            print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
     return metrics
 
 

@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from conftest import FakeHfApi, load_script
+
+from cap_hf import verify_sparsity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,20 +40,35 @@ def run(cmd, threads="1"):
     return subprocess.run(cmd, env=env(threads), capture_output=True, text=True, cwd=ROOT)
 
 
-def test_prune_one_process(teacher, tmp_path):
+def test_prune_one_process(teacher, tmp_path, capsys):
+    """In process, so that a test double of HfApi receives the final push."""
     out = tmp_path / "run"
-    result = run([sys.executable, "scripts/prune.py", *prune_args(teacher, out)], threads="2")
-    assert result.returncode == 0, result.stderr[-3000:]
+    api = FakeHfApi()
+    load_script("prune").main(prune_args(teacher, out, "--push_to_hub", "true", "--hub_model_id", "me/digits-cap"),
+                              hub_api=api)
+    stdout = capsys.readouterr().out
     metrics = json.loads((out / "all_results.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.75, abs=1e-4)
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and metrics["dense_accuracy"] > 0.5
     assert [h["num_grads"] for h in metrics["pruning_history"]] == [16] * len(metrics["pruning_history"])
     from transformers import AutoModelForImageClassification
 
-    from cap_hf import verify_sparsity
 
-    verify_sparsity(AutoModelForImageClassification.from_pretrained(out), 0.75, tolerance=1e-4)
-    assert "dense top-1" in result.stdout
+    model = AutoModelForImageClassification.from_pretrained(out)
+    verify_sparsity(model, 0.75, tolerance=1e-4)
+    verify_sparsity(model, out)  # against the run's own sparsity_config.json, layer by layer
+    assert "dense top-1" in stdout and "pushed" in stdout
+    # the checkpoint: record, recipe, evaluation and card, all pushed
+    recipe = yaml.safe_load((out / "cap_recipe.yaml").read_text())
+    assert recipe["pruning"]["method"] == "cap" and recipe["distillation"]["alpha"] == 0.5
+    assert recipe["command"].startswith("accelerate launch scripts/prune.py --model_name_or_path")
+    assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
+    card = (out / "README.md").read_text()
+    assert f"{100 * metrics['eval_accuracy']:.2f}%" in card and f"{100 * metrics['dense_accuracy']:.2f}%" in card
+    assert recipe["command"] in card
+    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[-1][1]["repo_id"] == "me/digits-cap"
+    assert {"README.md", "sparsity_config.json", "cap_recipe.yaml", "model.safetensors"} <= set(api.uploaded)
     # the folder now holds a run: a second run refuses to overwrite it
     again = run([sys.executable, "scripts/prune.py", *prune_args(teacher, out)])
     assert again.returncode != 0 and "is not empty" in again.stderr
@@ -75,6 +94,8 @@ def test_prune_two_processes_gloo(teacher, tmp_path):
     (["--init_sparsity", "0.9"], "init_sparsity (0.9) must be in [0, final_sparsity=0.75]"),
     (["--pruning_schedule", "0:0.5,5:0.75"], "only 2.00 epochs"),
     (["--label_column_name", "target"], "no label column 'target'"),
+    (["--push_to_hub", "true", "--hub_model_id", "me/digits-cap"], "HF_HUB_OFFLINE is set"),
+    (["--push_to_hub", "true", "--hub_model_id", "me/bad id"], "not a valid Hub repo id"),
 ])
 def test_prune_bad_input(teacher, tmp_path, extra, message):
     out = tmp_path / "bad"
@@ -125,3 +146,4 @@ def test_prune_backbone_gets_a_linear_probe(tmp_path, family):
     expected = {"dinov2": "Dinov2ForImageClassification", "deit": "DeiTForImageClassification",
                 "dino-vit": "ViTForImageClassification"}[family]
     assert type(model).__name__ == expected
+    verify_sparsity(model, out)

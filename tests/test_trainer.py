@@ -1,9 +1,11 @@
 """CAPPruningCallback with a plain Trainer, and CAPTrainer: masks, schedule, distillation, resume."""
 
 import copy
+import json
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_vit_config
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
@@ -110,6 +112,13 @@ def test_resume_continues_without_re_pruning(tmp_path, digits_splits):
     first = CAPTrainer(model=tiny_model(), args=args, train_dataset=train)
     first.train()
     full_history = [h["step"] for h in first.pruning_callback.history]
+    # every checkpoint carries its sparsity record and recipe, which agree with its weights
+    checkpoint = tmp_path / "run" / "checkpoint-6"
+    record = json.loads((checkpoint / "sparsity_config.json").read_text())
+    assert record["method"] == "cap" and record["overall_sparsity"] == pytest.approx(0.7, abs=1e-3)
+    recipe = yaml.safe_load((checkpoint / "cap_recipe.yaml").read_text())
+    assert [s for _, s in recipe["schedule"]["steps"]] == list(first.pruning_callback.schedule.sparsities)
+    verify_sparsity(ViTForImageClassification.from_pretrained(checkpoint), checkpoint)
 
     model = tiny_model(seed=1)  # different init: resume must load the checkpoint's weights
     resumed = CAPTrainer(model=model, args=cap_args(tmp_path / "run", distill=False), train_dataset=train)

@@ -1,0 +1,5 @@
+"""Structured pruning: physical removal of heads, neurons and channels."""
+
+from cap_hf.structured.shrink import shrink_vit
+
+__all__ = ["shrink_vit"]

@@ -1,0 +1,198 @@
+"""Fill the sparse-model card from what a run left in its folder.
+
+Everything comes from the folder's own records (sparsity_config.json, cap_recipe.yaml,
+eval_results.json), so the card never states a number the run did not measure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
+from cap_hf.plots import plot_layer_sparsity
+
+TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
+CHART_FILE = "sparsity_per_layer.png"
+
+METHOD_NAMES = {
+    "cap": "CAP (correlation-aware pruning)",
+    "fastcap": "FastCAP (CAP with a shared Fisher)",
+    "obs": "WoodFisher / OBS",
+    "magnitude": "magnitude pruning",
+}
+CITATIONS = {
+    "cap": """@inproceedings{kuznedelev2023cap,
+  title     = {{CAP}: Correlation-Aware Pruning for Highly-Accurate Sparse Vision Models},
+  author    = {Kuznedelev, Denis and Kurtic, Eldar and Frantar, Elias and Alistarh, Dan},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2023},
+  eprint    = {2210.09223},
+  archivePrefix = {arXiv}
+}""",
+    "obs": """@inproceedings{singh2020woodfisher,
+  title     = {{WoodFisher}: Efficient Second-Order Approximation for Neural Network Compression},
+  author    = {Singh, Sidak Pal and Alistarh, Dan},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2020}
+}""",
+    "magnitude": """@article{zhu2017prune,
+  title   = {To prune, or not to prune: exploring the efficacy of pruning for model compression},
+  author  = {Zhu, Michael and Gupta, Suyog},
+  journal = {arXiv preprint arXiv:1710.01878},
+  year    = {2017}
+}""",
+}
+CITATIONS["fastcap"] = CITATIONS["cap"]
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (not a local path, not one of cap_hf's builtin datasets)."""
+    if not name or name.startswith("builtin:") or Path(name).expanduser().exists():
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def base_model_license(base_model: str | None) -> str | None:
+    """The license of the base model's card: a local folder's README.md, or the Hub card when online."""
+    if not base_model:
+        return None
+    local = Path(base_model).expanduser() / "README.md"
+    try:
+        if local.is_file():
+            return ModelCard.load(local).data.license
+        if is_hub_id(base_model):
+            return ModelCard.load(base_model).data.license
+    except Exception:  # offline, private or card-less base model: the license stays unknown
+        return None
+    return None
+
+
+def _pct(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _procedure(record: dict, recipe: dict) -> list[str]:
+    pruning = recipe.get("pruning", {})
+    lines = [f"Method: {METHOD_NAMES.get(record['method'], record['method'])}, {record['structure']} sparsity, "
+             f"{record.get('sparsity_distribution') or 'global'} distribution over the targets."]
+    if record["method"] in ("cap", "fastcap", "obs") and pruning:
+        lines.append(f"Empirical Fisher from {pruning.get('num_grads')} gradients of {pruning.get('grad_batch_size')} "
+                     f"images each, block size {pruning.get('fisher_block_size')}, dampening "
+                     f"{pruning.get('damp') if record['method'] != 'fastcap' else pruning.get('fastcap_damp')}"
+                     f"{', label-free' if pruning.get('label_free_fisher') else ''}.")
+    schedule = recipe.get("schedule")
+    if schedule:
+        steps = schedule.get("steps") or []
+        shown = ", ".join(f"{_pct(s, 1)} at step {k}" for k, s in steps)
+        lines.append(f"Gradual pruning during fine-tuning ({schedule.get('inter_func', 'cubic')} schedule): {shown}.")
+    else:
+        lines.append("One-shot pruning (no fine-tuning).")
+    distill = recipe.get("distillation")
+    if distill:
+        lines.append(f"Knowledge distillation from {distill.get('teacher') or 'the dense model'} "
+                     f"(alpha {distill.get('alpha')}, temperature {distill.get('temperature')}).")
+    training = recipe.get("training")
+    if training:
+        lines.append("Training: " + ", ".join(f"{k} {v}" for k, v in training.items()) + ".")
+    versions = record.get("versions", {})
+    if versions:
+        lines.append("Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".")
+    return lines
+
+
+def build_model_card(
+    folder: str | Path,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    dataset_name: str | None = None,
+    eval_split: str = "validation",
+    license: str | None = None,
+    command: str | None = None,
+) -> ModelCard:
+    """The card of a pruned checkpoint folder (also writes its per-layer sparsity chart there)."""
+    folder = Path(folder)
+    record = load_sparsity_config(folder)
+    recipe_path, eval_path = folder / RECIPE_FILE, folder / EVAL_FILE
+    recipe = yaml.safe_load(recipe_path.read_text()) if recipe_path.is_file() else {}
+    results = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    base_model = base_model or record.get("base_model") or recipe.get("base_model")
+    dataset = dataset or recipe.get("dataset")
+    command = command or recipe.get("command")
+    license = license or base_model_license(base_model)
+    repo_id = repo_id or folder.name
+    sparse_acc, dense_acc = results.get("eval_accuracy"), results.get("dense_accuracy")
+
+    classifier = any(a.endswith("ForImageClassification") for a in config.get("architectures") or [])
+    tags = ["sparse", "sparsity", "pruned", record["method"], "cap_hf", "vision",
+            "unstructured-sparsity" if record["structure"] == "unstructured" else f"{record['structure']}-sparsity"]
+    eval_results = None
+    if sparse_acc is not None:
+        eval_results = [EvalResult(
+            task_type="image-classification", dataset_type=dataset if is_hub_id(dataset) else (dataset or "custom"),
+            dataset_name=dataset_name or dataset or "evaluation data", dataset_split=eval_split,
+            metric_type="accuracy", metric_name="Top-1 Accuracy", metric_value=round(float(sparse_acc), 6))]
+    card_data = ModelCardData(
+        base_model=base_model if is_hub_id(base_model) else None,
+        base_model_relation="finetune" if is_hub_id(base_model) else None,
+        library_name="transformers",
+        pipeline_tag="image-classification" if classifier else "image-feature-extraction",
+        datasets=[dataset] if is_hub_id(dataset) else None,
+        metrics=["accuracy"],
+        license=license,
+        tags=tags,
+        model_name=repo_id,
+        eval_results=eval_results,
+    )
+    plot_layer_sparsity(record["per_layer"], folder / CHART_FILE,
+                        title=f"{record['method']} {record['structure']}: {_pct(record['overall_sparsity'], 1)}")
+    where = f"[{base_model}](https://huggingface.co/{base_model})" if is_hub_id(base_model) else \
+        (f"`{base_model}`" if base_model else "a dense model")
+    summary = (f"{where} pruned to **{_pct(record['overall_sparsity'])}** {record['structure']} sparsity in its "
+               f"{len(record['per_layer'])} attention and MLP weight matrices with "
+               f"{METHOD_NAMES.get(record['method'], record['method'])}, using "
+               "cap_hf.")
+    recovery = _pct(sparse_acc / dense_acc) if sparse_acc is not None and dense_acc else None
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=repo_id,
+        summary=summary,
+        base_model=base_model,
+        eval_split=eval_split,
+        dense_accuracy=_pct(dense_acc),
+        sparse_accuracy=_pct(sparse_acc),
+        sparsity_pct=_pct(record["overall_sparsity"]),
+        structure=record["structure"],
+        recovery=recovery,
+        procedure=_procedure(record, recipe),
+        num_zeros=f"{record.get('num_zeros', 0):,}",
+        num_weights=f"{record.get('num_weights', 0):,}",
+        num_layers=len(record["per_layer"]),
+        chart=CHART_FILE,
+        per_layer=[(name, _pct(value)) for name, value in record["per_layer"].items()],
+        repo_id=repo_id,
+        remote_code="auto_map" in config,
+        command=command,
+        citation=CITATIONS.get(record["method"], CITATIONS["cap"]),
+    )
+
+
+def write_model_card(folder: str | Path, **kwargs) -> Path:
+    """Write README.md (the card) and sparsity_per_layer.png into a pruned checkpoint folder."""
+    card = build_model_card(folder, **kwargs)
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
