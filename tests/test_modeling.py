@@ -1,5 +1,6 @@
-"""Physically smaller ViTs: per-layer sizes, Auto classes, and trust_remote_code loading without cap_hf."""
+"""Physically smaller ViTs and ResNets: per-layer sizes, Auto classes, and trust_remote_code loading without cap_hf."""
 
+import copy
 import json
 import os
 import subprocess
@@ -84,11 +85,16 @@ def test_save_and_load_with_auto_classes(vit, tmp_path):
     assert isinstance(AutoModel.from_pretrained(tmp_path), PrunedViTModel)
 
 
-def test_trust_remote_code_without_cap_hf(vit, tmp_path):
-    small = shrink_vit(vit, KEEP_HEADS, KEEP_NEURONS).eval()
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_trust_remote_code_without_cap_hf(vit, tmp_path, family):
+    from cap_hf.structured import shrink_resnet
+
+    if family == "vit":
+        small, x = shrink_vit(vit, KEEP_HEADS, KEEP_NEURONS).eval(), torch.randn(3, 1, 8, 8)
+    else:
+        small, x = shrink_resnet(tiny_resnet(), {1: [[0, 1], [3]]}).eval(), torch.randn(3, 1, 16, 16)
     folder = tmp_path / "small"
     small.save_pretrained(folder)
-    x = torch.randn(3, 1, 8, 8)
     torch.save(x, tmp_path / "x.pt")
     with torch.no_grad():
         torch.save(small(pixel_values=x).logits, tmp_path / "expected.pt")
@@ -118,3 +124,60 @@ def test_bad_sizes_are_rejected(vit):
         shrink_vit(vit, {0: [4]})
     with pytest.raises(ValueError, match=r"Layers \[7\] do not exist"):
         shrink_vit(vit, keep_neurons={7: [0]})
+
+
+def tiny_resnet(layer_type="bottleneck", classifier=True):
+    from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1],
+                          layer_type=layer_type, num_labels=10)
+    model = ResNetForImageClassification(config) if classifier else ResNetModel(config)
+    for module in model.modules():  # non-trivial batch-norm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("layer_type", ["bottleneck", "basic"])
+def test_shrunk_resnet_equals_masked_dense_and_round_trips(layer_type, tmp_path):
+    from cap_hf.modeling import PrunedResNetForImageClassification
+    from cap_hf.structured import shrink_resnet
+
+    model = tiny_resnet(layer_type)
+    if layer_type == "bottleneck":  # inner widths 4 / 4 / 8 for blocks 0 / 1 / 2
+        keep = {0: [[0, 2, 3], [1]], 2: [None, [0, 5, 6]]}
+    else:  # inner widths 16 / 16 / 32
+        keep = {0: [[0, 2, 3, 9]], 2: [list(range(0, 32, 4))]}
+    small = shrink_resnet(model, keep).eval()
+    assert isinstance(small, PrunedResNetForImageClassification)
+    assert small.num_parameters() < model.num_parameters()
+    dense = copy.deepcopy(model)
+    blocks = [block for stage in dense.resnet.encoder.stages for block in stage.layers]
+    with torch.no_grad():  # zero the outgoing weights of the dropped channels
+        for b, lists in keep.items():
+            convs = list(blocks[b].layer)
+            for j, channels in enumerate(lists):
+                if channels is not None:
+                    drop = sorted(set(range(convs[j].convolution.out_channels)) - set(channels))
+                    convs[j + 1].convolution.weight[:, drop] = 0
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = dense(pixel_values=x).logits
+        torch.testing.assert_close(small(pixel_values=x).logits, expected)
+    small.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert json.loads((tmp_path / "config.json").read_text())["block_widths"] == small.config.block_widths
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).logits, small(pixel_values=x).logits)
+
+
+def test_shrink_resnet_bad_input():
+    from cap_hf.structured import shrink_resnet
+
+    model = tiny_resnet()
+    with pytest.raises(ValueError, match=r"Blocks \[9\] do not exist; the model has 3 residual blocks"):
+        shrink_resnet(model, {9: [None, None]})
+    with pytest.raises(ValueError, match="Block 0 has 2 inner widths to choose, got 1 lists"):
+        shrink_resnet(model, {0: [[0]]})

@@ -1,5 +1,5 @@
 """Structured pruning: physical removal of heads, neurons and channels."""
 
-from cap_hf.structured.shrink import shrink_vit
+from cap_hf.structured.shrink import shrink_resnet, shrink_vit
 
-__all__ = ["shrink_vit"]
+__all__ = ["shrink_resnet", "shrink_vit"]

@@ -1,4 +1,4 @@
-"""Physical removal: copy the kept heads and neurons of a ViT into a smaller PrunedViT."""
+"""Physical removal: copy the kept heads and neurons of a ViT (channels of a ResNet) into a smaller model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import ViTForImageClassification, ViTModel
+from transformers import ResNetForImageClassification, ResNetModel, ViTForImageClassification, ViTModel
 
-from cap_hf.modeling import PrunedViTConfig, PrunedViTForImageClassification, PrunedViTModel
+from cap_hf.modeling import (
+    PrunedResNetConfig,
+    PrunedResNetForImageClassification,
+    PrunedResNetModel,
+    PrunedViTConfig,
+    PrunedViTForImageClassification,
+    PrunedViTModel,
+)
 
 _LAYER_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention\.[qkvo]_proj|mlp\.fc[12])\.(weight|bias)$")
 
@@ -77,5 +84,56 @@ def shrink_vit(
                 elif kind == "weight":
                     tensor = tensor[:, rows]
         state[name] = tensor.clone()
+    small.load_state_dict(state, strict=True)
+    return small.train(model.training)
+
+
+@torch.no_grad()
+def shrink_resnet(
+    model: ResNetModel | ResNetForImageClassification,
+    keep_channels: Mapping[int, Sequence[Sequence[int] | None]],
+) -> PrunedResNetModel | PrunedResNetForImageClassification:
+    """A physically smaller copy of a ResNet keeping, in residual block b (counted over all stages), the
+    inner channels keep_channels[b][j] after its j-th convolution (None keeps them all).
+
+    Only a block's inner channels are removed (the residual stream keeps its width), so the result
+    computes exactly what the dense model computes with those channels' outgoing weights zeroed.
+    """
+    config = model.config
+    resnet = model.resnet if hasattr(model, "resnet") else model
+    blocks = [block for stage in resnet.encoder.stages for block in stage.layers]
+    names = {id(module): name for name, module in model.named_modules()}
+    widths = [[conv.convolution.out_channels for conv in list(block.layer)[:-1]] for block in blocks]
+    bad = sorted(b for b in keep_channels if not 0 <= int(b) < len(blocks))
+    if bad:
+        raise ValueError(f"Blocks {bad} do not exist; the model has {len(blocks)} residual blocks.")
+    kept = {int(b): [None if k is None else _check(k, widths[int(b)][j], f"block {b} conv {j} channels")
+                     for j, k in enumerate(v)] for b, v in keep_channels.items()}
+    for b, lists in kept.items():
+        if len(lists) != len(widths[b]):
+            raise ValueError(f"Block {b} has {len(widths[b])} inner widths to choose, got {len(lists)} lists.")
+
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "block_widths"):
+        values.pop(key, None)
+    block_widths = [[len(k) if k is not None else w for k, w in zip(kept.get(b, [None] * len(ws)), ws, strict=True)]
+                    for b, ws in enumerate(widths)]
+    new_config = PrunedResNetConfig(**values, block_widths=block_widths)
+    classifier = hasattr(model, "classifier")
+    small = PrunedResNetForImageClassification(new_config) if classifier else PrunedResNetModel(new_config)
+    small.to(dtype=next(model.parameters()).dtype)
+
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for b, lists in kept.items():
+        prefix = names[id(blocks[b])]
+        for j, channels in enumerate(lists):
+            if channels is None:
+                continue
+            index = torch.tensor(channels)
+            conv, nxt = f"{prefix}.layer.{j}", f"{prefix}.layer.{j + 1}"
+            state[f"{conv}.convolution.weight"] = state[f"{conv}.convolution.weight"][index]
+            for stat in ("weight", "bias", "running_mean", "running_var"):
+                state[f"{conv}.normalization.{stat}"] = state[f"{conv}.normalization.{stat}"][index]
+            state[f"{nxt}.convolution.weight"] = state[f"{nxt}.convolution.weight"][:, index]
     small.load_state_dict(state, strict=True)
     return small.train(model.training)
