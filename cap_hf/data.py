@@ -107,9 +107,9 @@ def calibration_loader(dataset: Dataset, batch_size: int, seed: int = 0) -> torc
                                        collate_fn=collate, generator=generator)
 
 
-def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str]) -> Dataset:
+def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str], split: str) -> Dataset:
     features = Features({"image": Image(), "label": ClassLabel(names=names)})
-    return Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features)
+    return Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features, split=split)
 
 
 def digits_dataset(test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
@@ -122,8 +122,8 @@ def digits_dataset(test_fraction: float = 0.2, seed: int = 0) -> DatasetDict:
     n_test = int(round(test_fraction * len(images)))
     test, train = order[:n_test], order[n_test:]
     names = [str(i) for i in range(10)]
-    return DatasetDict({"train": _image_dataset(images[train], digits.target[train], names),
-                        "test": _image_dataset(images[test], digits.target[test], names)})
+    return DatasetDict({"train": _image_dataset(images[train], digits.target[train], names, "train"),
+                        "test": _image_dataset(images[test], digits.target[test], names, "test")})
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -143,7 +143,7 @@ def fashion_mnist_dataset(root: str | os.PathLike = FASHION_MNIST_DIR) -> Datase
     if missing:
         raise FileNotFoundError(f"Fashion-MNIST files {missing} not found in {root}. Install the Debian package "
                                 "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or pass --root.")
-    return DatasetDict({split: _image_dataset(_read_idx(root / img), _read_idx(root / lab), FASHION_MNIST_LABELS)
+    return DatasetDict({split: _image_dataset(_read_idx(root / img), _read_idx(root / lab), FASHION_MNIST_LABELS, split)
                         for split, (img, lab) in files.items()})
 
 

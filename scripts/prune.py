@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     trainer.save_model()
     out = training_args.output_dir
     if trainer.is_world_process_zero():
-        eval_split = str(getattr(evaluation, "split", None) or data_args.eval_split or "evaluation")
+        eval_split = "held-out part of train" if data_args.train_val_split and evaluation.split in (None, "train") \
+            else str(evaluation.split or data_args.eval_split or "evaluation")
         trainer.save_metrics("eval", {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, combined=False)
         Path(out, "all_results.json").write_text(json.dumps(metrics, indent=2))
         trainer.save_state()

@@ -65,7 +65,7 @@ def test_prune_one_process(teacher, tmp_path, capsys):
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
     card = (out / "README.md").read_text()
     assert f"{100 * metrics['eval_accuracy']:.2f}%" in card and f"{100 * metrics['dense_accuracy']:.2f}%" in card
-    assert recipe["command"] in card
+    assert recipe["command"] in card and "top-1 accuracy (test)" in card
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[-1][1]["repo_id"] == "me/digits-cap"
     assert {"README.md", "sparsity_config.json", "cap_recipe.yaml", "model.safetensors"} <= set(api.uploaded)
