@@ -222,6 +222,10 @@ def load_pruned_model(folder: str | Path, **kwargs) -> nn.Module:
     classifier = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
     auto = AutoModelForImageClassification if classifier else AutoModel
     model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
+    missing = info.get("missing_keys") or ()
+    if missing and all(k.split(".")[0] == "pooler" for k in missing) and "add_pooling_layer" not in kwargs:
+        # a backbone saved without its pooler (e.g. ViTModel(add_pooling_layer=False)): load it the same way
+        model, info = auto.from_pretrained(folder, output_loading_info=True, add_pooling_layer=False, **kwargs)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointError(f"{folder} does not load cleanly: {problems}.")

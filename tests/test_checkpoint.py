@@ -69,6 +69,23 @@ def test_checkpoint_round_trip_is_exact(checkpoint):
     assert report.overall == record["overall_sparsity"]
 
 
+def test_backbone_checkpoint_loads_with_auto_model(tmp_path):
+    from conftest import tiny_vit_config
+    from transformers import ViTModel
+
+    torch.manual_seed(0)
+    backbone = ViTModel(tiny_vit_config(), add_pooling_layer=False).eval()
+    config = PruningConfig(method="magnitude", sparsity=0.5)
+    oneshot_prune(backbone, config)
+    folder = save_sparse_checkpoint(backbone, tmp_path / "backbone", method="magnitude")
+    loaded = load_pruned_model(folder)
+    assert type(loaded) is ViTModel
+    verify_sparsity(loaded, folder)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(backbone(pixel_values=x).last_hidden_state, loaded(pixel_values=x).last_hidden_state)
+
+
 def test_verify_reports_drift_after_unmasked_finetuning(checkpoint):
     _, folder = checkpoint
     model = load_pruned_model(folder)

@@ -119,6 +119,10 @@ def test_resume_continues_without_re_pruning(tmp_path, digits_splits):
     recipe = yaml.safe_load((checkpoint / "cap_recipe.yaml").read_text())
     assert [s for _, s in recipe["schedule"]["steps"]] == list(first.pruning_callback.schedule.sparsities)
     verify_sparsity(ViTForImageClassification.from_pretrained(checkpoint), checkpoint)
+    first.save_model()
+    first.create_model_card(model_name="me/tiny-cap")  # what Trainer.push_to_hub calls: our sparse card
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "base_model_relation" not in card and "# me/tiny-cap" in card and "Kuznedelev" in card
 
     model = tiny_model(seed=1)  # different init: resume must load the checkpoint's weights
     resumed = CAPTrainer(model=model, args=cap_args(tmp_path / "run", distill=False), train_dataset=train)
