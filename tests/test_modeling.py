@@ -102,6 +102,7 @@ def test_trust_remote_code_without_cap_hf(vit, tmp_path, family):
 import sys
 sys.modules["cap_hf"] = None  # importing cap_hf now fails: only the files in the folder may be used
 import torch
+torch.set_num_threads({torch.get_num_threads()})  # the parent's count: same reduction order, identical logits
 from transformers import AutoModelForImageClassification
 model = AutoModelForImageClassification.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
 assert "cap_hf" not in type(model).__module__, type(model).__module__
@@ -111,7 +112,7 @@ assert torch.equal(logits, torch.load({str(tmp_path / 'expected.pt')!r}))
 print("OK", type(model).__module__)
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+           "PYTHONPATH": "", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK transformers_modules" in result.stdout
