@@ -66,10 +66,29 @@ class PruningConfig:
         metadata={"help": "CAP: 'recompute' re-runs the elimination to each block's cut (memory ~ d*B); "
                   "'snapshot' keeps (B+1)*d weight snapshots like the reference code."},
     )
+    fisher_accumulation: str = field(
+        default="auto",
+        metadata={"help": "CAP/OBS: 'inverse' updates F^-1 directly, grad_chunk_size gradients at a time (Woodbury; "
+                  "as accurate as the paper's one-at-a-time Sherman-Morrison); 'sum' accumulates outer products and "
+                  "inverts by Cholesky (about 2x less arithmetic, and the only one that sums across processes, but "
+                  "~1e-3 relative error in F^-1 when damp is tiny next to the gradients); 'auto': 'inverse' in one "
+                  "process, 'sum' under torch.distributed."},
+    )
     grad_chunk_size: int = field(default=32, metadata={"help": "Gradients per batched Fisher product."})
     elimination_chunk_size: int = field(
         default=64, metadata={"help": "Fisher blocks eliminated in parallel; 64 keeps B=192 chunks in CPU cache "
                               "(fastest on 2 cores, see docs/benchmarks.md)."}
+    )
+    max_memory_gb: float | None = field(
+        default=None,
+        metadata={"help": "CAP/OBS: peak memory (GB) of a pruning step where the Fisher lives (process RSS on the "
+                  "CPU, allocated memory on CUDA). When the Fisher of all targets does not fit, the layers are "
+                  "pruned in groups, one gradient pass each over the same calibration batches, with identical "
+                  "results (docs/design.md, 'Streaming'). Ignored by magnitude and FastCAP. Default: no limit."},
+    )
+    offload_dir: str | None = field(
+        default=None, metadata={"help": "With max_memory_gb: folder for CAP snapshots that do not fit in memory "
+                                "(default: the system temp folder). Always removed after the step."}
     )
     device: str | None = field(default=None, metadata={"help": "Device for Fisher math (default: the model's)."})
     seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and label-free Fisher."})
@@ -104,12 +123,27 @@ class PruningConfig:
             )
         if not self.damp > 0 or not self.fastcap_damp > 0:
             raise ValueError("damp and fastcap_damp must be positive: they keep the Fisher invertible.")
+        if self.max_memory_gb is not None and not (0 < float(self.max_memory_gb) < float("inf")):
+            raise ValueError(f"max_memory_gb must be a positive number of GB (or None for no limit), "
+                             f"got {self.max_memory_gb}.")
+        if self.fisher_accumulation not in ("auto", "inverse", "sum"):
+            raise ValueError(f"fisher_accumulation must be 'auto', 'inverse' or 'sum', got {self.fisher_accumulation!r}.")
         if self.trace_mode not in ("recompute", "snapshot"):
             raise ValueError(f"trace_mode must be 'recompute' or 'snapshot', got {self.trace_mode!r}.")
 
     @property
     def n_m(self) -> tuple[int, int] | None:
         return parse_structure(self.structure)
+
+    @property
+    def accumulation(self) -> str:
+        """fisher_accumulation with 'auto' resolved: 'sum' when several processes must add their shares."""
+        if self.fisher_accumulation != "auto":
+            return self.fisher_accumulation
+        import torch.distributed as dist
+
+        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        return "sum" if several else "inverse"
 
     @property
     def needs_fisher(self) -> str | None:

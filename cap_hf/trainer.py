@@ -50,6 +50,13 @@ class CAPTrainingArguments(TrainingArguments):
     fastcap_damp: float = field(default=1e-2, metadata={"help": "FastCAP relative dampening."})
     label_free_fisher: bool = field(default=False, metadata={"help": "Sample Fisher labels from the model."})
     trace_mode: str = field(default="recompute", metadata={"help": "CAP: recompute | snapshot"})
+    fisher_accumulation: str = field(
+        default="auto", metadata={"help": "CAP/OBS: inverse (Woodbury, one process) | sum (across processes) | auto"})
+    max_memory_gb: float | None = field(
+        default=None, metadata={"help": "CAP/OBS: memory budget (GB) of a pruning step; when the Fisher of all "
+                                        "layers does not fit, they are pruned in groups with the same result."})
+    offload_dir: str | None = field(
+        default=None, metadata={"help": "With --max_memory_gb: folder for CAP snapshots (default: system temp)."})
     distill: bool = field(default=True, metadata={"help": "Distill from the dense model (or --teacher_name_or_path)."})
     teacher_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher model id or folder (default: a frozen copy of the dense model)."})
@@ -82,7 +89,8 @@ class CAPTrainingArguments(TrainingArguments):
             structure=structure, targets=self.prune_targets, num_grads=self.num_grads,
             grad_batch_size=self.grad_batch_size, fisher_block_size=self.fisher_block_size, damp=self.damp,
             fastcap_damp=self.fastcap_damp, label_free_fisher=self.label_free_fisher, trace_mode=self.trace_mode,
-            seed=self.seed)
+            fisher_accumulation=self.fisher_accumulation, max_memory_gb=self.max_memory_gb,
+            offload_dir=self.offload_dir, seed=self.seed)
 
     def sparsity_schedule(self, total_steps: int, steps_per_epoch: float) -> SparsitySchedule:
         return build_schedule(self.final_sparsity, total_steps, steps_per_epoch, self.init_sparsity,
@@ -215,6 +223,7 @@ class CAPTrainer(Trainer):
         args = self.args
         config = args.pruning_config().to_dict()
         config.pop("sparsity", None)  # set per step by the schedule
+        config.pop("offload_dir", None)  # a local folder: no part of the recipe
         schedule = self.pruning_callback.schedule
         recipe = {"pruning": config}
         if isinstance(schedule, SparsitySchedule):

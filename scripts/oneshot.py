@@ -45,6 +45,11 @@ class OneShotArguments:
     targets: str | None = field(default=None, metadata={"help": "Regex of module names to prune."})
     label_free_fisher: bool = field(default=False, metadata={"help": "Sample Fisher labels from the model."})
     trace_mode: str = field(default="recompute", metadata={"help": "CAP: recompute | snapshot"})
+    fisher_accumulation: str = field(default="auto", metadata={"help": "CAP/OBS: auto | inverse | sum"})
+    max_memory_gb: float | None = field(default=None, metadata={
+        "help": "CAP/OBS: memory budget of a pruning step (GB); layers are pruned in groups when the Fisher "
+                "does not fit (one gradient pass per group, same result)."})
+    offload_dir: str | None = field(default=None, metadata={"help": "With --max_memory_gb: folder for snapshots."})
     image_column_name: str = field(default="image")
     label_column_name: str = field(default="label")
     train_split: str | None = field(default=None, metadata={"help": "Calibration split (default: train)."})
@@ -77,7 +82,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             grad_batch_size=args.grad_batch_size, fisher_block_size=args.fisher_block_size, damp=args.damp,
             fastcap_damp=args.fastcap_damp, fastcap_column_block=args.fastcap_column_block,
             sparsity_distribution=args.sparsity_distribution, structure=args.structure, targets=args.targets,
-            label_free_fisher=args.label_free_fisher, trace_mode=args.trace_mode, seed=args.seed)
+            label_free_fisher=args.label_free_fisher, trace_mode=args.trace_mode, seed=args.seed,
+            max_memory_gb=args.max_memory_gb, offload_dir=args.offload_dir,
+            fisher_accumulation=args.fisher_accumulation)
         for method in methods:
             for sparsity in sparsities:
                 base.replace(method=method, sparsity=sparsity)

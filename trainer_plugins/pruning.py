@@ -26,6 +26,7 @@ from cap_hf.fisher import collect_fisher
 from cap_hf.masks import current_masks, sparsity_report
 from cap_hf.pruners import get_pruner
 from cap_hf.schedule import SparsitySchedule
+from cap_hf.streaming import STREAMING_METHODS, StreamingPruner, resolve_budget
 from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -137,21 +138,25 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         """One pruning step to `sparsity`; identical result on every process."""
         start = time.perf_counter()
         rank, world = _dist()
-        config = self.config.replace(sparsity=sparsity)
-        pruner = get_pruner(config)
-        fisher = None
-        if pruner.fisher_kind is not None:
-            share = config.num_grads // world + (1 if rank < config.num_grads % world else 0)
-            fisher = collect_fisher(
-                model, self.targets, self.calibration_batches(step, rank), num_grads=share,
-                block_size=config.fisher_block_size, kinds=(pruner.fisher_kind,), masks=self.masks,
-                label_free=config.label_free_fisher, loss_fn=self.loss_fn, grad_chunk_size=config.grad_chunk_size,
-                device=config.device, seed=config.seed + step + 1000 * rank,
-            )[pruner.fisher_kind]  # summed over processes inside
-        num_grads = fisher.count if fisher is not None else 0  # summed over all processes
-        pruner.prepare(self.targets, fisher)
-        pruner.apply(self.targets, sparsity)
-        del pruner, fisher
+        config = resolve_budget(self.config.replace(sparsity=sparsity), self.targets)
+        if config.max_memory_gb is not None and config.method in STREAMING_METHODS:
+            num_grads = self._prune_streaming(model, config, sparsity, step, rank, world)
+        else:
+            pruner = get_pruner(config)
+            fisher = None
+            if pruner.fisher_kind is not None:
+                share = config.num_grads // world + (1 if rank < config.num_grads % world else 0)
+                fisher = collect_fisher(
+                    model, self.targets, self.calibration_batches(step, rank), num_grads=share,
+                    block_size=config.fisher_block_size, kinds=(pruner.fisher_kind,), masks=self.masks,
+                    label_free=config.label_free_fisher, loss_fn=self.loss_fn,
+                    grad_chunk_size=config.grad_chunk_size, device=config.device, seed=config.seed + step + 1000 * rank,
+                    accumulate=config.accumulation, damp=config.damp,
+                )[pruner.fisher_kind]  # summed over processes inside ('sum' with several processes)
+            num_grads = fisher.count if fisher is not None else 0  # summed over all processes
+            pruner.prepare(self.targets, fisher)
+            pruner.apply(self.targets, sparsity)
+            del pruner, fisher
         if world > 1:  # the math is deterministic, but make sure every rank holds rank 0's weights
             for module in self.targets.values():
                 torch.distributed.broadcast(module.weight.data, src=0)
@@ -165,6 +170,19 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         if rank == 0:
             logger.info("Pruned at step %d to %.4f (target %.4f) with %s in %.1f s", step, achieved, sparsity,
                         config.method, seconds)
+
+    def _prune_streaming(self, model: torch.nn.Module, config: PruningConfig, sparsity: float, step: int,
+                         rank: int, world: int) -> int:
+        """CAP / OBS within config.max_memory_gb: layer groups, each with its own pass over this step's
+        calibration batches (the same plan on every process; the Fisher sums are all-reduced per group)."""
+        share = config.num_grads // world + (1 if rank < config.num_grads % world else 0)
+        if share < 1:
+            raise ValueError(f"num_grads={config.num_grads} is less than the {world} processes; raise num_grads.")
+        rank_config = config.replace(num_grads=share, seed=config.seed + step + 1000 * rank)
+        with StreamingPruner(rank_config) as pruner:
+            pruner.prepare(model, self.targets, lambda: self.calibration_batches(step, rank), self.loss_fn)
+            pruner.apply(self.targets, sparsity)
+            return pruner.num_grads
 
     def pop_log(self) -> dict[str, float]:
         """Metrics of the last pruning step (once), for Trainer.log."""
