@@ -49,7 +49,7 @@ def write_section(path: Path, body: str, section: str = SECTION) -> None:
     start = text.find(section)
     if start >= 0:
         end = text.find("\n## ", start + len(section))
-        text = text[:start] + body + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + body.rstrip() + ("\n\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + body
     path.write_text(text.rstrip() + "\n")

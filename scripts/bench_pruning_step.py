@@ -59,6 +59,11 @@ PHASE_NOTES = {
     "selection": "global threshold over all scores",
     "write-back": "reading the snapshots back, writing the weights",
 }
+FASTCAP_NOTES = {
+    "fisher": "sum of each layer's shared B x B Fisher (one matmul per chunk of gradients)",
+    "inversion": "FastCAP prepare: one B x B Cholesky per layer",
+    "elimination": "column sweep (SparseGPT-style) and write-back",
+}
 
 
 def build_model(arch: str, seed: int) -> ViTForImageClassification:
@@ -262,13 +267,14 @@ def _library_cap(original: dict, inverses: dict, args) -> dict:
             for n in original}
 
 
-def fmt_table(phases: dict, order: list[str]) -> list[str]:
+def fmt_table(phases: dict, order: list[str], method: str = "cap") -> list[str]:
+    notes = {**PHASE_NOTES, **FASTCAP_NOTES} if method == "fastcap" else PHASE_NOTES
     lines = ["| phase | seconds | calls | peak memory (GB) | what |", "|---|---|---|---|---|"]
     for name in order:
         if name in phases:
             p = phases[name]
             lines.append(f"| {name} | {p['seconds']:.1f} | {p['calls']} | {p['peak_gb']:.2f} | "
-                         f"{PHASE_NOTES.get(name, '')} |")
+                         f"{notes.get(name, '')} |")
     return lines
 
 
@@ -297,7 +303,7 @@ def write_summary(out_dir: Path) -> None:
             f"| {plan.get('store', '-')} | {sec['gradients']:.0f} | {sec['fisher']:.0f} | {sec['inversion']:.0f} "
             f"| {sec['elimination']:.0f} | {sec['offload'] + sec['selection'] + sec['write-back']:.0f} "
             f"| {s['total_seconds']:.0f} | **{s['peak_gb']:.2f}** "
-            f"| {ref.get('fisher_speedup', float('nan')):.1f}x @N={ref.get('num_grads', '-')} |")
+            + (f"| {ref['fisher_speedup']:.1f}x @N={ref['num_grads']} |" if ref else "| - |"))
     body = "\n".join([
         "## Pruning step scale: summary", "",
         "One pruning step of a DeiT-sized ViT (random weights, 224x224 random images), all 72 attention/MLP "
@@ -369,13 +375,15 @@ def main() -> None:
     if "step" in result:
         step = result["step"]
         plan = step.get("plan")
+        damp_text = (f"fastcap_damp={PruningConfig().fastcap_damp} (relative)" if args.method == "fastcap"
+                     else f"damp={args.damp}")
         lines += [f"Part 1, the whole step: {step['target_weights'] / 1e6:.2f} M target weights, {args.num_grads} "
                   f"gradients of {args.grad_batch_size} random image(s) each, B={args.fisher_block_size}, "
-                  f"damp={args.damp}, sparsity {args.sparsity} (achieved {step['achieved_sparsity']:.4f}). "
+                  f"{damp_text}, sparsity {args.sparsity} (achieved {step['achieved_sparsity']:.4f}). "
                   f"Total **{step['total_seconds']:.0f} s**, peak memory **{step['peak_gb']:.2f} GB** "
                   f"(the process before the step: {step['base_rss_gb']:.2f} GB)."
                   + (f" Budget {args.max_memory_gb} GB: {plan['describe']}." if plan else ""), ""]
-        lines += fmt_table(step["phases"], PHASES) + [""]
+        lines += fmt_table(step["phases"], PHASES, args.method) + [""]
     if "reference" in result:
         ref = result["reference"]
         lines += [f"Part 2, library vs the plain rank-1 reference on {len(ref['layers'])} layers, the same "
