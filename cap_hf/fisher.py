@@ -20,16 +20,21 @@ from cap_hf.memory import PhaseProfiler, maybe_phase
 logger = logging.getLogger(__name__)
 
 
-def choose_block_size(numel: int, block_size: int, name: str = "") -> int:
+def divisor_block_size(numel: int, block_size: int) -> int:
     """B itself when it divides the tensor, else the smallest divisor in [B, 2B], else the largest below B."""
     if numel % block_size == 0:
         return block_size
     for size in range(block_size + 1, min(numel, 2 * block_size) + 1):
         if numel % size == 0:
-            chosen = size
-            break
-    else:
-        chosen = next(size for size in range(min(block_size, numel), 0, -1) if numel % size == 0)
+            return size
+    return next(size for size in range(min(block_size, numel), 0, -1) if numel % size == 0)
+
+
+def choose_block_size(numel: int, block_size: int, name: str = "") -> int:
+    """divisor_block_size, with a warning that names the layer when it is not B."""
+    chosen = divisor_block_size(numel, block_size)
+    if chosen == block_size:
+        return chosen
     logger.warning("Fisher block size %d does not divide %s (%d weights); using %d instead.",
                    block_size, name or "a layer", numel, chosen)
     return chosen

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 
 GB = 1024 ** 3
@@ -24,12 +25,10 @@ def rss_bytes() -> int:
         with open("/proc/self/statm") as handle:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
-        import psutil
-
         return psutil.Process().memory_info().rss
 
 
-def _hwm_bytes() -> int | None:
+def hwm_bytes() -> int | None:
     try:
         with open("/proc/self/status") as handle:
             for line in handle:
@@ -40,7 +39,7 @@ def _hwm_bytes() -> int | None:
     return None
 
 
-def _reset_hwm() -> bool:
+def reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -82,7 +81,7 @@ class PhaseProfiler:
 
     def __post_init__(self) -> None:
         self.cuda = torch.device(self.device).type == "cuda"
-        self._hwm = _reset_hwm() and _hwm_bytes() is not None
+        self._hwm = reset_hwm() and hwm_bytes() is not None
         self._current: str | None = None
         self._sampled = 0
         self._overall = rss_bytes()
@@ -113,7 +112,7 @@ class PhaseProfiler:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         if self._hwm:
-            _reset_hwm()
+            reset_hwm()
         self._sampled = rss_bytes()
         start = time.perf_counter()
         try:
@@ -123,7 +122,7 @@ class PhaseProfiler:
                 torch.cuda.synchronize()
             stats.seconds += time.perf_counter() - start
             stats.calls += 1
-            host = max(self._sampled, rss_bytes(), (_hwm_bytes() or 0) if self._hwm else 0)
+            host = max(self._sampled, rss_bytes(), (hwm_bytes() or 0) if self._hwm else 0)
             self._overall = max(self._overall, host)
             peak = torch.cuda.max_memory_allocated() if self.cuda else host
             stats.peak_bytes = max(stats.peak_bytes, peak)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -42,9 +43,11 @@ from cap_hf.fisher import (
     check_enough_batches,
     choose_block_size,
     collect_fisher,
+    default_loss,
+    divisor_block_size,
 )
 from cap_hf.masks import SparsityReport, current_masks, sparsity_report
-from cap_hf.memory import GB, PhaseProfiler, device_memory_bytes, maybe_phase
+from cap_hf.memory import GB, PhaseProfiler, device_memory_bytes, hwm_bytes, maybe_phase, reset_hwm, rss_bytes
 from cap_hf.pruners.base import select_pruned, weight_blocks, write_blocks
 from cap_hf.pruners.cap import greedy_eliminate
 from cap_hf.targets import find_targets
@@ -272,9 +275,6 @@ def _partition(order: list[str], sizes: Mapping[str, int], group_limit: int, tot
 def _probe_activation_bytes(model: nn.Module, target: nn.Module, batch: Mapping, loss_fn: Callable | None,
                             label_free: bool, device: torch.device) -> int:
     """Peak extra memory of one forward + backward pass down to the first target (with gradients for it)."""
-    from cap_hf.fisher import default_loss
-    from cap_hf.memory import _hwm_bytes, _reset_hwm, rss_bytes
-
     param = next(model.parameters())
     batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()}
     saved = {p: p.requires_grad for p in model.parameters()}
@@ -289,7 +289,7 @@ def _probe_activation_bytes(model: nn.Module, target: nn.Module, batch: Mapping,
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         else:
-            hwm = _reset_hwm()
+            hwm = reset_hwm()
             before = rss_bytes()
         with torch.enable_grad(), torch.autocast(device_type=param.device.type, enabled=False):
             generator = torch.Generator(device=param.device).manual_seed(0) if label_free else None
@@ -298,7 +298,7 @@ def _probe_activation_bytes(model: nn.Module, target: nn.Module, batch: Mapping,
         del loss, grad
         if cuda:
             return max(0, torch.cuda.max_memory_allocated(device) - before)
-        after = _hwm_bytes() if hwm else None
+        after = hwm_bytes() if hwm else None
         return max(0, (after if after is not None else rss_bytes()) - before)
     finally:
         for p, flag in saved.items():
@@ -404,9 +404,9 @@ def in_memory_bytes(targets: Mapping[str, nn.Module], config: PruningConfig) -> 
     total = 0
     chunk = min(config.grad_chunk_size, config.num_grads)
     copies = 1 if config.accumulation == "inverse" else 3
-    for name, module in targets.items():
+    for module in targets.values():
         numel = module.weight.numel()
-        block = choose_block_size(numel, config.fisher_block_size, name)
+        block = divisor_block_size(numel, config.fisher_block_size)  # the step itself warns when it is not B
         total += numel * FLOAT * (copies * block + chunk + 1) + numel * (FLOAT + 8)
         if config.method == "cap" and config.trace_mode == "snapshot" and config.n_m is None:
             total += numel * FLOAT * (block + 1)
@@ -418,8 +418,6 @@ def available_bytes(device: torch.device) -> int:
     available memory shared among the processes of this node (LOCAL_WORLD_SIZE)."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
-
     return int(psutil.virtual_memory().available) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
