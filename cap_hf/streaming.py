@@ -397,6 +397,16 @@ def plan_memory(
                       store_bytes=store_total, block_sizes=blocks, adjusted=adjusted)
 
 
+def check_budget(model: nn.Module, config: PruningConfig, targets: Mapping[str, nn.Module] | None = None) -> None:
+    """The cheap part of plan_memory (no data, no backward pass), for scripts and the Trainer to call
+    before loading data or training: MemoryBudgetError now for a budget that can never be met."""
+    if config.max_memory_gb is None or config.method not in STREAMING_METHODS:
+        return
+    targets = targets if targets is not None else find_targets(model, config.targets, config.ignore)
+    blocks = {name: divisor_block_size(m.weight.numel(), config.fisher_block_size) for name, m in targets.items()}
+    plan_memory(model, targets, config, block_sizes=blocks)
+
+
 def in_memory_bytes(targets: Mapping[str, nn.Module], config: PruningConfig) -> int:
     """Estimated peak bytes of the all-at-once CAPPruner / OBSPruner step (no budget) on top of the model:
     the Fisher of every target (three d*B copies with 'sum': sums, mean, inverse), gradient buffers,

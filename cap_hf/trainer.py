@@ -19,6 +19,7 @@ from cap_hf.config import PruningConfig, parse_structure
 from cap_hf.data import collate
 from cap_hf.distill import distillation_loss
 from cap_hf.schedule import SparsitySchedule, build_schedule, cyclic_linear_factor
+from cap_hf.streaming import check_budget
 from trainer_plugins.pruning import CAPPruningCallback
 
 
@@ -130,6 +131,7 @@ class CAPTrainer(Trainer):
         self._calibration_dataset = calibration
         if self.teacher is not None:
             self.loss_is_scaled_for_ga = False  # distillation loss is a per-batch mean
+        check_budget(self.model, self.pruning_callback.config)  # a budget that can never be met fails now
         if self.train_dataset is not None:  # fail now, not after hours, if the schedule cannot fit
             self.pruning_callback.schedule = self._schedule_for(self._total_steps())
         if hasattr(self.model, "add_model_tags"):

@@ -25,6 +25,7 @@ from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier
 from cap_hf.oneshot import oneshot_sweep
 from cap_hf.plots import plot_accuracy_vs_sparsity
+from cap_hf.streaming import MemoryBudgetError, check_budget
 
 
 @dataclass
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model, processor = load_classifier(args.model_name_or_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    try:  # a memory budget that can never be met fails before the data is prepared
+        for method in methods:
+            check_budget(model, base.replace(method=method))
+    except MemoryBudgetError as err:
+        raise SystemExit(f"error: {err}") from None
     train, evaluation, _ = prepare_splits(
         args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
         args.train_split, args.eval_split, None, args.max_eval_samples,

@@ -422,6 +422,9 @@ def test_training_arguments_carry_the_budget_but_not_the_offload_folder(tmp_path
         CAPTrainingArguments(output_dir=str(tmp_path), max_memory_gb=-1, report_to=[])
     with pytest.raises(ValueError, match="fisher_accumulation must be"):
         CAPTrainingArguments(output_dir=str(tmp_path), fisher_accumulation="fast", report_to=[])
+    tight = CAPTrainingArguments(output_dir=str(tmp_path), max_memory_gb=0.01, report_to=[], distill=False)
+    with pytest.raises(MemoryBudgetError, match="max_memory_gb=0.01 cannot be met"):  # before any training
+        CAPTrainer(fresh_model(), tight)
 
 
 def _streaming_worker(rank, world, init_file, out_dir):

@@ -85,6 +85,7 @@ def test_oneshot_two_four(digits_model, digits_dir, tmp_path):
     (["--methods", "cap,random"], "Unknown pruning method 'random'"),
     (["--num_grads", 100000], "calibration images"),
     (["--label_column_name", "target"], "no label column 'target'"),
+    (["--methods", "cap", "--max_memory_gb", "0.01"], "max_memory_gb=0.01 cannot be met"),
 ])
 def test_oneshot_bad_input(digits_model, digits_dir, tmp_path, extra, message):
     result = run_script("oneshot.py", "--model_name_or_path", digits_model, "--dataset_name", digits_dir,
