@@ -168,26 +168,30 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                            "dataset": data_args.dataset_name}
     trainer.save_model()
     out = training_args.output_dir
-    if trainer.is_world_process_zero():
-        eval_split = "held-out part of train" if data_args.train_val_split and evaluation.split in (None, "train") \
-            else str(evaluation.split or data_args.eval_split or "evaluation")
-        trainer.save_metrics("eval", {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, combined=False)
-        Path(out, "all_results.json").write_text(json.dumps(metrics, indent=2))
-        trainer.save_state()
-        write_model_card(out, repo_id=repo_id or Path(out).name, base_model=model_args.model_name_or_path,
-                         dataset=data_args.dataset_name, eval_split=eval_split, command=command)
-        print(f"dense top-1 {100 * metrics['dense_accuracy']:.2f}% -> sparse top-1 "
-              f"{100 * metrics['eval_accuracy']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
-              f"({training_args.pruning_method}); model in {out}")
-        if repo_id:
-            try:
-                info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,
-                                       revision=training_args.hub_revision, token=training_args.hub_token,
-                                       api=hub_api)
-            except (HubError, CheckpointError, SparsityMismatchError) as err:
-                raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it later with "
-                                 f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}`.") from None
-            print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
+    try:  # rank 0 writes the records and pushes while the others wait
+        if trainer.is_world_process_zero():
+            eval_split = "held-out part of train" if data_args.train_val_split and evaluation.split in (None, "train") \
+                else str(evaluation.split or data_args.eval_split or "evaluation")
+            trainer.save_metrics("eval", {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, combined=False)
+            Path(out, "all_results.json").write_text(json.dumps(metrics, indent=2))
+            trainer.save_state()
+            write_model_card(out, repo_id=repo_id or Path(out).name, base_model=model_args.model_name_or_path,
+                             dataset=data_args.dataset_name, eval_split=eval_split, command=command)
+            print(f"dense top-1 {100 * metrics['dense_accuracy']:.2f}% -> sparse top-1 "
+                  f"{100 * metrics['eval_accuracy']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
+                  f"({training_args.pruning_method}); model in {out}")
+            if repo_id:
+                try:
+                    info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,
+                                           revision=training_args.hub_revision, token=training_args.hub_token,
+                                           api=hub_api)
+                except (HubError, CheckpointError, SparsityMismatchError) as err:
+                    raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it later with "
+                                     f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}`.") from None
+                print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
+    finally:  # every process leaves the group together (a process exiting early can abort in gloo)
+        trainer.accelerator.wait_for_everyone()
+        trainer.accelerator.end_training()
     return metrics
 
 
