@@ -21,18 +21,14 @@ import yaml
 from torch import nn
 
 from cap_hf.config import parse_structure
-from cap_hf.masks import SparsityReport, sparsity_report, verify_sparsity
+from cap_hf.masks import sparsity_report, verify_sparsity
+from cap_hf.record import SCHEMA, SCHEMA_VERSION, SPARSITY_FILE, CheckpointError, load_sparsity_config
 
-SCHEMA = "cap_hf.sparsity_config"
-SCHEMA_VERSION = 1
-SPARSITY_FILE = "sparsity_config.json"
 RECIPE_FILE = "cap_recipe.yaml"
 EVAL_FILE = "eval_results.json"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
-
-
-class CheckpointError(ValueError):
-    """A folder is not a usable pruned checkpoint; the message says what is missing or wrong."""
+__all__ = ["EVAL_FILE", "RECIPE_FILE", "SCHEMA", "SCHEMA_VERSION", "SPARSITY_FILE", "CheckpointError", "check_checkpoint",
+           "load_pruned_model", "load_sparsity_config", "save_sparse_checkpoint", "write_sparsity_files"]
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -124,17 +120,12 @@ def save_sparse_checkpoint(
     model: nn.Module,
     output_dir: str | Path,
     *,
-    method: str,
-    structure: str = "unstructured",
-    targets: Mapping[str, nn.Module] | str | list[str] | None = None,
-    ignore: str | None = None,
-    sparsity_distribution: str | None = None,
-    recipe: Mapping | None = None,
     image_processor=None,
     eval_results: Mapping | None = None,
-    base_model: str | None = None,
+    **record,
 ) -> Path:
-    """save_pretrained (safetensors, exact zeros) + processor + sparsity_config.json + recipe + eval results."""
+    """save_pretrained (safetensors, exact zeros) + processor + sparsity_config.json and recipe (`record`:
+    the keyword arguments of write_sparsity_files: method, structure, targets, ...) + eval results."""
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
     if quant:
         raise CheckpointError("The model config carries a quantization_config; sparse checkpoints are saved as "
@@ -144,47 +135,10 @@ def save_sparse_checkpoint(
     model.save_pretrained(out, safe_serialization=True)
     if image_processor is not None:
         image_processor.save_pretrained(out)
-    write_sparsity_files(model, out, method=method, structure=structure, targets=targets, ignore=ignore,
-                         sparsity_distribution=sparsity_distribution, recipe=recipe, base_model=base_model)
+    write_sparsity_files(model, out, **record)
     if eval_results is not None:
         _write_atomic(out / EVAL_FILE, json.dumps(dict(eval_results), indent=2) + "\n")
     return out
-
-
-def load_sparsity_config(folder: str | Path) -> dict:
-    """Read and check sparsity_config.json of a checkpoint folder (or the file itself)."""
-    path = Path(folder)
-    path = path / SPARSITY_FILE if path.is_dir() else path
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent if path.name == SPARSITY_FILE else path} is not a pruned checkpoint: "
-                              f"it has no {SPARSITY_FILE}. Save it with cap_hf.checkpoint.save_sparse_checkpoint "
-                              "or scripts/prune.py.")
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is not valid JSON ({err}); it may have been edited by hand.") from None
-    if not isinstance(record, dict) or record.get("schema") != SCHEMA:
-        raise CheckpointError(f"{path} is not a cap_hf sparsity record (schema {SCHEMA!r} expected).")
-    if int(record.get("version", 0)) > SCHEMA_VERSION:
-        raise CheckpointError(f"{path} has schema version {record['version']}, newer than this cap_hf understands "
-                              f"({SCHEMA_VERSION}); upgrade cap_hf.")
-    missing = [k for k in ("method", "structure", "per_layer", "overall_sparsity") if k not in record]
-    if missing:
-        raise CheckpointError(f"{path} lacks the fields {missing}.")
-    return record
-
-
-def verify_checkpoint_sparsity(model: nn.Module, folder: str | Path, tolerance: float = 0.0) -> SparsityReport:
-    """Compare the model's zeros with a checkpoint's sparsity_config.json, layer by layer.
-
-    Raises SparsityMismatchError naming every layer that drifted (e.g. after fine-tuning without
-    masks) or breaks the recorded N:M structure.
-    """
-    record = load_sparsity_config(folder)
-    modules = dict(model.named_modules())
-    targets = {name: modules[name] for name in record["per_layer"] if name in modules}
-    expected = {name: float(v) for name, v in record["per_layer"].items()}
-    return verify_sparsity(model, expected, targets, tolerance=tolerance, n_m=parse_structure(record["structure"]))
 
 
 def check_weights_present(folder: str | Path) -> None:
@@ -240,5 +194,5 @@ def check_checkpoint(folder: str | Path) -> dict:
     check_weights_present(folder)
     record = load_sparsity_config(folder)
     model = load_pruned_model(folder)
-    verify_checkpoint_sparsity(model, folder)
+    verify_sparsity(model, folder)
     return record

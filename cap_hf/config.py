@@ -1,18 +1,29 @@
-"""PruningConfig: everything a one-shot pruning step needs, in the CAP/SparseML recipe vocabulary."""
+"""PruningConfig: the recipe of a pruning step, declared once, in the CAP/SparseML vocabulary.
+
+The same dataclass is the argument of `oneshot_prune` / `Pruner` / `CAPPruningCallback` / `CAPTrainer`
+and is parsed by HfArgumentParser in scripts/prune.py and scripts/oneshot.py, so every field is a flag
+of every script with one default.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-METHODS = ("magnitude", "obs", "cap", "fastcap")
-METHOD_ALIASES = {"woodfisher": "obs", "wf": "obs", "gm": "magnitude", "fast_cap": "fastcap"}
+from cap_hf.methods import METHODS, canonical_name, get_method
 
+logger = logging.getLogger(__name__)
+# Fields of earlier versions that recipes may still carry: why they are gone.
+REMOVED_FIELDS = {
+    "trace_mode": "CAP now always keeps packed snapshots (B(B+1)/2 floats per block: less memory than either "
+                  "old mode, and apply is a gather)",
+}
 
 def parse_structure(structure: str) -> tuple[int, int] | None:
     """'unstructured' -> None; 'N:M' -> (N, M): at most N non-zeros in every M consecutive weights."""
@@ -27,80 +38,80 @@ def parse_structure(structure: str) -> tuple[int, int] | None:
     return n, m
 
 
+def upgrade_recipe(data: dict) -> dict:
+    """A pruning recipe of an earlier cap_hf in today's field names (removed fields dropped, with why)."""
+    data = dict(data)
+    for name, why in REMOVED_FIELDS.items():
+        if name in data:
+            data.pop(name)
+            logger.warning("Recipe field %r is no longer used and is ignored: %s.", name, why)
+    if "seed" in data and "calibration_seed" not in data:  # cap_hf 0.1
+        data["calibration_seed"] = data.pop("seed")
+    return data
+
+
 @dataclass
 class PruningConfig:
     """One pruning step. Field names follow the CAP / SparseML recipes users already know."""
 
-    method: str = field(default="cap", metadata={"help": "magnitude | obs (WoodFisher) | cap | fastcap"})
-    sparsity: float = field(default=0.5, metadata={"help": "Fraction of target weights set to zero, in [0, 1)."})
-    sparsity_distribution: str = field(
-        default="global",
-        metadata={"help": "global: one threshold over all targets; uniform: the same sparsity in every layer. "
-                  "FastCAP is always uniform."},
-    )
-    structure: str = field(default="unstructured", metadata={"help": "'unstructured' or 'N:M' (e.g. '2:4'), "
-                                                                     "for magnitude and cap."})
-    targets: str | list[str] | None = field(
-        default=None,
-        metadata={"help": "Regex (full match on module names) or list of module names to prune. "
-                  "Default: the model family's attention q/k/v/o and MLP weights."},
-    )
+    method: str = field(default="cap", metadata={
+        "help": "magnitude | obs (WoodFisher) | cap | fastcap, or any method registered with "
+                "cap_hf.methods.register_method."})
+    sparsity: float = field(default=0.5, metadata={
+        "help": "Fraction of the target weights set to zero, in [0, 1): the one-shot target, and the final "
+                "sparsity of gradual pruning (scripts/prune.py)."})
+    sparsity_distribution: str = field(default="global", metadata={
+        "help": "global: one threshold over all targets; uniform: the same sparsity in every layer. FastCAP is "
+                "always uniform."})
+    structure: str = field(default="unstructured", metadata={
+        "help": "'unstructured' or 'N:M' (e.g. '2:4': at most N non-zeros in every M consecutive weights); N:M "
+                "fixes the sparsity to 1 - N/M."})
+    targets: str | None = field(default=None, metadata={
+        "help": "Regex matched in full against module names (transformers-5 in-memory names such as "
+                "vit.layers.3.mlp.fc1), or from Python a list of module names. Default: the model family's "
+                "attention q/k/v/o and MLP weights; every Linear/Conv2d outside stem and head otherwise."})
     ignore: str | None = field(default=None, metadata={"help": "Regex of module names never to prune."})
-    num_grads: int = field(default=1024, metadata={"help": "Mini-batch gradients for the empirical Fisher (m)."})
+    num_grads: int = field(default=1024, metadata={
+        "help": "Mini-batch gradients for the empirical Fisher (m); shared out over processes."})
     grad_batch_size: int = field(default=32, metadata={"help": "Images per Fisher gradient."})
     fisher_block_size: int = field(default=192, metadata={"help": "Fisher block size B (paper: 192 for ViT)."})
     damp: float = field(default=1e-7, metadata={"help": "Absolute dampening lambda added to the Fisher (CAP/OBS)."})
-    fastcap_damp: float = field(
-        default=1e-2, metadata={"help": "FastCAP relative dampening, times the mean Fisher diagonal."}
-    )
-    fastcap_column_block: int | None = field(
-        default=None, metadata={"help": "FastCAP column chunk; default: the whole Fisher block (one chunk)."}
-    )
-    label_free_fisher: bool = field(
-        default=False,
-        metadata={"help": "Sample labels from the model's own predictions instead of using dataset labels "
-                  "(for unlabeled data and self-supervised backbones with a probe head)."},
-    )
-    trace_mode: str = field(
-        default="recompute",
-        metadata={"help": "CAP: 'recompute' re-runs the elimination to each block's cut (memory ~ d*B); "
-                  "'snapshot' keeps (B+1)*d weight snapshots like the reference code."},
-    )
-    fisher_accumulation: str = field(
-        default="auto",
-        metadata={"help": "CAP/OBS: 'inverse' updates F^-1 directly, grad_chunk_size gradients at a time (Woodbury; "
-                  "as accurate as the paper's one-at-a-time Sherman-Morrison); 'sum' accumulates outer products and "
-                  "inverts by Cholesky (about 2x less arithmetic, and the only one that sums across processes, but "
-                  "~1e-3 relative error in F^-1 when damp is tiny next to the gradients); 'auto': 'inverse' in one "
-                  "process, 'sum' under torch.distributed."},
-    )
+    fastcap_damp: float = field(default=1e-2, metadata={
+        "help": "FastCAP relative dampening, times the mean Fisher diagonal."})
+    fastcap_column_block: int | None = field(default=None, metadata={
+        "help": "FastCAP column chunk; default: the whole Fisher block (one chunk)."})
+    label_free_fisher: bool = field(default=False, metadata={
+        "help": "Sample the Fisher's labels from the model's own predictions instead of using dataset labels "
+                "(unlabelled data, self-supervised backbones with a probe head)."})
+    fisher_accumulation: str = field(default="auto", metadata={
+        "help": "CAP/OBS: 'inverse' updates F^-1 directly, 16 gradients at a time (Woodbury; as accurate as the "
+                "paper's one-at-a-time Sherman-Morrison); 'sum' accumulates outer products and inverts by Cholesky "
+                "(the only one that sums across processes, but ~1e-3 relative error in F^-1 when damp is tiny next "
+                "to the gradients); 'auto': 'inverse' in one process, 'sum' under torch.distributed."})
     grad_chunk_size: int = field(default=32, metadata={"help": "Gradients per batched Fisher product."})
-    elimination_chunk_size: int = field(
-        default=64, metadata={"help": "Fisher blocks eliminated in parallel; 64 keeps B=192 chunks in CPU cache "
-                              "(fastest on 2 cores, see docs/benchmarks.md)."}
-    )
-    max_memory_gb: float | None = field(
-        default=None,
-        metadata={"help": "CAP/OBS: peak memory (GB) of a pruning step where the Fisher lives (process RSS on the "
-                  "CPU, allocated memory on CUDA). When the Fisher of all targets does not fit, the layers are "
-                  "pruned in groups, one gradient pass each over the same calibration batches, with identical "
-                  "results (docs/design.md, 'Streaming'). Ignored by magnitude and FastCAP. Default: no limit."},
-    )
-    offload_dir: str | None = field(
-        default=None, metadata={"help": "With max_memory_gb: folder for CAP snapshots that do not fit in memory "
-                                "(default: the system temp folder). Always removed after the step."}
-    )
-    device: str | None = field(default=None, metadata={"help": "Device for Fisher math (default: the model's)."})
-    seed: int = field(default=0, metadata={"help": "Seed for calibration sampling and label-free Fisher."})
+    elimination_chunk_size: int = field(default=64, metadata={
+        "help": "CAP: Fisher blocks eliminated at once; 64 keeps B=192 chunks in CPU cache (fastest on 2 cores, "
+                "see docs/benchmarks.md)."})
+    max_memory_gb: float | None = field(default=None, metadata={
+        "help": "Peak memory (GB) of a pruning step where the Fisher lives (process RSS on the CPU, allocated "
+                "memory on CUDA). When the step does not fit, the layers are pruned in groups, one gradient pass "
+                "each over the same calibration batches, with identical results (docs/design.md). Default: the "
+                "memory available (all at once when it fits, else in groups within 90% of it)."})
+    offload_dir: str | None = field(default=None, metadata={
+        "help": "Folder for results that do not fit in memory under max_memory_gb (default: the system temp "
+                "folder). Always removed after the step."})
+    device: str | None = field(default=None, metadata={"help": "Device for the Fisher math (default: the model's)."})
+    calibration_seed: int | None = field(default=None, metadata={
+        "help": "Seed of the calibration batches' order and of label-free Fisher labels (with the pruning step and "
+                "the process rank: cap_hf.calibration.calibration_seed). Default: the run's --seed (0 from Python)."})
 
     def __post_init__(self) -> None:
-        self.method = METHOD_ALIASES.get(self.method.lower(), self.method.lower())
+        self.method = canonical_name(self.method)
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError with what is wrong and what to do, before any long work starts."""
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown pruning method {self.method!r}; choose one of {', '.join(METHODS)}.")
+        method = get_method(self.method)
         if not (0.0 <= float(self.sparsity) < 1.0):
             raise ValueError(
                 f"sparsity must be in [0, 1) (a fraction of weights to zero), got {self.sparsity}. "
@@ -109,14 +120,15 @@ class PruningConfig:
         if self.sparsity_distribution not in ("global", "uniform"):
             raise ValueError(f"sparsity_distribution must be 'global' or 'uniform', got {self.sparsity_distribution!r}.")
         nm = parse_structure(self.structure)
-        if nm is not None and self.method not in ("magnitude", "cap"):
-            raise ValueError(f"structure {self.structure!r} is supported by magnitude and cap, not {self.method}.")
+        if nm is not None and not method.supports_n_m:
+            supported = ", ".join(name for name, cls in METHODS.items() if cls.supports_n_m)
+            raise ValueError(f"structure {self.structure!r} is supported by {supported}, not {self.method}.")
         for name in ("num_grads", "grad_batch_size", "fisher_block_size", "grad_chunk_size", "elimination_chunk_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-        if nm is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ValueError(f"structure {self.structure!r} means sparsity {1 - nm[0] / nm[1]:g}; "
-                             f"got sparsity={self.sparsity}. Set sparsity to {1 - nm[0] / nm[1]:g}.")
+        if nm is not None and abs(self.sparsity - self.fixed_sparsity) > 1e-9:
+            raise ValueError(f"structure {self.structure!r} means sparsity {self.fixed_sparsity:g}; "
+                             f"got sparsity={self.sparsity}. Set sparsity to {self.fixed_sparsity:g}.")
         if nm is not None and self.fisher_block_size % nm[1]:
             raise ValueError(
                 f"fisher_block_size {self.fisher_block_size} must be a multiple of M={nm[1]} for {self.structure}."
@@ -128,12 +140,20 @@ class PruningConfig:
                              f"got {self.max_memory_gb}.")
         if self.fisher_accumulation not in ("auto", "inverse", "sum"):
             raise ValueError(f"fisher_accumulation must be 'auto', 'inverse' or 'sum', got {self.fisher_accumulation!r}.")
-        if self.trace_mode not in ("recompute", "snapshot"):
-            raise ValueError(f"trace_mode must be 'recompute' or 'snapshot', got {self.trace_mode!r}.")
 
     @property
     def n_m(self) -> tuple[int, int] | None:
         return parse_structure(self.structure)
+
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity an N:M structure implies (1 - N/M); None when unstructured."""
+        n_m = self.n_m
+        return None if n_m is None else 1.0 - n_m[0] / n_m[1]
+
+    def sparsity_levels(self, requested: list[float]) -> list[float]:
+        """The levels a sweep or a schedule can reach: N:M allows only its own."""
+        return [self.fixed_sparsity] if self.n_m is not None else list(requested)
 
     @property
     def accumulation(self) -> str:
@@ -148,7 +168,7 @@ class PruningConfig:
     @property
     def needs_fisher(self) -> str | None:
         """Which Fisher statistic the method needs: 'block', 'shared' or None."""
-        return {"obs": "block", "cap": "block", "fastcap": "shared"}.get(self.method)
+        return get_method(self.method).fisher
 
     def replace(self, **changes) -> PruningConfig:
         return dataclasses.replace(self, **changes)
@@ -158,6 +178,7 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> PruningConfig:
+        data = upgrade_recipe(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

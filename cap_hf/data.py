@@ -100,13 +100,6 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def calibration_loader(dataset: Dataset, batch_size: int, seed: int = 0) -> torch.utils.data.DataLoader:
-    """Shuffled, full batches for Fisher gradients (one batch = one gradient)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       collate_fn=collate, generator=generator)
-
-
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str], split: str) -> Dataset:
     features = Features({"image": Image(), "label": ClassLabel(names=names)})
     return Dataset.from_dict({"image": list(images), "label": labels.tolist()}, features=features, split=split)

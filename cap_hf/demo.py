@@ -14,7 +14,7 @@ def demo_arguments() -> list[str]:
     return [
         "--model_name_or_path", str(DEMO_ROOT / "teacher"), "--dataset_name", "builtin:digits",
         "--output_dir", str(DEMO_ROOT / "cap75"), "--overwrite_output_dir", "true",
-        "--pruning_method", "cap", "--final_sparsity", "0.75", "--num_train_epochs", "12",
+        "--method", "cap", "--sparsity", "0.75", "--num_train_epochs", "12",
         "--num_pruning_steps", "4", "--num_grads", "64", "--grad_batch_size", "16", "--fisher_block_size", "64",
         "--learning_rate", "1e-3", "--cyclic_lr", "true", "--per_device_train_batch_size", "32",
         "--eval_strategy", "epoch", "--save_strategy", "no", "--logging_steps", "20", "--report_to", "none",

@@ -1,15 +1,17 @@
-"""Block-diagonal empirical Fisher from mini-batch gradients.
+"""Gradients of the calibration batches and the block-diagonal empirical Fisher built from them.
 
-F = damp * I + (1/m) sum_i g_i g_i^T, kept only on B x B diagonal blocks of each flattened weight.
-The statistic is kept as a *sum* of outer products plus a count, so ranks can all-reduce it, and it is
-built with batched matrix products over chunks of gradients (one `baddbmm` per chunk) instead of one
-Sherman-Morrison update per gradient. Blocks are inverted in batch with Cholesky.
+F = damp * I + (1/m) sum_i g_i g_i^T, kept only on B x B diagonal blocks of each flattened weight:
+either as a *sum* of outer products plus a count (ranks can all-reduce it; inverted in batch by
+Cholesky), or as its inverse, updated 16 gradients at a time with the Woodbury identity. Both are built
+with batched matrix products over chunks of gradients instead of one update per gradient.
+`iter_gradients` is the one loop of backward passes (the engine, the benchmarks and the tests use it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,9 @@ def choose_block_size(numel: int, block_size: int, name: str = "") -> int:
     logger.warning("Fisher block size %d does not divide %s (%d weights); using %d instead.",
                    block_size, name or "a layer", numel, chosen)
     return chosen
+
+
+INVERSION_CHUNK = 256  # blocks inverted at once by pop_inverse (4 temporary copies of B x B each)
 
 
 class BlockFisher:
@@ -150,9 +155,9 @@ class BlockFisher:
         return invert_spd(self.mean(name), damp, name)
 
     @torch.no_grad()
-    def pop_inverse(self, name: str, damp: float, chunk_blocks: int = 1024) -> torch.Tensor:
+    def pop_inverse(self, name: str, damp: float, chunk_blocks: int = INVERSION_CHUNK) -> torch.Tensor:
         """Like inverse(), but turns the stored sum into the inverse in place, chunk by chunk, and drops it
-        from this Fisher: no second d*B copy is ever made (the streaming path's memory bound)."""
+        from this Fisher: no second d*B copy is ever made (what bounds the memory of a step)."""
         if self.accumulate == "inverse":
             self._check_inverse(damp)
             return self.sums.pop(name)
@@ -242,19 +247,34 @@ def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_free
     return F.cross_entropy(logits.float(), labels.to(logits.device))
 
 
-@torch.no_grad()
-def _stack_grads(names: list[str], grads: tuple[torch.Tensor, ...], buffers: dict[str, torch.Tensor], row: int,
-                 masks: Mapping[str, torch.Tensor] | None, step: int) -> None:
-    for name, grad in zip(names, grads, strict=True):
-        flat = grad.detach().reshape(-1).float()
-        if not bool(torch.isfinite(flat).all()):
-            raise FloatingPointError(
-                f"Non-finite gradient in layer {name} at calibration batch {step}. Check the model for "
-                "inf/NaN weights, and compute the Fisher in fp32 (no fp16 autocast)."
-            )
-        if masks is not None and name in masks:
-            flat = flat * masks[name].reshape(-1).to(flat.device, flat.dtype)
-        buffers[name][row].copy_(flat)
+@contextlib.contextmanager
+def gradients_only_for(model: nn.Module, weights: Iterable[torch.Tensor]):
+    """Eval mode, and only `weights` require grad: autograd keeps no activations before the first of them
+    and backpropagates no further. The model's mode and every requires_grad flag are restored after."""
+    weights = list(weights)
+    was_training = model.training
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for w in weights:
+        saved.setdefault(w, w.requires_grad)
+    wanted = {id(w) for w in weights}
+    try:
+        for p in saved:
+            p.requires_grad_(id(p) in wanted)
+        model.eval()
+        yield
+    finally:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def batch_loss(model: nn.Module, batch: Mapping, loss_fn: Callable | None, label_free: bool,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """The Fisher's loss of one calibration batch, moved to the model's device, in fp32 (no autocast)."""
+    param = next(model.parameters())
+    batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.enable_grad(), torch.autocast(device_type=param.device.type, enabled=False):
+        return loss_fn(model, batch) if loss_fn is not None else default_loss(model, batch, label_free, generator)
 
 
 def check_enough_batches(batches: Iterable, num_grads: int) -> None:
@@ -269,6 +289,62 @@ def check_enough_batches(batches: Iterable, num_grads: int) -> None:
                          "larger calibration split.")
 
 
+def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Mapping[str, torch.Tensor]],
+                   num_grads: int, *, masks: Mapping[str, torch.Tensor] | None = None, label_free: bool = False,
+                   loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+                   seed: int = 0, progress: bool = False, profiler: PhaseProfiler | None = None,
+                   on_batch: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None,
+                   ) -> Iterator[dict[str, torch.Tensor]]:
+    """One backward pass per calibration batch, for the first `num_grads` batches: yields {name: the flat
+    fp32 gradient of the target's weight, times its mask (True = kept)}.
+
+    Gradients come from torch.autograd.grad in eval mode and fp32 (gradients_only_for), so nothing is
+    accumulated into .grad and no DDP reducer hook fires. Non-finite gradients raise, naming the layer.
+    `on_batch(index, batch)` sees every batch before its backward pass; `profiler` times "gradients".
+    """
+    check_enough_batches(batches, num_grads)
+    names = list(targets)
+    weights = [targets[name].weight for name in names]
+    param = next(model.parameters())
+    generator = torch.Generator(device=param.device).manual_seed(seed) if label_free else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=num_grads, desc="Fisher gradients")
+    collected = 0
+    try:
+        with gradients_only_for(model, weights):
+            for batch in batches:
+                with maybe_phase(profiler, "gradients"):
+                    if on_batch is not None:
+                        on_batch(collected, batch)
+                    grads = torch.autograd.grad(batch_loss(model, batch, loss_fn, label_free, generator), weights,
+                                                allow_unused=True)
+                    flat = {}
+                    for name, grad in zip(names, grads, strict=True):
+                        if grad is None:
+                            raise RuntimeError(f"Layer {name} received no gradient; is it used in the forward pass?")
+                        g = grad.detach().reshape(-1).float()
+                        if not bool(torch.isfinite(g).all()):
+                            raise FloatingPointError(
+                                f"Non-finite gradient in layer {name} at calibration batch {collected}. Check the "
+                                "model for inf/NaN weights, and compute the Fisher in fp32 (no fp16 autocast).")
+                        flat[name] = g * masks[name].reshape(-1).to(g.device, g.dtype) if masks and name in masks else g
+                    del grads
+                collected += 1
+                if bar is not None:
+                    bar.update(1)
+                yield flat
+                if collected >= num_grads:
+                    break
+    finally:
+        if bar is not None:
+            bar.close()
+    if collected < num_grads:
+        raise ValueError(f"The calibration data gave only {collected} batches, but num_grads={num_grads} were "
+                         "requested. Lower --num_grads or --grad_batch_size, or use a larger calibration split.")
+
+
 def collect_fisher(
     model: nn.Module,
     targets: Mapping[str, nn.Module],
@@ -276,32 +352,19 @@ def collect_fisher(
     num_grads: int,
     block_size: int | Mapping[str, int],
     kinds: Iterable[str] = ("block",),
-    masks: Mapping[str, torch.Tensor] | None = None,
-    label_free: bool = False,
-    loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
+    *,
     grad_chunk_size: int = 32,
     device: torch.device | str | None = None,
-    seed: int = 0,
-    progress: bool = False,
-    profiler: PhaseProfiler | None = None,
-    on_batch: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None,
     accumulate: str = "sum",
     damp: float | None = None,
+    profiler: PhaseProfiler | None = None,
+    **gradient_options,
 ) -> dict[str, BlockFisher]:
-    """Run `num_grads` backward passes in eval mode and fp32 and accumulate the requested Fisher kinds.
-
-    Gradients are multiplied by `masks` (True = kept) so pruned weights contribute nothing. They come
-    from torch.autograd.grad, so nothing is accumulated into .grad and no DDP reducer hook fires (each
-    process computes its own share; the sums are all-reduced at the end). Only the target weights
-    require grad during the passes, so autograd stores no activations before the first target and
-    backpropagates no further than it. The model's train/eval mode and requires_grad flags are
-    restored afterwards. `profiler` times the phases "gradients" and "fisher" (accumulation);
-    `on_batch(index, batch)` sees every batch before its backward pass. accumulate='inverse' (with
-    `damp`) builds the 'block' kind as its inverse directly (see BlockFisher).
-    """
-    check_enough_batches(batches, num_grads)
-    param = next(model.parameters())
-    device = torch.device(device) if device is not None else param.device
+    """The Fisher statistics of `kinds` ('block', 'shared') from `num_grads` gradients (iter_gradients,
+    whose options pass through), `grad_chunk_size` at a time, summed over processes at the end.
+    accumulate='inverse' (with `damp`) builds the 'block' kind as its inverse directly (see BlockFisher);
+    `profiler` times the accumulation as "fisher"."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     numels = {name: module.weight.numel() for name, module in targets.items()}
     fishers = {kind: BlockFisher(numels, block_size, kind, device=device,
                                  **({"accumulate": "inverse", "damp": damp, "num_grads": num_grads}
@@ -309,60 +372,17 @@ def collect_fisher(
                for kind in kinds}
     chunk = max(1, min(grad_chunk_size, num_grads))
     buffers = {name: torch.empty(chunk, n, device=device) for name, n in numels.items()}
-    generator = torch.Generator(device=param.device).manual_seed(seed) if label_free else None
-
-    names = list(targets)
-    weights = [targets[name].weight for name in names]
-    was_training = model.training
-    target_ids = {id(w) for w in weights}
-    saved_flags = {p: p.requires_grad for p in model.parameters()}
-    for w in weights:
-        saved_flags.setdefault(w, w.requires_grad)
-        w.requires_grad_(True)
-    for p in saved_flags:
-        if id(p) not in target_ids:
-            p.requires_grad_(False)
-    model.eval()
-    collected, row = 0, 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=num_grads, desc="Fisher gradients")
-    try:
-        for batch in batches:
-            if collected >= num_grads:
-                break
-            with maybe_phase(profiler, "gradients"):
-                if on_batch is not None:
-                    on_batch(collected, batch)
-                batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with torch.enable_grad(), torch.autocast(device_type=param.device.type, enabled=False):
-                    loss = (loss_fn(model, batch) if loss_fn is not None
-                            else default_loss(model, batch, label_free, generator))
-                    grads = torch.autograd.grad(loss, weights, allow_unused=True)
-                missing = [name for name, g in zip(names, grads, strict=True) if g is None]
-                if missing:
-                    raise RuntimeError(f"Layers {missing[:3]} received no gradient; are they used in the forward pass?")
-                _stack_grads(names, grads, buffers, row, masks, collected)
-                del loss, grads
-            row += 1
-            collected += 1
-            if row == chunk or collected == num_grads:
-                with maybe_phase(profiler, "fisher"):
-                    for fisher in fishers.values():
-                        fisher.add({name: buf[:row] for name, buf in buffers.items()})
-                row = 0
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-        for w, flag in saved_flags.items():
-            w.requires_grad_(flag)
-        model.train(was_training)
-    if collected < num_grads:
-        raise ValueError(f"The calibration data gave only {collected} batches, but num_grads={num_grads} were "
-                         "requested. Lower --num_grads or --grad_batch_size, or use a larger calibration split.")
+    row = 0
+    for index, grads in enumerate(iter_gradients(model, targets, batches, num_grads, profiler=profiler,
+                                                 **gradient_options)):
+        for name, g in grads.items():
+            buffers[name][row].copy_(g)
+        row += 1
+        if row == chunk or index == num_grads - 1:
+            with maybe_phase(profiler, "fisher"):
+                for fisher in fishers.values():
+                    fisher.add({name: buf[:row] for name, buf in buffers.items()})
+            row = 0
     for fisher in fishers.values():
         fisher.all_reduce()
     return fishers

@@ -9,17 +9,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from cap_hf.config import parse_structure
+from cap_hf.record import load_sparsity_config
+from cap_hf.targets import find_targets
+
 
 def current_masks(targets: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
     """True where a weight is kept. The zeros of the weights are the single source of truth."""
     return {name: module.weight.detach() != 0 for name, module in targets.items()}
-
-
-@torch.no_grad()
-def apply_masks(targets: Mapping[str, nn.Module], masks: Mapping[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        weight = targets[name].weight
-        weight.mul_(mask.to(device=weight.device, dtype=weight.dtype))
 
 
 @dataclass
@@ -64,12 +61,13 @@ def verify_sparsity(
     `tolerance` is given); `n_m` checks an N:M pattern. Raises SparsityMismatchError naming the layers
     that drifted (for example after fine-tuning without masks); returns the report otherwise.
     """
-    from cap_hf.targets import find_targets
-
-    if isinstance(expected, (str, os.PathLike)):
-        from cap_hf.checkpoint import verify_checkpoint_sparsity
-
-        return verify_checkpoint_sparsity(model, expected, tolerance=tolerance or 0.0)
+    if isinstance(expected, (str, os.PathLike)):  # a checkpoint: its layers, exactly, and its structure
+        record = load_sparsity_config(expected)
+        modules = dict(model.named_modules())
+        targets = {name: modules[name] for name in record["per_layer"] if name in modules}
+        expected = {name: float(v) for name, v in record["per_layer"].items()}
+        tolerance = tolerance or 0.0
+        n_m = parse_structure(record["structure"])
     tolerance = 1e-3 if tolerance is None else tolerance
 
     if not isinstance(targets, Mapping):

@@ -72,22 +72,26 @@ class PhaseProfiler:
             ...
         profiler.summary()  # {"inversion": {"seconds": ..., "peak_gb": ...}, ...}
 
-    `device="cuda"` measures torch.cuda.max_memory_allocated (and the host RSS as `host_peak_gb`).
+    `device="cuda"` measures torch.cuda.max_memory_allocated. With `track_memory=False` it only times the
+    phases (no sampling thread, no resets of the high-water mark): what the engine uses by default.
     """
 
     device: str = "cpu"
     sample_seconds: float = 0.02
+    track_memory: bool = True
     phases: dict[str, PhaseStats] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.cuda = torch.device(self.device).type == "cuda"
-        self._hwm = reset_hwm() and hwm_bytes() is not None
+        self.cuda = torch.device(self.device).type == "cuda" and self.track_memory
+        self._hwm = self.track_memory and reset_hwm() and hwm_bytes() is not None
         self._current: str | None = None
         self._sampled = 0
         self._overall = rss_bytes()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None
+        if self.track_memory:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
 
     def _sample(self) -> None:
         while not self._stop.wait(self.sample_seconds):
@@ -97,7 +101,8 @@ class PhaseProfiler:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=1.0)
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
 
     def __del__(self) -> None:  # pragma: no cover - best effort
         self._stop.set()
@@ -113,7 +118,7 @@ class PhaseProfiler:
             torch.cuda.reset_peak_memory_stats()
         if self._hwm:
             reset_hwm()
-        self._sampled = rss_bytes()
+        self._sampled = rss_bytes() if self.track_memory else 0
         start = time.perf_counter()
         try:
             yield stats
@@ -122,16 +127,21 @@ class PhaseProfiler:
                 torch.cuda.synchronize()
             stats.seconds += time.perf_counter() - start
             stats.calls += 1
-            host = max(self._sampled, rss_bytes(), (hwm_bytes() or 0) if self._hwm else 0)
-            self._overall = max(self._overall, host)
-            peak = torch.cuda.max_memory_allocated() if self.cuda else host
-            stats.peak_bytes = max(stats.peak_bytes, peak)
+            if self.track_memory:
+                host = max(self._sampled, rss_bytes(), (hwm_bytes() or 0) if self._hwm else 0)
+                self._overall = max(self._overall, host)
+                peak = torch.cuda.max_memory_allocated() if self.cuda else host
+                stats.peak_bytes = max(stats.peak_bytes, peak)
             self._current = None
 
     @property
     def overall_peak_bytes(self) -> int:
         """Peak host RSS since the profiler started (phases and the code between them)."""
         return max(self._overall, rss_bytes(), *(s.peak_bytes for s in self.phases.values() if not self.cuda))
+
+    def seconds(self, *names: str, prefix: str | None = None) -> float:
+        """Total seconds of the named phases (and of those starting with `prefix`)."""
+        return sum(s.seconds for n, s in self.phases.items() if n in names or (prefix and n.startswith(prefix)))
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {name: {"seconds": s.seconds, "peak_gb": s.peak_bytes / GB, "calls": s.calls}

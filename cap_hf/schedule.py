@@ -44,9 +44,7 @@ def interpolate(init: float, final: float, fraction: float, inter_func: str) -> 
     fraction = min(max(fraction, 0.0), 1.0)
     if inter_func == "linear":
         return init + (final - init) * fraction
-    if inter_func == "cubic":  # fast early, slow late: s_f + (s_0 - s_f) (1 - t)^3
-        return final + (init - final) * (1.0 - fraction) ** 3
-    raise ValueError(f"inter_func must be 'linear' or 'cubic', got {inter_func!r}.")
+    return final + (init - final) * (1.0 - fraction) ** 3  # cubic: fast early, slow late
 
 
 def parse_explicit(spec: str) -> list[tuple[float, float]]:
@@ -64,6 +62,20 @@ def parse_explicit(spec: str) -> list[tuple[float, float]]:
     if not pairs:
         raise ValueError("pruning_schedule is empty.")
     return pairs
+
+
+def check_schedule_values(final_sparsity: float, init_sparsity: float | None = None, inter_func: str = "cubic",
+                          frequency_epochs: float | None = None) -> None:
+    """What can be checked before the run's length is known (scripts call it before loading data)."""
+    if not 0.0 <= final_sparsity < 1.0:
+        raise ValueError(f"The final sparsity must be in [0, 1), got {final_sparsity}.")
+    if init_sparsity is not None and not 0.0 <= init_sparsity <= final_sparsity:
+        raise ValueError(f"init_sparsity ({init_sparsity}) must be in [0, sparsity={final_sparsity}]: pruning never "
+                         "lowers the sparsity.")
+    if inter_func not in ("cubic", "linear"):
+        raise ValueError(f"inter_func must be 'linear' or 'cubic', got {inter_func!r}.")
+    if frequency_epochs is not None and frequency_epochs <= 0:
+        raise ValueError("pruning_frequency_epochs must be positive.")
 
 
 def build_schedule(
@@ -99,11 +111,8 @@ def build_schedule(
                              f"{total_epochs:.2f} epochs ({total_steps} steps).")
         return SparsitySchedule(tuple(steps), tuple(s for _, s in pairs))
 
-    if not 0.0 <= final_sparsity < 1.0:
-        raise ValueError(f"final_sparsity must be in [0, 1), got {final_sparsity}.")
+    check_schedule_values(final_sparsity, init_sparsity, inter_func, frequency_epochs)
     init = 0.5 * final_sparsity if init_sparsity is None else init_sparsity
-    if not 0.0 <= init <= final_sparsity:
-        raise ValueError(f"init_sparsity ({init}) must be in [0, final_sparsity={final_sparsity}].")
     end_epoch = (2.0 / 3.0) * total_epochs if end_epoch is None else end_epoch
     if start_epoch < 0 or end_epoch < start_epoch:
         raise ValueError(f"Pruning must start before it ends: start_epoch={start_epoch}, end_epoch={end_epoch}.")
@@ -111,8 +120,6 @@ def build_schedule(
         raise ValueError(f"The last pruning step (epoch {end_epoch:g}) must come before the end of training "
                          f"({total_epochs:.2f} epochs, {total_steps} steps); lower pruning_end_epoch or train longer.")
     if frequency_epochs is not None:
-        if frequency_epochs <= 0:
-            raise ValueError("pruning_frequency_epochs must be positive.")
         count = int(math.floor((end_epoch - start_epoch) / frequency_epochs + 1e-9)) + 1
         epochs = [start_epoch + i * frequency_epochs for i in range(count)]
     else:

@@ -70,7 +70,3 @@ def find_targets(
             f"--targets); Linear/Conv2d modules of this model include {examples}."
         )
     return selected
-
-
-def num_target_weights(targets: dict[str, nn.Module]) -> int:
-    return sum(module.weight.numel() for module in targets.values())

@@ -1,12 +1,14 @@
-"""CAPTrainer: transformers.Trainer with gradual CAP pruning, distillation and the cyclic-linear LR.
+"""CAPTrainer: transformers.Trainer with gradual pruning, distillation and the cyclic-linear LR.
 
-Narrow overrides only (compute_loss, create_scheduler, log); the pruning itself lives in
-trainer_plugins.CAPPruningCallback, which also works with a plain Trainer.
+Narrow overrides only (compute_loss, create_scheduler, train, _load_from_checkpoint, save_model,
+create_model_card); the pruning itself lives in trainer_plugins.CAPPruningCallback, which also works with
+a plain Trainer, and the recipe of a pruning step in cap_hf.config.PruningConfig.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -14,23 +16,33 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import IntervalStrategy
 
-from cap_hf.config import PruningConfig, parse_structure
+from cap_hf.calibration import calibration_loader, calibration_seed
+from cap_hf.config import PruningConfig
 from cap_hf.data import collate
 from cap_hf.distill import distillation_loss
-from cap_hf.schedule import SparsitySchedule, build_schedule, cyclic_linear_factor
-from cap_hf.streaming import check_budget
+from cap_hf.plan import check_budget
+from cap_hf.schedule import SparsitySchedule, build_schedule, check_schedule_values, cyclic_linear_factor
 from trainer_plugins.pruning import CAPPruningCallback
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CAPTrainingArguments(TrainingArguments):
-    """TrainingArguments plus the pruning recipe, the Fisher, distillation and the LR cycle."""
+    """TrainingArguments plus the training side of gradual pruning: the schedule, distillation and the LR
+    cycle. What a pruning step does (method, final sparsity, Fisher, targets) is a PruningConfig."""
 
-    pruning_method: str = field(default="cap", metadata={"help": "cap | fastcap | obs | magnitude"})
-    final_sparsity: float = field(default=0.75, metadata={"help": "Sparsity of the pruned layers at the end."})
+    # Trainer defaults that suit pruning runs
+    eval_strategy: IntervalStrategy | str = field(default="epoch", metadata={
+        "help": "When to evaluate: 'no', 'steps', 'epoch' (default here: every epoch, to follow the accuracy as "
+                "the sparsity rises; turned off when there is no evaluation data)."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Image datasets keep their columns for the transforms (Trainer's default is True)."})
+    # schedule
     init_sparsity: float | None = field(
-        default=None, metadata={"help": "Sparsity of the first pruning step (default: half of final_sparsity)."})
+        default=None, metadata={"help": "Sparsity of the first pruning step (default: half of the final sparsity)."})
     pruning_start_epoch: float = field(default=0.0, metadata={"help": "Epoch of the first pruning step."})
     pruning_end_epoch: float | None = field(
         default=None, metadata={"help": "Epoch of the last pruning step (default: 2/3 of training, then hold)."})
@@ -41,60 +53,33 @@ class CAPTrainingArguments(TrainingArguments):
     pruning_schedule: str | None = field(
         default=None, metadata={"help": "Explicit 'epoch:sparsity,...' list, e.g. '0:0.4,2:0.6,4:0.75'; "
                                         "overrides the fields above."})
-    sparsity_distribution: str = field(default="global", metadata={"help": "global | uniform"})
-    sparsity_structure: str = field(default="unstructured", metadata={"help": "unstructured | N:M (e.g. 2:4)"})
-    prune_targets: str | None = field(default=None, metadata={"help": "Regex of module names to prune."})
-    num_grads: int = field(default=256, metadata={"help": "Fisher gradients per pruning step."})
-    grad_batch_size: int = field(default=32, metadata={"help": "Images per Fisher gradient."})
-    fisher_block_size: int = field(default=192, metadata={"help": "Fisher block size B."})
-    damp: float = field(default=1e-7, metadata={"help": "Absolute Fisher dampening (CAP/OBS)."})
-    fastcap_damp: float = field(default=1e-2, metadata={"help": "FastCAP relative dampening."})
-    label_free_fisher: bool = field(default=False, metadata={"help": "Sample Fisher labels from the model."})
-    trace_mode: str = field(default="recompute", metadata={"help": "CAP: recompute | snapshot"})
-    fisher_accumulation: str = field(
-        default="auto", metadata={"help": "CAP/OBS: inverse (Woodbury, one process) | sum (across processes) | auto"})
-    max_memory_gb: float | None = field(
-        default=None, metadata={"help": "CAP/OBS: memory budget (GB) of a pruning step; when the Fisher of all "
-                                        "layers does not fit, they are pruned in groups with the same result."})
-    offload_dir: str | None = field(
-        default=None, metadata={"help": "With --max_memory_gb: folder for CAP snapshots (default: system temp)."})
+    # distillation
     distill: bool = field(default=True, metadata={"help": "Distill from the dense model (or --teacher_name_or_path)."})
     teacher_name_or_path: str | None = field(
         default=None, metadata={"help": "Teacher model id or folder (default: a frozen copy of the dense model)."})
     distill_temperature: float = field(default=2.0, metadata={"help": "KD temperature T."})
     distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KD term; 1 - alpha goes to CE."})
+    # learning rate
     cyclic_lr: bool = field(
         default=False, metadata={"help": "The paper's LR: restart at learning_rate at every pruning step and fall "
                                          "linearly to min_learning_rate before the next (replaces lr_scheduler_type)."})
     min_learning_rate: float = field(default=1e-5, metadata={"help": "End of each cyclic-linear LR cycle."})
 
     def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            self.use_cpu = True  # several CPU processes: accelerate then runs DDP over gloo
         super().__post_init__()
-        if not 0.0 <= self.final_sparsity < 1.0:
-            raise ValueError(f"final_sparsity must be in [0, 1), got {self.final_sparsity}. Use e.g. 0.75 for 75%.")
-        if self.init_sparsity is not None and not 0.0 <= self.init_sparsity <= self.final_sparsity:
-            raise ValueError(f"init_sparsity ({self.init_sparsity}) must be in [0, final_sparsity="
-                             f"{self.final_sparsity}]: pruning never lowers the sparsity.")
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
             raise ValueError("distill_alpha must be in [0, 1] and distill_temperature positive.")
         if self.cyclic_lr and not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"min_learning_rate ({self.min_learning_rate}) must be in [0, learning_rate].")
-        self.pruning_config()  # validates method, structure, Fisher settings now, not at the first pruning step
 
-    def pruning_config(self) -> PruningConfig:
-        structure = self.sparsity_structure
-        n_m = parse_structure(structure)  # N:M fixes the sparsity; otherwise the schedule sets it per step
-        sparsity = 1 - n_m[0] / n_m[1] if n_m is not None else 0.0
-        return PruningConfig(
-            method=self.pruning_method, sparsity=sparsity, sparsity_distribution=self.sparsity_distribution,
-            structure=structure, targets=self.prune_targets, num_grads=self.num_grads,
-            grad_batch_size=self.grad_batch_size, fisher_block_size=self.fisher_block_size, damp=self.damp,
-            fastcap_damp=self.fastcap_damp, label_free_fisher=self.label_free_fisher, trace_mode=self.trace_mode,
-            fisher_accumulation=self.fisher_accumulation, max_memory_gb=self.max_memory_gb,
-            offload_dir=self.offload_dir, seed=self.seed)
+    def check_pruning(self, config: PruningConfig) -> None:
+        """The schedule against the recipe's final sparsity, before any data is loaded."""
+        check_schedule_values(config.sparsity, self.init_sparsity, self.inter_func, self.pruning_frequency_epochs)
 
-    def sparsity_schedule(self, total_steps: int, steps_per_epoch: float) -> SparsitySchedule:
-        return build_schedule(self.final_sparsity, total_steps, steps_per_epoch, self.init_sparsity,
+    def sparsity_schedule(self, final_sparsity: float, total_steps: int, steps_per_epoch: float) -> SparsitySchedule:
+        return build_schedule(final_sparsity, total_steps, steps_per_epoch, self.init_sparsity,
                               self.pruning_start_epoch, self.pruning_end_epoch, self.pruning_frequency_epochs,
                               self.num_pruning_steps, self.inter_func, self.pruning_schedule)
 
@@ -103,39 +88,52 @@ class CAPTrainer(Trainer):
     """Trainer that prunes gradually with CAP (or FastCAP / OBS / magnitude) and distils from the dense model.
 
     Args (besides Trainer's):
+        pruning_config: what each pruning step does, and the final sparsity (default PruningConfig()).
         calibration_dataset: dataset for the Fisher gradients (eval transforms, plain labels); default
-            the train dataset.
+            the train dataset. Read like the training data (dataloader_num_workers, ...).
         teacher_model: the distillation teacher; default a frozen copy of `model` taken before pruning.
         pruning_loss_fn: `loss_fn(model, batch)` for the Fisher (default cross-entropy of the logits).
     """
 
     _tag_names = ["cap", "sparse", "pruned"]
 
-    def __init__(self, model: nn.Module, args: CAPTrainingArguments, *, calibration_dataset=None,
-                 teacher_model: nn.Module | None = None, pruning_loss_fn=None, **kwargs):
+    def __init__(self, model: nn.Module, args: CAPTrainingArguments, *, pruning_config: PruningConfig | None = None,
+                 calibration_dataset=None, teacher_model: nn.Module | None = None, pruning_loss_fn=None, **kwargs):
         if not isinstance(args, CAPTrainingArguments):
-            raise TypeError("CAPTrainer needs CAPTrainingArguments (TrainingArguments plus the pruning recipe).")
+            raise TypeError("CAPTrainer needs CAPTrainingArguments (TrainingArguments plus the pruning schedule).")
+        config = pruning_config if pruning_config is not None else PruningConfig()
+        if config.calibration_seed is None:
+            config = config.replace(calibration_seed=args.seed)
+        args.check_pruning(config)
         self.teacher = None
         self.recipe_info: dict = {}
         if args.distill:
             self.teacher = teacher_model if teacher_model is not None else copy.deepcopy(model)
             self.teacher.eval().requires_grad_(False)
             self._check_teacher(model, self.teacher)
+        if kwargs.get("eval_dataset") is None and args.eval_strategy != IntervalStrategy.NO:
+            logger.warning("No eval_dataset: evaluation during training is off (eval_strategy %s -> no).",
+                           args.eval_strategy.value)
+            args.eval_strategy = IntervalStrategy.NO
         kwargs.setdefault("data_collator", collate)
         calibration = calibration_dataset if calibration_dataset is not None else kwargs.get("train_dataset")
         self.pruning_callback = CAPPruningCallback(
-            args.pruning_config(), schedule=self._schedule_for, calibration_batches=self._calibration_batches,
+            config, schedule=self._schedule_for, calibration_batches=self._calibration_batches,
             loss_fn=pruning_loss_fn)
-        callbacks = [self.pruning_callback, *(kwargs.pop("callbacks", None) or [])]
-        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        super().__init__(model=model, args=args, **kwargs)
+        self.pruning_callback.add_to(self)  # first, so that reporting integrations see its metrics
         self._calibration_dataset = calibration
         if self.teacher is not None:
             self.loss_is_scaled_for_ga = False  # distillation loss is a per-batch mean
-        check_budget(self.model, self.pruning_callback.config)  # a budget that can never be met fails now
+        check_budget(self.model, config)  # a budget that can never be met fails now
         if self.train_dataset is not None:  # fail now, not after hours, if the schedule cannot fit
             self.pruning_callback.schedule = self._schedule_for(self._total_steps())
         if hasattr(self.model, "add_model_tags"):
             self.model.add_model_tags(self._tag_names)
+
+    @property
+    def pruning_config(self) -> PruningConfig:
+        return self.pruning_callback.config
 
     @staticmethod
     def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
@@ -159,14 +157,17 @@ class CAPTrainer(Trainer):
         return math.ceil(self.args.num_train_epochs * self._steps_per_epoch())
 
     def _schedule_for(self, total_steps: int) -> SparsitySchedule:
-        return self.args.sparsity_schedule(total_steps, self._steps_per_epoch())
+        return self.args.sparsity_schedule(self.pruning_config.sparsity, total_steps, self._steps_per_epoch())
 
     def _calibration_batches(self, step: int, rank: int):
         if self._calibration_dataset is None:
             raise ValueError("No calibration data: pass calibration_dataset or train_dataset to CAPTrainer.")
-        generator = torch.Generator().manual_seed(self.args.seed + 7919 * step + rank)
-        return torch.utils.data.DataLoader(self._calibration_dataset, batch_size=self.args.grad_batch_size,
-                                           shuffle=True, drop_last=True, collate_fn=collate, generator=generator)
+        args = self.args
+        return calibration_loader(
+            self._calibration_dataset, self.pruning_config.grad_batch_size,
+            calibration_seed(self.pruning_config.calibration_seed, step, rank),
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor)
 
     # ---- overrides -------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
@@ -223,14 +224,14 @@ class CAPTrainer(Trainer):
         """The recipe actually used: pruning settings, resolved schedule, distillation, training, plus
         whatever the caller put in `recipe_info` (command, base model, dataset)."""
         args = self.args
-        config = args.pruning_config().to_dict()
-        config.pop("sparsity", None)  # set per step by the schedule
-        config.pop("offload_dir", None)  # a local folder: no part of the recipe
+        config = self.pruning_config.to_dict()
+        for local in ("offload_dir", "device"):  # this machine's, no part of the recipe
+            config.pop(local, None)
         schedule = self.pruning_callback.schedule
         recipe = {"pruning": config}
         if isinstance(schedule, SparsitySchedule):
             recipe["schedule"] = {
-                "final_sparsity": args.final_sparsity, "inter_func": args.inter_func,
+                "final_sparsity": self.pruning_config.sparsity, "inter_func": args.inter_func,
                 "steps": [[int(k), float(v)] for k, v in zip(schedule.steps, schedule.sparsities, strict=True)]}
         if self.teacher is not None:
             recipe["distillation"] = {"teacher": args.teacher_name_or_path, "alpha": args.distill_alpha,
@@ -271,10 +272,3 @@ class CAPTrainer(Trainer):
 
         write_model_card(self.args.output_dir, repo_id=model_name or self.args.hub_model_id, license=license,
                          base_model=finetuned_from, dataset=first(dataset_tags), dataset_name=first(dataset))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        logs = dict(logs)
-        logs.update(self.pruning_callback.pop_log())
-        if "sparsity" not in logs and self.pruning_callback.targets:
-            logs["sparsity"] = round(self.pruning_callback.sparsity, 6)
-        super().log(logs, start_time)

@@ -4,35 +4,39 @@ epochs, on the Fashion-MNIST ViT of DeiT-Tiny width (the teacher of scripts/benc
   OMP_NUM_THREADS=2 python scripts/bench_gradual.py
 
 Runs scripts/prune.py once per (method, final sparsity) and writes the table, commands and machine to
-docs/benchmarks.md (section "Gradual pruning").
+docs/benchmarks.md (section "Gradual pruning"). Flags that are not the benchmark's own go to scripts/prune.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-from bench_oneshot import ROOT, machine, write_section
+from benchlib import ROOT, FashionMnistBench, command_line, machine, parse_bench, write_section
 
 SECTION = "## Gradual pruning: Fashion-MNIST ViT (DeiT-Tiny width)"
+# the recipe of this benchmark (scripts/prune.py flags; flags given to the benchmark come after and win)
+RECIPE = ["--num_pruning_steps", "4", "--num_grads", "256", "--grad_batch_size", "16", "--fisher_block_size", "192",
+          "--damp", "1e-7", "--learning_rate", "5e-4", "--cyclic_lr", "true", "--min_learning_rate", "1e-5",
+          "--weight_decay", "0.05", "--per_device_train_batch_size", "128", "--per_device_eval_batch_size", "256",
+          "--crop_scale_min", "0.8", "--hflip", "true", "--eval_strategy", "no", "--save_strategy", "no",
+          "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true"]
+
+
+@dataclass
+class BenchGradual(FashionMnistBench):
+    methods: str = "cap,magnitude"
+    sparsities: str = "0.75,0.9"
+    output_root: str = "outputs/bench-gradual"
+    epochs: str = "2"
+    max_train_samples: str = "20000"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher_dir", default="outputs/fmnist-vit-tiny")
-    parser.add_argument("--data_dir", default="data/fashion-mnist")
-    parser.add_argument("--output_root", default="outputs/bench-gradual")
-    parser.add_argument("--sparsities", default="0.75,0.9")
-    parser.add_argument("--methods", default="cap,magnitude")
-    parser.add_argument("--epochs", default="2")
-    parser.add_argument("--max_train_samples", default="20000")
-    parser.add_argument("--num_grads", default="256")
-    parser.add_argument("--no_write", action="store_true")
-    args = parser.parse_args()
+    args, forwarded = parse_bench(BenchGradual)
     if not (ROOT / args.teacher_dir / "config.json").exists():
         raise SystemExit(f"No teacher in {args.teacher_dir}; run scripts/bench_oneshot.py first (it trains one).")
     rows, commands = [], []
@@ -41,13 +45,8 @@ def main() -> None:
             out = f"{args.output_root}/{method}-{sparsity}"
             cmd = [sys.executable, "scripts/prune.py", "--model_name_or_path", args.teacher_dir,
                    "--dataset_name", args.data_dir, "--output_dir", out, "--overwrite_output_dir", "true",
-                   "--pruning_method", method, "--final_sparsity", sparsity, "--num_train_epochs", args.epochs,
-                   "--max_train_samples", args.max_train_samples, "--num_pruning_steps", "4",
-                   "--num_grads", args.num_grads, "--grad_batch_size", "16", "--fisher_block_size", "192",
-                   "--damp", "1e-7", "--learning_rate", "5e-4", "--cyclic_lr", "true", "--min_learning_rate", "1e-5",
-                   "--weight_decay", "0.05", "--per_device_train_batch_size", "128", "--per_device_eval_batch_size",
-                   "256", "--crop_scale_min", "0.8", "--hflip", "true", "--eval_strategy", "no",
-                   "--save_strategy", "no", "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true"]
+                   "--method", method, "--sparsity", sparsity, "--num_train_epochs", args.epochs,
+                   "--max_train_samples", args.max_train_samples, *RECIPE, *forwarded]
             commands.append(" ".join(["python", *cmd[1:]]))
             print("+", commands[-1], flush=True)
             start = time.perf_counter()
@@ -57,16 +56,16 @@ def main() -> None:
             prune_s = sum(h["seconds"] for h in metrics["pruning_history"])
             rows.append((method, float(sparsity), metrics, wall, prune_s))
     dense = rows[0][2]["dense_accuracy"]
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    fisher = rows[0][2]["pruning_history"][0]["num_grads"]
     lines = [SECTION, "",
-             "Command: `" + " ".join([f"OMP_NUM_THREADS={threads}", "python", "scripts/bench_gradual.py",
-                                      *sys.argv[1:]]) + "`",
+             f"Command: `{command_line('bench_gradual.py')}`",
              "", f"Machine: {machine()}.", "",
              f"Starting point: the dense teacher `{args.teacher_dir}` (top-1 **{100 * dense:.2f}%** on the 10k test "
              f"images). Each run: {args.epochs} epochs on {args.max_train_samples} training images, 4 pruning steps "
              "(cubic from half the final sparsity, the last at two thirds of training, then hold), cyclic-linear LR "
              "5e-4 -> 1e-5 restarting at each pruning step, AdamW wd 0.05, distillation from the dense model "
-             f"(T=2, alpha=0.5) for both methods; Fisher: {args.num_grads} gradients of 16 images, B=192.", "",
+             f"(T=2, alpha=0.5) for both methods; Fisher: {fisher} gradients of 16 images, B=192 (the commands "
+             "below have every flag).", "",
              "| method | final sparsity | top-1 (%) | drop vs dense (points) | relative drop | "
              "pruning steps (s, total) | run wall time (s) |",
              "|---|---|---|---|---|---|---|"]
@@ -78,7 +77,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", body, SECTION)
+        write_section(body, SECTION)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,15 @@ each (first steps skipped) is compared. Writes docs/benchmarks.md (section "Trai
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
-from bench_oneshot import ROOT, machine, write_section
+from benchlib import command_line, machine, write_section
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from cap_hf import PruningConfig
 from cap_hf.data import collate
 from cap_hf.models import make_vit_classifier
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
@@ -61,9 +60,9 @@ def run_once(kind: str, steps: int, batch: int, skip: int) -> float:
         trainer = Trainer(model=model, args=TrainingArguments(**common), train_dataset=data, data_collator=collate,
                           callbacks=[timer])
     else:
-        args = CAPTrainingArguments(**common, pruning_method="magnitude", final_sparsity=0.75,
-                                    pruning_schedule="0:0.75", distill=False)
-        trainer = CAPTrainer(model=model, args=args, train_dataset=data, callbacks=[timer])
+        args = CAPTrainingArguments(**common, pruning_schedule="0:0.75", distill=False)
+        trainer = CAPTrainer(model=model, args=args, pruning_config=PruningConfig(method="magnitude", sparsity=0.75),
+                             train_dataset=data, callbacks=[timer])
     trainer.train()
     deltas = [b - a for a, b in zip(timer.times[skip:], timer.times[skip + 1:], strict=False)]
     return statistics.median(deltas)
@@ -84,11 +83,9 @@ def main() -> None:
             print(kind, f"{results[kind][-1] * 1000:.1f} ms/step", flush=True)
     plain, cap = statistics.median(results["plain"]), statistics.median(results["cap"])
     overhead = 100 * (cap - plain) / plain
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
     body = "\n".join([
         SECTION, "",
-        "Command: `" + " ".join([f"OMP_NUM_THREADS={threads}", "python", "scripts/bench_trainer_overhead.py",
-                                 *sys.argv[1:]]) + "`",
+        f"Command: `{command_line('bench_trainer_overhead.py')}`",
         "", f"Machine: {machine()}.", "",
         f"ViT 6 layers, hidden 192, 28x28 grayscale, batch {args.batch_size}, AdamW, {args.steps} steps per run, "
         f"median step time over steps {args.skip + 1}..{args.steps} of each run, median over {args.repeats} "
@@ -99,7 +96,7 @@ def main() -> None:
         "", f"Overhead outside pruning steps: **{overhead:+.1f}%** (goal: under 5%).", ""])
     print(body)
     if not args.no_write:
-        write_section(ROOT / "docs" / "benchmarks.md", body, SECTION)
+        write_section(body, SECTION)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
   accelerate launch scripts/prune.py                       # offline demo: digits ViT -> 75% with CAP + KD
   accelerate launch scripts/prune.py --model_name_or_path M --dataset_name D --output_dir OUT \
-      --final_sparsity 0.75 --num_train_epochs 10 ...    # every CAPTrainingArguments / TrainingArguments flag
+      --sparsity 0.75 --num_train_epochs 10 ...   # every PruningConfig / CAPTrainingArguments / TrainingArguments flag
   accelerate launch scripts/prune.py config.json           # or config.yaml: the same keys
+  accelerate launch scripts/prune.py --recipe OTHER/cap_recipe.yaml ...   # a recipe; flags given here win
 
 On one or many processes (`accelerate launch --multi_gpu --num_processes N`); without a GPU the
 processes train on the CPU with DDP over gloo. OUT is a pruned checkpoint: the model (plain
@@ -16,16 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoConfig, HfArgumentParser
+from transformers import AutoConfig
 
 from cap_hf.checkpoint import CheckpointError
+from cap_hf.cli import parse_args
+from cap_hf.config import PruningConfig
 from cap_hf.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
 from cap_hf.hub import HubError, check_online, check_repo_id, push_checkpoint
 from cap_hf.masks import SparsityMismatchError
@@ -64,7 +65,7 @@ class DataArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
 
 
-def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, CAPTrainingArguments]:
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, PruningConfig, CAPTrainingArguments]:
     from cap_hf.demo import demo_arguments, ensure_digits_teacher
 
     if not argv:  # the offline demo
@@ -73,17 +74,10 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, CAPTrainingAr
         with PartialState().main_process_first():
             ensure_digits_teacher()
         argv = demo_arguments()
-    if len(argv) != 1 and "--eval_strategy" not in argv:  # eval accuracy every epoch unless asked otherwise
-        argv = [*argv, "--eval_strategy", "epoch"]
-    if not torch.cuda.is_available() and "--use_cpu" not in argv:  # CPU processes: DDP over gloo
-        argv = [*argv, "--use_cpu", "true"]
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "--ddp_backend" not in argv:
-            argv += ["--ddp_backend", "gloo"]
-    parser = HfArgumentParser((ModelArguments, DataArguments, CAPTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
-        return loader(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, config, training_args = parse_args(
+        (ModelArguments, DataArguments, PruningConfig, CAPTrainingArguments), argv)
+    training_args.check_pruning(config)
+    return model_args, data_args, config, training_args
 
 
 def check_output_dir(data_args: DataArguments, training_args: CAPTrainingArguments) -> None:
@@ -112,12 +106,11 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("trainer_plugins").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        model_args, data_args, training_args = parse(argv)
+        model_args, data_args, config, training_args = parse(argv)
         repo_id = check_hub(training_args, hub_api)
     except (ValueError, HubError) as err:  # bad recipe values, bad repo id, offline: before anything is loaded
         raise SystemExit(f"error: {err}") from None
     check_output_dir(data_args, training_args)
-    training_args.remove_unused_columns = False
 
     try:
         processor = load_image_processor(model_args.model_name_or_path)
@@ -149,9 +142,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     if training_args.distill and training_args.teacher_name_or_path:
         teacher, _ = load_classifier(training_args.teacher_name_or_path)
     try:
-        trainer = CAPTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                             calibration_dataset=calibration, teacher_model=teacher, processing_class=processor,
-                             compute_metrics=compute_metrics)
+        trainer = CAPTrainer(model=model, args=training_args, pruning_config=config, train_dataset=train,
+                             eval_dataset=evaluation, calibration_dataset=calibration, teacher_model=teacher,
+                             processing_class=processor, compute_metrics=compute_metrics)
     except ValueError as err:  # schedule does not fit, teacher with other labels, ...
         raise SystemExit(f"error: {err}") from None
 
@@ -179,7 +172,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                              dataset=data_args.dataset_name, eval_split=eval_split, command=command)
             print(f"dense top-1 {100 * metrics['dense_accuracy']:.2f}% -> sparse top-1 "
                   f"{100 * metrics['eval_accuracy']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
-                  f"({training_args.pruning_method}); model in {out}")
+                  f"({config.method}); model in {out}")
             if repo_id:
                 try:
                     info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,

@@ -30,7 +30,7 @@ def teacher(tmp_path_factory):
 
 def prune_args(teacher, out, *extra):
     return ["--model_name_or_path", str(teacher), "--dataset_name", "builtin:digits", "--output_dir", str(out),
-            "--final_sparsity", "0.75", "--num_train_epochs", "2", "--num_grads", "16", "--grad_batch_size", "16",
+            "--sparsity", "0.75", "--num_train_epochs", "2", "--num_grads", "16", "--grad_batch_size", "16",
             "--fisher_block_size", "64", "--per_device_train_batch_size", "32", "--save_strategy", "no",
             "--report_to", "none", "--disable_tqdm", "true", "--crop_scale_min", "0.8", "--hflip", "false",
             *map(str, extra)]
@@ -40,12 +40,18 @@ def run(cmd, threads="1"):
     return subprocess.run(cmd, env=env(threads), capture_output=True, text=True, cwd=ROOT)
 
 
-def test_prune_one_process(teacher, tmp_path, capsys):
-    """In process, so that a test double of HfApi receives the final push."""
+def test_prune_one_process(teacher, tmp_path, capsys, caplog):
+    """In process, so that a test double of HfApi receives the final push. A recipe file (a checkpoint's
+    cap_recipe.yaml layout) gives some flags; the command line wins where both set one."""
     out = tmp_path / "run"
     api = FakeHfApi()
-    load_script("prune").main(prune_args(teacher, out, "--push_to_hub", "true", "--hub_model_id", "me/digits-cap"),
-                              hub_api=api)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("pruning:\n  damp: 1.0e-05\n  grad_chunk_size: 8\n  elimination_chunk_size: 16\n"
+                           "schedule:\n  final_sparsity: 0.75\n")
+    with caplog.at_level("WARNING"):
+        load_script("prune").main(prune_args(teacher, out, "--push_to_hub", "true", "--hub_model_id", "me/digits-cap",
+                                             "--recipe", recipe_file, "--damp", "1e-6"), hub_api=api)
+    assert "damp is set both in the recipe" in caplog.text and "the command line wins" in caplog.text
     stdout = capsys.readouterr().out
     metrics = json.loads((out / "all_results.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.75, abs=1e-4)
@@ -61,6 +67,7 @@ def test_prune_one_process(teacher, tmp_path, capsys):
     # the checkpoint: record, recipe, evaluation and card, all pushed
     recipe = yaml.safe_load((out / "cap_recipe.yaml").read_text())
     assert recipe["pruning"]["method"] == "cap" and recipe["distillation"]["alpha"] == 0.5
+    assert (recipe["pruning"]["damp"], recipe["pruning"]["grad_chunk_size"]) == (1e-6, 8)  # flag, then recipe
     assert recipe["command"].startswith("accelerate launch scripts/prune.py --model_name_or_path")
     assert json.loads((out / "eval_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]
     card = (out / "README.md").read_text()
@@ -90,12 +97,14 @@ def test_prune_two_processes_gloo(teacher, tmp_path):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--final_sparsity", "1.0"], "final_sparsity must be in [0, 1)"),
-    (["--init_sparsity", "0.9"], "init_sparsity (0.9) must be in [0, final_sparsity=0.75]"),
+    (["--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    (["--init_sparsity", "0.9"], "init_sparsity (0.9) must be in [0, sparsity=0.75]"),
+    (["--method", "nope"], "Unknown pruning method 'nope'; registered methods: cap, fastcap, magnitude, obs"),
     (["--pruning_schedule", "0:0.5,5:0.75"], "only 2.00 epochs"),
     (["--label_column_name", "target"], "no label column 'target'"),
     (["--push_to_hub", "true", "--hub_model_id", "me/digits-cap"], "HF_HUB_OFFLINE is set"),
     (["--push_to_hub", "true", "--hub_model_id", "me/bad id"], "not a valid Hub repo id"),
+    (["--max_memory_gb", "0.01"], "max_memory_gb=0.01 cannot be met"),
 ])
 def test_prune_bad_input(teacher, tmp_path, extra, message):
     out = tmp_path / "bad"
@@ -103,6 +112,26 @@ def test_prune_bad_input(teacher, tmp_path, extra, message):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-2000:]
     assert not (out / "all_results.json").exists()
+
+
+def test_every_pruning_field_is_a_flag_and_recipes_are_checked(tmp_path):
+    """PruningConfig is parsed as it is: fields that prune.py could not reach before (ignore, grad_chunk_size,
+    elimination_chunk_size, fastcap_column_block) are flags; a recipe with an unknown key is refused."""
+    from cap_hf.config import PruningConfig
+
+    prune = load_script("prune")
+    common = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path / "o")]
+    _, _, config, args = prune.parse([*common, "--ignore", ".*fc2", "--grad_chunk_size", "8", "--method", "fastcap",
+                                      "--elimination_chunk_size", "9", "--fastcap_column_block", "4"])
+    assert (config.ignore, config.grad_chunk_size, config.elimination_chunk_size, config.fastcap_column_block) == (
+        ".*fc2", 8, 9, 4)
+    assert config == PruningConfig(method="fastcap", ignore=".*fc2", grad_chunk_size=8, elimination_chunk_size=9,
+                                   fastcap_column_block=4)  # every other field: the one default
+    assert args.eval_strategy == "epoch" and args.remove_unused_columns is False
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dampening: 1.0e-7\n")
+    with pytest.raises(ValueError, match=r"sets \['dampening'\], which are not flags of this script"):
+        prune.parse([*common, "--recipe", str(bad)])
 
 
 @pytest.mark.parametrize("family", ["dinov2", "dino-vit", "deit"])

@@ -82,7 +82,8 @@ def test_oneshot_two_four(digits_model, digits_dir, tmp_path):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--sparsities", "0.5,1.0"], "sparsity must be in [0, 1)"),
-    (["--methods", "cap,random"], "Unknown pruning method 'random'"),
+    (["--methods", "cap,random"], "Unknown pruning method 'random'; registered methods: cap, fastcap"),
+    (["--method", "obs", "--structure", "2:4"], "structure '2:4' is supported by cap, magnitude, not obs"),
     (["--num_grads", 100000], "calibration images"),
     (["--label_column_name", "target"], "no label column 'target'"),
     (["--methods", "cap", "--max_memory_gb", "0.01"], "max_memory_gb=0.01 cannot be met"),

@@ -80,17 +80,22 @@ def test_masks_stay_exact_through_adamw_weight_decay_and_accumulation(tmp_path, 
 def cap_args(tmp_path, **overrides):
     values = dict(output_dir=str(tmp_path), max_steps=16, learning_rate=2e-3, per_device_train_batch_size=16,
                   use_cpu=True, report_to="none", save_strategy="no", logging_steps=4, disable_tqdm=True,
-                  remove_unused_columns=False, pruning_method="cap", final_sparsity=0.8, init_sparsity=0.5,
-                  pruning_schedule="0:0.5,0.25:0.7,0.5:0.8", num_grads=8, grad_batch_size=8, fisher_block_size=16,
-                  damp=1e-6, cyclic_lr=True, seed=0)
+                  init_sparsity=0.5, pruning_schedule="0:0.5,0.25:0.7,0.5:0.8", cyclic_lr=True, seed=0)
     values.update(overrides)
     return CAPTrainingArguments(**values)
+
+
+def cap_config(**overrides):
+    values = dict(method="cap", sparsity=0.8, num_grads=8, grad_batch_size=8, fisher_block_size=16, damp=1e-6)
+    values.update(overrides)
+    return PruningConfig(**values)
 
 
 def test_cap_trainer_prunes_on_schedule_with_distillation(tmp_path, digits_splits):
     train, evaluation = digits_splits
     model = tiny_model()
-    trainer = CAPTrainer(model=model, args=cap_args(tmp_path), train_dataset=train, eval_dataset=evaluation)
+    trainer = CAPTrainer(model=model, args=cap_args(tmp_path), pruning_config=cap_config(), train_dataset=train,
+                         eval_dataset=evaluation)
     assert trainer.teacher is not None and trainer.loss_is_scaled_for_ga is False
     dense_teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     trainer.train()
@@ -109,7 +114,7 @@ def test_cap_trainer_prunes_on_schedule_with_distillation(tmp_path, digits_split
 def test_resume_continues_without_re_pruning(tmp_path, digits_splits):
     train, evaluation = digits_splits
     args = cap_args(tmp_path / "run", save_strategy="steps", save_steps=6, distill=False)
-    first = CAPTrainer(model=tiny_model(), args=args, train_dataset=train)
+    first = CAPTrainer(model=tiny_model(), args=args, pruning_config=cap_config(), train_dataset=train)
     first.train()
     full_history = [h["step"] for h in first.pruning_callback.history]
     # every checkpoint carries its sparsity record and recipe, which agree with its weights
@@ -125,7 +130,8 @@ def test_resume_continues_without_re_pruning(tmp_path, digits_splits):
     assert "base_model_relation" not in card and "# me/tiny-cap" in card and "Kuznedelev" in card
 
     model = tiny_model(seed=1)  # different init: resume must load the checkpoint's weights
-    resumed = CAPTrainer(model=model, args=cap_args(tmp_path / "run", distill=False), train_dataset=train)
+    resumed = CAPTrainer(model=model, args=cap_args(tmp_path / "run", distill=False), pruning_config=cap_config(),
+                         train_dataset=train)
     sparsity_at_resume = {}
     original = resumed.pruning_callback.on_train_begin
 
@@ -148,20 +154,115 @@ def test_teacher_with_other_labels_is_rejected(tmp_path, digits_splits):
         CAPTrainer(model=tiny_model(), args=cap_args(tmp_path), train_dataset=train, teacher_model=teacher)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (dict(final_sparsity=1.0), "final_sparsity must be in"),
-    (dict(final_sparsity=0.5, init_sparsity=0.7, pruning_schedule=None), "init_sparsity"),
-    (dict(pruning_method="nope"), "Unknown pruning method"),
+@pytest.mark.parametrize(("overrides", "pruning", "message"), [
+    ({}, dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+    (dict(init_sparsity=0.7, pruning_schedule=None), dict(sparsity=0.5), r"init_sparsity \(0.7\) must be in \[0, "
+                                                                        r"sparsity=0.5\]"),
+    ({}, dict(method="nope"), "Unknown pruning method 'nope'; registered methods"),
+    (dict(inter_func="quadratic"), {}, "inter_func must be"),
 ])
-def test_bad_recipe_fails_at_construction(tmp_path, overrides, message):
+def test_bad_recipe_fails_at_construction(tmp_path, overrides, pruning, message):
     with pytest.raises(ValueError, match=message):
-        cap_args(tmp_path, **overrides)
+        CAPTrainer(model=tiny_model(), args=cap_args(tmp_path, **overrides), pruning_config=cap_config(**pruning))
 
 
 def test_schedule_that_does_not_fit_fails_before_training(tmp_path, digits_splits):
     train, _ = digits_splits
     with pytest.raises(ValueError, match="only 1.00 epochs"):
-        CAPTrainer(model=tiny_model(), args=cap_args(tmp_path, pruning_schedule="0:0.5,3:0.8"), train_dataset=train)
+        CAPTrainer(model=tiny_model(), args=cap_args(tmp_path, pruning_schedule="0:0.5,3:0.8"),
+                   pruning_config=cap_config(), train_dataset=train)
+
+
+def test_training_arguments_defaults_suit_pruning_runs(tmp_path, caplog):
+    args = CAPTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    assert args.eval_strategy == "epoch" and args.remove_unused_columns is False  # class defaults, no argv patching
+    with caplog.at_level("WARNING"):
+        trainer = CAPTrainer(model=tiny_model(), args=args, train_dataset=RandomImages())
+    assert trainer.args.eval_strategy == "no" and "No eval_dataset" in caplog.text
+    assert trainer.pruning_config == PruningConfig(calibration_seed=args.seed)  # the recipe's defaults
+
+
+def test_calibration_batches_are_read_like_training_batches(tmp_path):
+    """dataloader_num_workers applies to the Fisher's batches too, which stay the same for a seed, step and rank."""
+    data = RandomImages()
+    batches = {}
+    for workers in (0, 2):
+        args = cap_args(tmp_path, dataloader_num_workers=workers)
+        trainer = CAPTrainer(model=tiny_model(), args=args, pruning_config=cap_config(), train_dataset=data)
+        loader = trainer._calibration_batches(step=4, rank=1)
+        assert loader.num_workers == workers
+        batches[workers] = [b["labels"].tolist() for b in loader]
+    assert batches[0] == batches[2]
+    other = trainer._calibration_batches(step=8, rank=1)
+    assert [b["labels"].tolist() for b in other] != batches[0]  # another pruning step draws other batches
+
+
+def test_callback_metrics_reach_any_trainers_logs(tmp_path):
+    """A plain Trainer with the callback: sparsity and prune_seconds in log_history (trainer_state.json) and in
+    the logs every later callback (console, integrations) receives."""
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.logs = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logs.append(dict(logs))
+
+    recorder = Recorder()
+    callback = CAPPruningCallback(PruningConfig(method="magnitude"), SparsitySchedule((0, 2), (0.5, 0.7)))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, use_cpu=True,
+                             report_to="none", save_strategy="no", logging_steps=100, disable_tqdm=True)
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=RandomImages(), data_collator=collate,
+                      callbacks=[callback, recorder])
+    trainer.train()
+    pruned_logs = [entry for entry in trainer.state.log_history if "prune_seconds" in entry]
+    assert [entry["step"] for entry in pruned_logs] == [1, 3]  # logged right after each pruning step
+    assert pruned_logs[-1]["sparsity"] == pytest.approx(0.7, abs=1e-3)
+    assert [log["sparsity"] for log in recorder.logs if "prune_seconds" in log] == [e["sparsity"] for e in pruned_logs]
+    assert "sparsity" in trainer.state.log_history[-1]  # the final train summary too
+
+
+# ---- transformers private API that CAPTrainer relies on: these fail loudly when transformers changes ----------
+
+
+def test_private_api_load_from_checkpoint_is_what_trainer_calls_on_resume():
+    """CAPTrainer overrides Trainer._load_from_checkpoint (ViT names on disk, see docs/design.md)."""
+    import inspect
+
+    params = list(inspect.signature(Trainer._load_from_checkpoint).parameters)
+    assert params == ["self", "resume_from_checkpoint", "model"], params
+    assert "self._load_from_checkpoint(resume_from_checkpoint" in inspect.getsource(Trainer)
+
+
+def test_private_api_evaluate_marks_the_model_prepared(tmp_path, digits_splits):
+    """CAPTrainer.train clears `_is_accelerate_prepared`, set by evaluate() before train(): accelerate would skip
+    DDP wrapping of a model so marked."""
+    import inspect
+
+    from accelerate import Accelerator
+
+    _, evaluation = digits_splits
+    trainer = Trainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                 report_to="none", remove_unused_columns=False),
+                      eval_dataset=evaluation, data_collator=collate)
+    trainer.evaluate()
+    assert getattr(trainer.model, "_is_accelerate_prepared", False) is True
+    assert '_is_accelerate_prepared' in inspect.getsource(Accelerator.prepare_model)
+
+
+def test_private_api_created_lr_scheduler_flag(tmp_path):
+    """CAPTrainer.create_scheduler sets `_created_lr_scheduler` as Trainer.create_scheduler does (Trainer reads it
+    to build a new scheduler when train() is called again)."""
+    import inspect
+
+    trainer = Trainer(model=tiny_model(), args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                 report_to="none"))
+    assert trainer._created_lr_scheduler is False
+    trainer.create_optimizer()
+    trainer.create_scheduler(10)
+    assert trainer._created_lr_scheduler is True
+    assert "if self._created_lr_scheduler" in inspect.getsource(Trainer)
 
 
 def test_callback_works_with_a_copy_of_the_model_as_calibration_source(tmp_path):

@@ -1,14 +1,17 @@
 """CAPPruningCallback: gradual pruning for any `transformers.Trainer`.
 
-- On scheduled optimizer steps it collects the Fisher (each process its share of the gradients, summed
-  across processes), prunes to the scheduled sparsity with the configured method, and makes every
-  process hold the same weights.
+- On scheduled optimizer steps it runs one step of the pruning engine (cap_hf.engine.Pruner): each
+  process computes its share of the Fisher gradients, the statistics are summed across processes, and
+  every process ends with rank 0's weights.
 - Between pruning steps it keeps the masks exact: gradient hooks zero the gradients of pruned
   weights during backward (before clipping, accumulation and the all-reduce), and the weights are
   re-masked after every optimizer step (AdamW momentum and weight decay would revive them otherwise).
 - Masks come from the weights' zeros at the start of training, so resuming from a checkpoint neither
   re-densifies nor re-prunes. (With a plain Trainer on transformers 5.23, resuming ViT-family models
   does not load the renamed weights; CAPTrainer fixes that, see docs/design.md.)
+- Its metrics (`sparsity` in every log, `prune_seconds` after a pruning step) go into the Trainer's own
+  logs through `on_log`: trainer_state.json and the console show them with any Trainer, and so do the
+  reporting integrations (TensorBoard, W&B, ...) when the callback comes before them (`add_to(trainer)`).
 """
 
 from __future__ import annotations
@@ -21,12 +24,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from cap_hf.calibration import calibration_seed
 from cap_hf.config import PruningConfig
-from cap_hf.fisher import collect_fisher
+from cap_hf.engine import Pruner
 from cap_hf.masks import current_masks, sparsity_report
-from cap_hf.pruners import get_pruner
 from cap_hf.schedule import SparsitySchedule
-from cap_hf.streaming import STREAMING_METHODS, StreamingPruner, resolve_budget
 from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -42,11 +44,13 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
     """Prune on a schedule and keep the masks.
 
     Args:
-        config: what a pruning step does (method, Fisher settings, targets); its `sparsity` is ignored.
+        config: what a pruning step does (method, Fisher settings, targets); the schedule sets the sparsity
+            of every step (an N:M structure fixes it).
         schedule: pruning steps (optimizer steps) and their sparsities, or a callable
             `total_steps -> SparsitySchedule` resolved when training starts.
         calibration_batches: `(step, rank) -> iterable of batches` for the Fisher; each batch is one
-            gradient. Needed by every method but magnitude.
+            gradient. Needed by every method with a Fisher. Use cap_hf.calibration.calibration_seed(seed,
+            step, rank) to seed them.
         loss_fn: optional `loss_fn(model, batch)` for the Fisher (default: cross-entropy of the logits).
     """
 
@@ -66,6 +70,12 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         self.history: list[dict] = []
         self._hooks = []
         self._pending_log: dict[str, float] = {}
+
+    def add_to(self, trainer) -> CAPPruningCallback:
+        """Put this callback first among the trainer's callbacks, so that the reporting integrations see
+        its metrics too (Trainer(callbacks=[...]) places it after them)."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
 
     # ---- state for checkpoints (TrainerState.stateful_callbacks) -----------------------------------
     def state(self) -> dict:
@@ -88,6 +98,20 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.enforce()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pending_log:  # log right after a pruning step
+            control.should_log = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add the pruning metrics to what the Trainer logs (and to the entry it keeps in log_history)."""
+        if logs is None or not self.targets:
+            return
+        extra = {"sparsity": round(self.sparsity, 6), **self._pending_log}
+        self._pending_log = {}
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:  # Trainer.log's entry
+            state.log_history[-1].update(extra)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.enforce()
@@ -135,28 +159,20 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         return sparsity_report(self.targets).overall if self.targets else 0.0
 
     def prune(self, model: torch.nn.Module, sparsity: float, step: int) -> None:
-        """One pruning step to `sparsity`; identical result on every process."""
+        """One pruning step to `sparsity` (an N:M structure fixes it); identical result on every process."""
         start = time.perf_counter()
         rank, world = _dist()
-        config = resolve_budget(self.config.replace(sparsity=sparsity), self.targets)
-        if config.max_memory_gb is not None and config.method in STREAMING_METHODS:
-            num_grads = self._prune_streaming(model, config, sparsity, step, rank, world)
-        else:
-            pruner = get_pruner(config)
-            fisher = None
-            if pruner.fisher_kind is not None:
-                share = config.num_grads // world + (1 if rank < config.num_grads % world else 0)
-                fisher = collect_fisher(
-                    model, self.targets, self.calibration_batches(step, rank), num_grads=share,
-                    block_size=config.fisher_block_size, kinds=(pruner.fisher_kind,), masks=self.masks,
-                    label_free=config.label_free_fisher, loss_fn=self.loss_fn,
-                    grad_chunk_size=config.grad_chunk_size, device=config.device, seed=config.seed + step + 1000 * rank,
-                    accumulate=config.accumulation, damp=config.damp,
-                )[pruner.fisher_kind]  # summed over processes inside ('sum' with several processes)
-            num_grads = fisher.count if fisher is not None else 0  # summed over all processes
-            pruner.prepare(self.targets, fisher)
-            pruner.apply(self.targets, sparsity)
-            del pruner, fisher
+        (sparsity,) = self.config.sparsity_levels([sparsity])
+        share = self.config.num_grads // world + (1 if rank < self.config.num_grads % world else 0)
+        if self.config.needs_fisher and share < 1:
+            raise ValueError(f"num_grads={self.config.num_grads} is less than the {world} processes; raise num_grads.")
+        config = self.config.replace(sparsity=sparsity, num_grads=max(share, 1),
+                                     calibration_seed=calibration_seed(self.config.calibration_seed, step, rank))
+        with Pruner(model, config, targets=self.targets, loss_fn=self.loss_fn) as pruner:
+            batches = (lambda: self.calibration_batches(step, rank)) if config.needs_fisher else None
+            pruner.prepare(batches)
+            pruner.apply()
+            num_grads = pruner.num_grads  # summed over processes
         if world > 1:  # the math is deterministic, but make sure every rank holds rank 0's weights
             for module in self.targets.values():
                 torch.distributed.broadcast(module.weight.data, src=0)
@@ -166,25 +182,7 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         self.last_pruned_step = step
         self.history.append({"step": step, "target": sparsity, "sparsity": achieved, "seconds": seconds,
                              "num_grads": num_grads, "processes": world})
-        self._pending_log = {"sparsity": achieved, "prune_seconds": seconds}
+        self._pending_log = {"prune_seconds": round(seconds, 3)}
         if rank == 0:
             logger.info("Pruned at step %d to %.4f (target %.4f) with %s in %.1f s", step, achieved, sparsity,
                         config.method, seconds)
-
-    def _prune_streaming(self, model: torch.nn.Module, config: PruningConfig, sparsity: float, step: int,
-                         rank: int, world: int) -> int:
-        """CAP / OBS within config.max_memory_gb: layer groups, each with its own pass over this step's
-        calibration batches (the same plan on every process; the Fisher sums are all-reduced per group)."""
-        share = config.num_grads // world + (1 if rank < config.num_grads % world else 0)
-        if share < 1:
-            raise ValueError(f"num_grads={config.num_grads} is less than the {world} processes; raise num_grads.")
-        rank_config = config.replace(num_grads=share, seed=config.seed + step + 1000 * rank)
-        with StreamingPruner(rank_config) as pruner:
-            pruner.prepare(model, self.targets, lambda: self.calibration_batches(step, rank), self.loss_fn)
-            pruner.apply(self.targets, sparsity)
-            return pruner.num_grads
-
-    def pop_log(self) -> dict[str, float]:
-        """Metrics of the last pruning step (once), for Trainer.log."""
-        logs, self._pending_log = self._pending_log, {}
-        return logs

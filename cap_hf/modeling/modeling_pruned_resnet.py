@@ -35,8 +35,8 @@ class PrunedResNetForImageClassification(ResNetForImageClassification):
     config_class = PrunedResNetConfig
 
     def __init__(self, config: PrunedResNetConfig):
-        super().__init__(config)
-        self.resnet = PrunedResNetModel(config)
+        super().__init__(config)  # builds ResNetModel(config) as self.resnet
+        _resize_blocks(self.resnet, config)
         self.post_init()
 
 

@@ -38,8 +38,8 @@ class PrunedViTForImageClassification(ViTForImageClassification):
     config_class = PrunedViTConfig
 
     def __init__(self, config: PrunedViTConfig):
-        super().__init__(config)
-        self.vit = PrunedViTModel(config, add_pooling_layer=False)
+        super().__init__(config)  # builds ViTModel(config, add_pooling_layer=False) as self.vit
+        _resize_layers(self.vit, config)
         self.post_init()
 
 

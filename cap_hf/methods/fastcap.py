@@ -7,13 +7,10 @@ writes the original weights, which reduces it to magnitude pruning).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
-from torch import nn
 
-from cap_hf.fisher import BlockFisher
-from cap_hf.pruners.base import Pruner, lowest_k_mask, weight_blocks, write_blocks
+from cap_hf.methods.base import Layer, PruningMethod, register_method
+from cap_hf.selection import lowest_k_mask
 
 
 def fastcap_sweep(w: torch.Tensor, upper: torch.Tensor, kept: torch.Tensor, sparsity: float,
@@ -51,28 +48,30 @@ def fastcap_sweep(w: torch.Tensor, upper: torch.Tensor, kept: torch.Tensor, spar
     return w
 
 
-class FastCAPPruner(Pruner):
-    fisher_kind = "shared"
+@register_method
+class FastCAP(PruningMethod):
+    """Keeps one B x B factor per layer (in memory: it is tiny)."""
 
-    def _prepare(self, targets: Mapping[str, nn.Module], fisher: BlockFisher | None) -> None:
-        self.block_sizes = dict(fisher.block_sizes)
+    name = "fastcap"
+    aliases = ("fast_cap",)
+    fisher = "shared"
+
+    def __init__(self, config):
+        super().__init__(config)
         self.uppers: dict[str, torch.Tensor] = {}
-        for name in targets:
-            h = fisher.mean(name).clone()
-            diag = h.diagonal()
-            diag[diag == 0] = 1.0  # columns that never saw a gradient
-            diag += self.config.fastcap_damp * diag.mean()
-            chol, info = torch.linalg.cholesky_ex(h)
-            if int(info):
-                raise FloatingPointError(f"FastCAP Fisher of {name} is not positive definite; raise --fastcap_damp.")
-            inverse = torch.cholesky_inverse(chol)
-            self.uppers[name] = torch.linalg.cholesky(inverse, upper=True)
 
-    @torch.no_grad()
-    def apply(self, targets: Mapping[str, nn.Module], sparsity: float) -> None:
-        for name, module in targets.items():
-            upper = self.uppers[name]
-            size = self.block_sizes[name]
-            w = weight_blocks(module, size).to(upper.device)
-            column_block = self.config.fastcap_column_block or size
-            write_blocks(module, fastcap_sweep(w, upper, w != 0, sparsity, column_block))
+    def prepare_layer(self, layer: Layer) -> None:
+        h = layer.fisher["shared"].clone()
+        diag = h.diagonal()
+        diag[diag == 0] = 1.0  # columns that never saw a gradient
+        diag += self.config.fastcap_damp * diag.mean()
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info):
+            raise FloatingPointError(f"FastCAP Fisher of {layer.name} is not positive definite; raise --fastcap_damp.")
+        self.uppers[layer.name] = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+        return None
+
+    def apply_layer(self, layer: Layer, pruned: torch.Tensor | None, sparsity: float) -> torch.Tensor:
+        w = layer.weights
+        column_block = self.config.fastcap_column_block or w.shape[1]
+        return fastcap_sweep(w, self.uppers[layer.name].to(w.device), w != 0, sparsity, column_block)

@@ -1,41 +1,15 @@
-"""The pruner interface and the score-threshold selection shared by all methods."""
+"""Which weights go: the lowest scores globally or per layer, or N:M patterns; and the (n, B) block view
+of a weight that every method works on."""
 
 from __future__ import annotations
 
 import logging
-from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from cap_hf.config import PruningConfig
-from cap_hf.fisher import BlockFisher
-
 logger = logging.getLogger(__name__)
-
-
-class Pruner(ABC):
-    """prepare() does the sparsity-independent work once (scores, eliminations); apply() prunes the
-    given target weights in place to one sparsity. apply() may be called on several copies of the
-    same model (one-shot at several sparsities)."""
-
-    fisher_kind: str | None = None
-
-    def __init__(self, config: PruningConfig):
-        self.config = config
-
-    def prepare(self, targets: Mapping[str, nn.Module], fisher: BlockFisher | None = None) -> None:
-        if self.fisher_kind is not None and fisher is None:
-            raise ValueError(f"{type(self).__name__} needs a {self.fisher_kind!r} Fisher; got none.")
-        self._prepare(targets, fisher)
-
-    def _prepare(self, targets: Mapping[str, nn.Module], fisher: BlockFisher | None) -> None:  # noqa: B027
-        pass
-
-    @abstractmethod
-    def apply(self, targets: Mapping[str, nn.Module], sparsity: float) -> None:
-        """Zero the chosen weights (and update the rest, for second-order methods) in place."""
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -53,7 +27,7 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def select_pruned(scores: Mapping[str, torch.Tensor], sparsity: float, distribution: str) -> dict[str, torch.Tensor]:
-    """Pick the weights to prune: the lowest scores, globally or per layer.
+    """Pick the weights to prune: the lowest scores, over all layers at once ('global') or per layer ('uniform').
 
     Already-pruned weights must carry -inf so they stay pruned. A target below the current sparsity
     keeps what is already pruned (pruning never revives weights).
@@ -82,7 +56,7 @@ def select_pruned(scores: Mapping[str, torch.Tensor], sparsity: float, distribut
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the M-N lowest scores in every group of M consecutive weights."""
+    """Prune the M-N lowest scores in every group of M consecutive weights (row-major order)."""
     flat = scores.reshape(-1)
     if flat.numel() % m:
         raise ValueError(f"A layer with {flat.numel()} weights cannot be split into groups of M={m}.")
@@ -93,12 +67,13 @@ def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
-def weight_blocks(module: nn.Module, block_size: int) -> torch.Tensor:
+def weight_blocks(module: nn.Module, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The weight flattened row-major and cut into (d/B, B) blocks, as an fp32 copy."""
-    return module.weight.detach().reshape(-1, block_size).float().clone()
+    weight = module.weight.detach()
+    return weight.reshape(-1, block_size).to(device or weight.device, torch.float32, copy=True)
 
 
 @torch.no_grad()
 def write_blocks(module: nn.Module, blocks: torch.Tensor) -> None:
     weight = module.weight
-    weight.copy_(blocks.reshape(weight.shape).to(weight.dtype))
+    weight.copy_(blocks.reshape(weight.shape).to(weight.device, weight.dtype))

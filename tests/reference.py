@@ -1,10 +1,11 @@
-"""A deliberately plain implementation of the paper's CAP step, for tests and benchmarks only.
+"""A deliberately plain implementation of the paper's CAP step and the closed forms, for the tests and
+scripts/bench_pruning_step.py only (not part of the package).
 
 It follows the released code's shape (docs: cap-method.md sections 1.2-1.4): the inverse Fisher of every
 block starts at I/damp and takes one Sherman-Morrison update per gradient with the 1/m scaling; the greedy
 elimination runs over all blocks of a tensor at once and keeps every snapshot ((B+1) * d floats); one
 global threshold over the cumulative losses picks each block's snapshot. Nothing here is used by the
-pruners; it is what they are checked against.
+library; it is what the library is checked against.
 """
 
 from __future__ import annotations
@@ -97,3 +98,13 @@ def reference_obs(w: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor)
     new = w - torch.bmm(inverse, coef.unsqueeze(2)).squeeze(2)
     new[removed] = 0.0
     return new
+
+
+def joint_obs_solution(w: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed form for one block: w - Q[:, P] (Q[P, P])^-1 w_P and the loss 1/2 w_P^T (Q[P, P])^-1 w_P."""
+    idx = removed.nonzero().squeeze(-1)
+    qpp = inverse[idx][:, idx]
+    solve = torch.linalg.solve(qpp, w[idx])
+    new = w - inverse[:, idx] @ solve
+    new[idx] = 0.0
+    return new, 0.5 * (w[idx] @ solve)

@@ -1,0 +1,83 @@
+"""What the benchmarks share: the repository root, the machine line, running a script, and writing their
+section of docs/benchmarks.md. (Run as `python scripts/bench_*.py`: scripts/ is then on sys.path.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+
+
+@dataclass
+class FashionMnistBench:
+    """The flags shared by the benchmarks on the Fashion-MNIST ViT (bench_oneshot trains the teacher)."""
+
+    data_dir: str = "data/fashion-mnist"
+    teacher_dir: str = "outputs/fmnist-vit-tiny"
+    methods: str = "magnitude,obs,cap,fastcap"
+    sparsities: str = "0.5,0.75,0.9"
+    no_write: bool = False  # do not touch docs/benchmarks.md
+
+
+def parse_bench(arguments_class) -> tuple:
+    """The benchmark's own flags (a dataclass) and the rest, forwarded to the script it runs: the pruning
+    recipe is that script's PruningConfig (given after the benchmark's settings, so they override them)."""
+    from transformers import HfArgumentParser
+
+    args, forwarded = HfArgumentParser(arguments_class).parse_args_into_dataclasses(return_remaining_strings=True)
+    return args, forwarded
+
+
+def run(cmd: list[str]) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} (torch threads {torch.get_num_threads()})")
+
+
+def command_line(script: str) -> str:
+    """How this benchmark was run, with its thread count."""
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return " ".join([f"OMP_NUM_THREADS={threads}", "python", f"scripts/{script}", *sys.argv[1:]])
+
+
+def write_section(body: str, section: str, path: Path = BENCHMARKS) -> None:
+    """Replace (or append) the part of docs/benchmarks.md that starts with `section`."""
+    text = path.read_text() if path.exists() else \
+        "# Benchmarks\n\nEvery number here comes from a script in scripts/; the command is given with it.\n"
+    start = text.find(section)
+    if start >= 0:
+        end = text.find("\n## ", start + len(section))
+        text = text[:start] + body.rstrip() + ("\n\n" + text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + body
+    path.write_text(text.rstrip() + "\n")
+
+
+def load_reference():
+    """tests/reference.py: the deliberately plain implementation the library is checked against."""
+    spec = importlib.util.spec_from_file_location("cap_hf_reference", ROOT / "tests" / "reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
