@@ -88,7 +88,8 @@ class PruningConfig:
                 "paper's one-at-a-time Sherman-Morrison); 'sum' accumulates outer products and inverts by Cholesky "
                 "(the only one that sums across processes, but ~1e-3 relative error in F^-1 when damp is tiny next "
                 "to the gradients); 'auto': 'inverse' in one process, 'sum' under torch.distributed."})
-    grad_chunk_size: int = field(default=32, metadata={"help": "Gradients per batched Fisher product."})
+    grad_chunk_size: int = field(default=32, metadata={
+        "help": "Gradients buffered per batched Fisher update (at most 16, one Woodbury update, with 'inverse')."})
     elimination_chunk_size: int = field(default=64, metadata={
         "help": "CAP: Fisher blocks eliminated at once; 64 keeps B=192 chunks in CPU cache (fastest on 2 cores, "
                 "see docs/benchmarks.md)."})

@@ -305,6 +305,8 @@ def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: 
     check_enough_batches(batches, num_grads)
     names = list(targets)
     weights = [targets[name].weight for name in names]
+    masks = {name: mask.reshape(-1).to(targets[name].weight.device, torch.bool)
+             for name, mask in (masks or {}).items() if name in targets and not bool(mask.all())}  # layers with zeros
     param = next(model.parameters())
     generator = torch.Generator(device=param.device).manual_seed(seed) if label_free else None
     bar = None
@@ -318,10 +320,11 @@ def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: 
                 with maybe_phase(profiler, "gradients"):
                     if on_batch is not None:
                         on_batch(collected, batch)
-                    grads = torch.autograd.grad(batch_loss(model, batch, loss_fn, label_free, generator), weights,
-                                                allow_unused=True)
+                    grads = list(torch.autograd.grad(batch_loss(model, batch, loss_fn, label_free, generator), weights,
+                                                     allow_unused=True))
                     flat = {}
-                    for name, grad in zip(names, grads, strict=True):
+                    for index, name in enumerate(names):
+                        grad, grads[index] = grads[index], None  # a masked copy replaces autograd's gradient
                         if grad is None:
                             raise RuntimeError(f"Layer {name} received no gradient; is it used in the forward pass?")
                         g = grad.detach().reshape(-1).float()
@@ -329,12 +332,13 @@ def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: 
                             raise FloatingPointError(
                                 f"Non-finite gradient in layer {name} at calibration batch {collected}. Check the "
                                 "model for inf/NaN weights, and compute the Fisher in fp32 (no fp16 autocast).")
-                        flat[name] = g * masks[name].reshape(-1).to(g.device, g.dtype) if masks and name in masks else g
-                    del grads
+                        flat[name] = g * masks[name] if name in masks else g
+                        del grad, g
                 collected += 1
                 if bar is not None:
                     bar.update(1)
                 yield flat
+                del flat  # the consumer has them: no second set of gradients during the next backward pass
                 if collected >= num_grads:
                     break
     finally:
@@ -343,6 +347,13 @@ def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: 
     if collected < num_grads:
         raise ValueError(f"The calibration data gave only {collected} batches, but num_grads={num_grads} were "
                          "requested. Lower --num_grads or --grad_batch_size, or use a larger calibration split.")
+
+
+def gradient_rows(grad_chunk_size: int, num_grads: int, accumulate: str = "sum", kinds: Iterable[str] = ("block",)) -> int:
+    """Gradients buffered before each Fisher update: grad_chunk_size, but no more than one Woodbury update
+    takes when the block inverse is updated directly (a larger buffer would only cost memory)."""
+    rows = max(1, min(grad_chunk_size, num_grads))
+    return min(rows, WOODBURY_RANK) if accumulate == "inverse" and "block" in kinds else rows
 
 
 def collect_fisher(
@@ -370,13 +381,14 @@ def collect_fisher(
                                  **({"accumulate": "inverse", "damp": damp, "num_grads": num_grads}
                                     if accumulate == "inverse" and kind == "block" else {}))
                for kind in kinds}
-    chunk = max(1, min(grad_chunk_size, num_grads))
+    chunk = gradient_rows(grad_chunk_size, num_grads, accumulate, kinds)
     buffers = {name: torch.empty(chunk, n, device=device) for name, n in numels.items()}
     row = 0
     for index, grads in enumerate(iter_gradients(model, targets, batches, num_grads, profiler=profiler,
                                                  **gradient_options)):
         for name, g in grads.items():
             buffers[name][row].copy_(g)
+        del grads, g  # in the buffers now
         row += 1
         if row == chunk or index == num_grads - 1:
             with maybe_phase(profiler, "fisher"):

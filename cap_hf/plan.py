@@ -27,6 +27,7 @@ from cap_hf.fisher import (
     WOODBURY_RANK,
     batch_loss,
     divisor_block_size,
+    gradient_rows,
     gradients_only_for,
 )
 from cap_hf.memory import GB, device_memory_bytes, hwm_bytes, reset_hwm, rss_bytes
@@ -81,7 +82,7 @@ def fisher_kinds(methods: Sequence[PruningMethod]) -> list[str]:
 def layer_bytes(numel: int, block: int, kinds: Sequence[str], config) -> int:
     """Peak bytes one layer adds to its group: its Fisher blocks (turned into the inverse in place), the
     gradient buffers and autograd's gradient; then the inverse with the kernels' weights and scores."""
-    chunk = min(config.grad_chunk_size, config.num_grads)
+    chunk = gradient_rows(config.grad_chunk_size, config.num_grads, config.accumulation, kinds)
     fisher = block if "block" in kinds else 0
     gradients = numel * FLOAT * (fisher + chunk + 1)
     prepare = numel * FLOAT * fisher + numel * (FLOAT + FLOAT + 8)
@@ -255,7 +256,7 @@ def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, resu
     sizes = {name: layer_bytes(numels[name], blocks[name], kinds, config) for name in targets}
     biggest = max(sizes, key=sizes.get)
     if sizes[biggest] > available:
-        chunk = min(config.grad_chunk_size, config.num_grads)
+        chunk = gradient_rows(config.grad_chunk_size, config.num_grads, config.accumulation, kinds)
         fitting_block = max(0, available) // (FLOAT * numels[biggest]) - chunk - 1
         hint = (f"lower fisher_block_size (at most {fitting_block} fits what is left)" if fitting_block >= 1 else
                 "lower fisher_block_size (no block size fits what is left)")

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from benchlib import ROOT, command_line, load_reference, machine, write_section
+from benchlib import BENCHMARKS, ROOT, command_line, load_reference, machine, write_section
 from transformers import ViTConfig, ViTForImageClassification
 
 from cap_hf import Pruner, PruningConfig, find_targets
@@ -253,35 +253,46 @@ def section_name(args, config: PruningConfig) -> str:
     return name + (" (reference comparison only)" if args.skip_step else "")
 
 
+SUMMARY = "## Pruning step scale: summary"
+
+
 def write_summary(out_dir: Path) -> None:
-    rows = []
-    results = [json.loads(path.read_text()) for path in out_dir.glob("*.json")]
-    archs, methods = list(ARCHS), ["cap", "obs", "fastcap", "magnitude"]
-    results.sort(key=lambda r: (archs.index(r["args"]["arch"]), methods.index(r["pruning"]["method"]),
-                                r["pruning"]["num_grads"]))
-    for r in results:
+    """One row per run configuration (arch, method, gradients, B, budget): from this machine's result files in
+    OUTPUT_DIR, and the rows already in docs/benchmarks.md for configurations not measured again here."""
+    rows = {}
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+    if SUMMARY in text:
+        section = text[text.index(SUMMARY):].split("\n## ", 1)[0]
+        for line in section.splitlines():
+            if line.startswith("| deit"):
+                rows[tuple(c.strip() for c in line.split("|")[1:6])] = line
+    for path in sorted(out_dir.glob("*.json")):
+        r = json.loads(path.read_text())
         a, c, s = r["args"], r["pruning"], r["step"]
         sec = {k: s["phases"].get(k, {}).get("seconds", 0.0) for k in PHASES}
-        plan = s.get("plan") or {}
-        ref = r.get("reference") or {}
-        rows.append(
-            f"| {a['arch']} | {c['method']} | {c['num_grads']} x {c['grad_batch_size']} img | {c['fisher_block_size']} "
-            f"| {c['max_memory_gb'] if c['max_memory_gb'] is not None else '-'} | {plan.get('groups', '-')} "
-            f"| {plan.get('store', '-')} | {sec['gradients']:.0f} | {sec['fisher']:.0f} | {sec['inversion']:.0f} "
-            f"| {sec['prepare']:.0f} | {sec['selection'] + sec['write-back']:.0f} "
-            f"| {s['total_seconds']:.0f} | **{s['peak_gb']:.2f}** "
-            + (f"| {ref['fisher_speedup']:.1f}x @N={ref['num_grads']} |" if ref else "| - |"))
+        plan, ref = s.get("plan") or {}, r.get("reference") or {}
+        key = (a["arch"], c["method"], f"{c['num_grads']} x {c['grad_batch_size']} img", str(c["fisher_block_size"]),
+               str(c["max_memory_gb"]) if c["max_memory_gb"] is not None else "-")
+        rows[key] = (f"| {' | '.join(key)} | {plan.get('groups', '-')} | {plan.get('store', '-')} "
+                     f"| {sec['gradients']:.0f} | {sec['fisher']:.0f} | {sec['inversion']:.0f} | {sec['prepare']:.0f} "
+                     f"| {sec['selection'] + sec['write-back']:.0f} | {s['total_seconds']:.0f} | **{s['peak_gb']:.2f}** "
+                     + (f"| {ref['fisher_speedup']:.1f}x @N={ref['num_grads']} |" if ref else "| - |"))
+    archs, methods = list(ARCHS), ["cap", "obs", "fastcap", "magnitude"]
+    order = sorted(rows, key=lambda k: (archs.index(k[0]), methods.index(k[1]), int(k[2].split()[0])))
     body = "\n".join([
-        "## Pruning step scale: summary", "",
+        SUMMARY, "",
         "One pruning step of a DeiT-sized ViT (random weights, 224x224 random images), all 72 attention/MLP "
         "layers, sparsity 0.5. Seconds per phase (summed over layer groups), peak = the process's peak RSS "
-        "during the step (model, libraries and everything). Fisher x = the rank-1 reference's Fisher build "
-        "time over the library's (accumulation + inversion), same gradients and layers (Part 2 of each run). "
-        "Per-run details, commands and machine in the sections below; made by scripts/bench_pruning_step.py.", "",
+        "during the step (model, libraries and everything). prepare = the method's kernel (CAP: greedy "
+        "elimination and packing of the snapshots into the store); runs made before the engine (cap_hf 0.1) "
+        "show their elimination there and the writes to the store under select+write. Fisher x = the rank-1 "
+        "reference's Fisher build time over the library's (accumulation + inversion), same gradients and layers "
+        "(Part 2 of each run). Per-run details, commands and machine in the sections below; made by "
+        "scripts/bench_pruning_step.py.", "",
         "| arch | method | gradients | B | budget GB | groups | results kept | grad s | fisher s | inversion s "
         "| prepare s | select+write s | total s | peak GB | Fisher x (ref/lib) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""])
-    write_section(body, "## Pruning step scale: summary")
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *(rows[k] for k in order), ""])
+    write_section(body, SUMMARY)
 
 
 @dataclass

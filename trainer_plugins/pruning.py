@@ -100,7 +100,7 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         self.enforce()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._pending_log:  # log right after a pruning step
+        if self._pending_log and args.logging_strategy != "no":  # log right after a pruning step
             control.should_log = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
