@@ -23,6 +23,7 @@ from torch import nn
 from cap_hf.config import parse_structure
 from cap_hf.masks import sparsity_report, verify_sparsity
 from cap_hf.record import SCHEMA, SCHEMA_VERSION, SPARSITY_FILE, CheckpointError, load_sparsity_config
+from cap_hf.targets import find_targets
 
 RECIPE_FILE = "cap_recipe.yaml"
 EVAL_FILE = "eval_results.json"
@@ -91,8 +92,6 @@ def write_sparsity_files(
     base_model: str | None = None,
 ) -> dict:
     """Write sparsity_config.json (and cap_recipe.yaml when given) next to weights already saved."""
-    from cap_hf.targets import find_targets
-
     pattern = None if isinstance(targets, Mapping) else targets
     modules = targets if isinstance(targets, Mapping) else find_targets(model, targets, ignore)
     record = build_sparsity_config(modules, method, structure, target_pattern=pattern, ignore=ignore,

@@ -32,6 +32,7 @@ from cap_hf.fisher import (
 )
 from cap_hf.memory import GB, device_memory_bytes, hwm_bytes, reset_hwm, rss_bytes
 from cap_hf.methods import PruningMethod, get_method
+from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)
 
@@ -304,8 +305,6 @@ def check_budget(model: nn.Module, config, methods: Sequence[str] | None = None,
     loading data or training: MemoryBudgetError now for a budget that can never be met."""
     if config.max_memory_gb is None:
         return
-    from cap_hf.targets import find_targets
-
     kernels = [get_method(name)(config.replace(method=get_method(name).name)) for name in (methods or [config.method])]
     if not fisher_kinds(kernels):
         return

@@ -35,7 +35,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from cap_hf import Pruner, PruningConfig, find_targets
 from cap_hf.cli import parse_args
-from cap_hf.fisher import BlockFisher, choose_block_size, iter_gradients
+from cap_hf.fisher import BlockFisher, choose_block_size, gradient_rows, iter_gradients
 from cap_hf.masks import sparsity_report
 from cap_hf.memory import GB, PhaseProfiler, rss_bytes
 from cap_hf.methods import Layer, get_method
@@ -135,7 +135,7 @@ def run_reference(args, cfg: PruningConfig, device: torch.device) -> dict:
     accumulate = cfg.accumulation
     library = BlockFisher(numels, blocks, device=device, **(
         {"accumulate": "inverse", "damp": cfg.damp, "num_grads": n_grads} if accumulate == "inverse" else {}))
-    chunk = min(cfg.grad_chunk_size, n_grads)
+    chunk = gradient_rows(cfg.grad_chunk_size, n_grads, accumulate)  # as the library buffers them
     buffers = {n: torch.empty(chunk, numels[n], device=device) for n in targets}
     original = {n: m.weight.detach().reshape(-1, blocks[n]).float().clone() for n, m in targets.items()}
     zeros = {n: w == 0 for n, w in original.items()}
@@ -287,8 +287,8 @@ def write_summary(out_dir: Path) -> None:
         "elimination and packing of the snapshots into the store); runs made before the engine (cap_hf 0.1) "
         "show their elimination there and the writes to the store under select+write. Fisher x = the rank-1 "
         "reference's Fisher build time over the library's (accumulation + inversion), same gradients and layers "
-        "(Part 2 of each run). Per-run details, commands and machine in the sections below; made by "
-        "scripts/bench_pruning_step.py.", "",
+        "(Part 2 of each run). Rows come from different sessions and machines: each run's section below has its "
+        "command and machine; made by scripts/bench_pruning_step.py.", "",
         "| arch | method | gradients | B | budget GB | groups | results kept | grad s | fisher s | inversion s "
         "| prepare s | select+write s | total s | peak GB | Fisher x (ref/lib) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *(rows[k] for k in order), ""])
