@@ -8,6 +8,8 @@ from pathlib import Path
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
+    ResNetConfig,
+    ResNetForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessorPil,
@@ -18,6 +20,17 @@ def make_image_processor(image_size: int, num_channels: int, mean: float = 0.5, 
     """A ViT image processor (PIL backend, no torchvision needed) for square images of `image_size`."""
     return ViTImageProcessorPil(size={"height": image_size, "width": image_size},
                                 image_mean=[mean] * num_channels, image_std=[std] * num_channels)
+
+
+def processor_image_size(processor) -> tuple[int, int]:
+    """(height, width) of the images `processor` gives the model (its crop when it crops)."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) and processor.crop_size else processor.size
+    size = dict(size)
+    if size.get("height") and size.get("width"):
+        return int(size["height"]), int(size["width"])
+    if size.get("shortest_edge"):
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    raise ValueError(f"Cannot tell the input size from the image processor's size {size}; pass --image_size.")
 
 
 def make_vit_classifier(label_names: list[str], image_size: int, num_channels: int, patch_size: int,
@@ -34,6 +47,21 @@ def make_vit_classifier(label_names: list[str], image_size: int, num_channels: i
         id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
     )
     return ViTForImageClassification(config)
+
+
+def make_resnet_classifier(label_names: list[str], num_channels: int, layer_type: str = "bottleneck",
+                           embedding_size: int = 32, hidden_sizes: tuple[int, ...] = (64, 128, 256),
+                           depths: tuple[int, ...] = (2, 2, 2), seed: int = 0) -> ResNetForImageClassification:
+    """A randomly initialised transformers ResNet classifier (basic or bottleneck blocks)."""
+    import torch
+
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=num_channels, embedding_size=embedding_size, hidden_sizes=list(hidden_sizes),
+        depths=list(depths), layer_type=layer_type, num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
+    )
+    return ResNetForImageClassification(config)
 
 
 def _check_folder(name_or_path: str) -> None:

@@ -5,20 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_accuracy_vs_sparsity(records: list[dict], path: str | Path, title: str = "One-shot pruning") -> Path:
+def plot_accuracy_lines(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, title: str,
+                        dense: float | None = None) -> Path:
+    """One line of (x, top-1 %) points per label, and the dense model's accuracy as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    dense = [r for r in records if r["method"] == "dense"]
-    for method in dict.fromkeys(r["method"] for r in records if r["method"] != "dense"):
-        rows = sorted((r for r in records if r["method"] == method), key=lambda r: r["sparsity"])
-        ax.plot([100 * r["sparsity"] for r in rows], [100 * r["accuracy"] for r in rows], marker="o", label=method)
-    if dense:
-        ax.axhline(100 * dense[0]["accuracy"], color="gray", linestyle="--", label="dense")
-    ax.set_xlabel("sparsity of pruned layers (%)")
+    for label, points in series.items():
+        points = sorted(points)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    if dense is not None:
+        ax.axhline(dense, color="gray", linestyle="--", label="dense")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -28,6 +29,14 @@ def plot_accuracy_vs_sparsity(records: list[dict], path: str | Path, title: str 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_accuracy_vs_sparsity(records: list[dict], path: str | Path, title: str = "One-shot pruning") -> Path:
+    dense = [r for r in records if r["method"] == "dense"]
+    series = {method: [(100 * r["sparsity"], 100 * r["accuracy"]) for r in records if r["method"] == method]
+              for method in dict.fromkeys(r["method"] for r in records if r["method"] != "dense")}
+    return plot_accuracy_lines(series, path, "sparsity of pruned layers (%)", title,
+                               100 * dense[0]["accuracy"] if dense else None)
 
 
 def plot_layer_sparsity(per_layer: dict[str, float], path: str | Path, title: str = "Sparsity per layer") -> Path:

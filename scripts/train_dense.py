@@ -1,8 +1,11 @@
-"""Train a dense ViT classifier from a config on an image dataset, so benchmarks can make their own teachers.
+"""Train a dense ViT or ResNet classifier from a config on an image dataset, so benchmarks can make their
+own teachers.
 
   python scripts/train_dense.py --dataset_name data/fashion-mnist --output_dir outputs/fmnist-vit \
       --image_size 28 --patch_size 7 --hidden_size 192 --num_hidden_layers 6 --num_attention_heads 3 \
       --num_train_epochs 5 --learning_rate 1e-3
+  python scripts/train_dense.py --arch resnet --layer_type bottleneck --embedding_size 32 \
+      --hidden_sizes 64,128,256 --depths 2,2,2 --dataset_name data/fashion-mnist --output_dir outputs/fmnist-resnet
 
 The folder it writes (model + preprocessor_config.json + all_results.json) is a --model_name_or_path
 for scripts/oneshot.py and scripts/prune.py.
@@ -18,11 +21,12 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from cap_hf.data import collate, prepare_splits
 from cap_hf.metrics import compute_metrics
-from cap_hf.models import make_image_processor, make_vit_classifier
+from cap_hf.models import make_image_processor, make_resnet_classifier, make_vit_classifier
 
 
 @dataclass
 class ModelArguments:
+    arch: str = field(default="vit", metadata={"help": "vit, or resnet (transformers ResNetForImageClassification)."})
     image_size: int = field(default=28, metadata={"help": "Input resolution (images are resized to it)."})
     num_channels: int = field(default=1, metadata={"help": "1 for grayscale data, 3 for RGB."})
     patch_size: int = field(default=7, metadata={"help": "ViT patch size; must divide image_size."})
@@ -30,6 +34,10 @@ class ModelArguments:
     num_hidden_layers: int = field(default=6)
     num_attention_heads: int = field(default=3)
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default 4x hidden)."})
+    layer_type: str = field(default="bottleneck", metadata={"help": "ResNet blocks: bottleneck or basic."})
+    embedding_size: int = field(default=32, metadata={"help": "ResNet stem width."})
+    hidden_sizes: str = field(default="64,128,256", metadata={"help": "ResNet stage widths, comma-separated."})
+    depths: str = field(default="2,2,2", metadata={"help": "ResNet blocks per stage, comma-separated."})
 
 
 @dataclass
@@ -47,7 +55,9 @@ class DataArguments:
 def main() -> None:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses()
-    if model_args.image_size % model_args.patch_size:
+    if model_args.arch not in ("vit", "resnet"):
+        raise SystemExit(f"--arch must be vit or resnet, got {model_args.arch!r}.")
+    if model_args.arch == "vit" and model_args.image_size % model_args.patch_size:
         raise SystemExit(f"--patch_size {model_args.patch_size} must divide --image_size {model_args.image_size}.")
     if os.path.isdir(training_args.output_dir) and os.listdir(training_args.output_dir) \
             and not data_args.overwrite_output_dir:
@@ -63,9 +73,15 @@ def main() -> None:
         data_args.max_eval_samples, seed=training_args.seed)
     if names is None:
         raise SystemExit(f"Label column {data_args.label_column_name!r} is not a ClassLabel; cannot name classes.")
-    model = make_vit_classifier(names, model_args.image_size, model_args.num_channels, model_args.patch_size,
-                                model_args.hidden_size, model_args.num_hidden_layers, model_args.num_attention_heads,
-                                model_args.intermediate_size, seed=training_args.seed)
+    if model_args.arch == "resnet":
+        sizes, depths = (tuple(int(x) for x in text.split(",")) for text in (model_args.hidden_sizes, model_args.depths))
+        model = make_resnet_classifier(names, model_args.num_channels, model_args.layer_type, model_args.embedding_size,
+                                       sizes, depths, seed=training_args.seed)
+    else:
+        model = make_vit_classifier(names, model_args.image_size, model_args.num_channels, model_args.patch_size,
+                                    model_args.hidden_size, model_args.num_hidden_layers,
+                                    model_args.num_attention_heads, model_args.intermediate_size,
+                                    seed=training_args.seed)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       data_collator=collate, compute_metrics=compute_metrics, processing_class=processor)
     train_result = trainer.train()

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,6 +22,23 @@ def tiny_vit_config(**overrides) -> ViTConfig:
 def tiny_vit():
     torch.manual_seed(0)
     return ViTForImageClassification(tiny_vit_config()).eval()
+
+
+def tiny_resnet(layer_type="bottleneck", classifier=True, **overrides):
+    """A small transformers ResNet with non-trivial batch-norm statistics, in eval mode."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
+
+    torch.manual_seed(0)
+    values = dict(num_channels=1, embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1], layer_type=layer_type,
+                  num_labels=10)
+    values.update(overrides)
+    config = ResNetConfig(**values)
+    model = ResNetForImageClassification(config) if classifier else ResNetModel(config)
+    for module in model.modules():  # non-trivial batch-norm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
 
 
 def load_script(name: str):
@@ -63,3 +82,22 @@ class FakeHfApi:
         files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
         self.uploaded = sorted(filter_repo_objects(files, ignore_patterns=kwargs["ignore_patterns"]))
         return type("CommitInfo", (), {"commit_url": "https://huggingface.co/me/x/commit/abc", "pr_url": None})()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+
+
+def run_script(name, *args, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], env=ENV,
+                            capture_output=True, text=True, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "digits"
+    run_script("prepare_data.py", "--dataset", "digits", "--output_dir", out)
+    return out

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import tiny_vit_config
+from conftest import tiny_resnet, tiny_vit_config
 from transformers import (
     AutoConfig,
     AutoModel,
@@ -125,20 +125,6 @@ def test_bad_sizes_are_rejected(vit):
         shrink_vit(vit, {0: [4]})
     with pytest.raises(ValueError, match=r"Layers \[7\] do not exist"):
         shrink_vit(vit, keep_neurons={7: [0]})
-
-
-def tiny_resnet(layer_type="bottleneck", classifier=True):
-    from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
-
-    torch.manual_seed(0)
-    config = ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[16, 32], depths=[2, 1],
-                          layer_type=layer_type, num_labels=10)
-    model = ResNetForImageClassification(config) if classifier else ResNetModel(config)
-    for module in model.modules():  # non-trivial batch-norm statistics
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 @pytest.mark.parametrize("layer_type", ["bottleneck", "basic"])

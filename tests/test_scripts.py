@@ -1,30 +1,9 @@
 """End to end: scripts/train_dense.py and scripts/oneshot.py on real data (scikit-learn digits)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-
-
-def run_script(name, *args, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *map(str, args)], env=ENV,
-                            capture_output=True, text=True, cwd=ROOT)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return result
-
-
-@pytest.fixture(scope="session")
-def digits_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "digits"
-    run_script("prepare_data.py", "--dataset", "digits", "--output_dir", out)
-    return out
+from conftest import run_script
 
 
 @pytest.fixture(scope="session")

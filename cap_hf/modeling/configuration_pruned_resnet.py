@@ -14,11 +14,16 @@ class PrunedResNetConfig(ResNetConfig):
     block_widths (`list[list[int]]`, *optional*):
         For every residual block, in order over the stages: the output channels of each inner
         convolution but the last (bottleneck: [conv1, conv2]; basic: [conv1]). Default: the stock widths.
+    block_shortcuts (`list[bool]`, *optional*):
+        For every residual block: whether its shortcut is a projection (1x1 convolution + batch norm) or the
+        identity. Default: the stock rule (a projection where the width or the resolution changes); pruned
+        residual streams can end up with equal widths where the original had a projection.
     """
 
     model_type = "pruned_resnet"
 
     block_widths: list[list[int]] | None = None
+    block_shortcuts: list[bool] | None = None
 
     def __post_init__(self, **kwargs):
         inner = 2 if self.layer_type == "bottleneck" else 1
@@ -34,6 +39,11 @@ class PrunedResNetConfig(ResNetConfig):
                              f"ResNet (depths {list(self.depths)}), got {self.block_widths}.")
         if min(min(b) for b in self.block_widths) < 1:
             raise ValueError("Every inner width in block_widths must be >= 1.")
+        if self.block_shortcuts is not None:
+            self.block_shortcuts = [bool(s) for s in self.block_shortcuts]
+            if len(self.block_shortcuts) != len(stock):
+                raise ValueError(f"block_shortcuts needs one entry per residual block ({len(stock)}), "
+                                 f"got {len(self.block_shortcuts)}.")
         super().__post_init__(**kwargs)
 
 

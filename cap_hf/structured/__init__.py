@@ -1,5 +1,16 @@
-"""Structured pruning: physical removal of heads, neurons and channels."""
+"""Structured pruning: whole channels, heads and neurons removed into physically smaller models.
 
+- groups.py: channel groups (coupled residual streams and uncoupled block channels) read off the model
+  by Torch-Pruning's DependencyGraph; physical removal; export into cap_hf.modeling classes
+- dfpc.py: DFPC's data-free saliency (BGSC) and the L1 / random baselines; the global greedy order
+- channels.py: one run (a pruning ratio, or the fewest channels that reach a measured speed-up)
+- measure.py: parameters, MACs and latency
+- shrink.py: keep given heads / neurons / block channels (explicit choices, no scores)
+"""
+
+from cap_hf.structured.channels import ChannelPruning, prune_channels
+from cap_hf.structured.groups import ChannelGraph, ChannelGroup, remove_channels
 from cap_hf.structured.shrink import shrink_resnet, shrink_vit
 
-__all__ = ["shrink_resnet", "shrink_vit"]
+__all__ = ["ChannelGraph", "ChannelGroup", "ChannelPruning", "prune_channels", "remove_channels", "shrink_resnet",
+           "shrink_vit"]

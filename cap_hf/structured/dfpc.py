@@ -1,0 +1,164 @@
+"""DFPC (Narshana, Murti, Bhattacharyya, ICLR 2023): data-free saliency of coupled channels, and the
+global greedy choice of channels to remove. Baselines in the same code: L1 norm and random scores.
+
+BGSC, the data-free saliency, bounds how much removing channel k of a group can change the
+pre-activations of the layers that read it, for bounded inputs. Every operation on the path is
+written as a non-negative matrix: a convolution as |T(W)| (its unrolled Toeplitz matrix with absolute
+weights), a batch norm as diag(|gamma| / sqrt(var + eps)), ReLU and the residual add as the identity
+(1-Lipschitz), max-pooling as the average pooling of the same window, global average pooling as the
+averaging matrix. For producer a (convolution + its batch norm, M_a) and consumer b (N_b) the
+contribution of channel k is 1^T N_b[:, P(k)] M_a[P(k), :] 1, summed over every pair (a, b) whose
+data flows from a to b (b runs after a). Because all entries are non-negative this is
+sum_p rowsum(M_a)[k, p] * colsum(N_b)[k, p] over the positions p of channel k, and both factors are one
+convolution of an all-ones input with |W_a| and one transposed convolution of an all-ones output with
+|W_b|: exact at borders and strides, no Toeplitz matrix is ever built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
+
+SCORES = ("dfpc", "l1", "random")
+
+
+def _norm_scale(norm: Member | None, channels: list[int]) -> torch.Tensor | None:
+    """|gamma| / sqrt(running_var + eps) of a batch norm, for the given channels."""
+    if norm is None:
+        return None
+    bn = norm.module
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise NotImplementedError(f"BGSC needs a channel-wise norm after each producer; {norm.name} is "
+                                  f"{type(bn).__name__}.")
+    gamma = bn.weight.abs() if bn.weight is not None else torch.ones_like(bn.running_var)
+    return (gamma / torch.sqrt(bn.running_var + bn.eps))[channels]
+
+
+def _producer_map(graph: ChannelGraph, group: ChannelGroup, producer: Member) -> torch.Tensor:
+    """rowsum(M_a) for the group's channels: [group size, H, W] (a Linear producer: [group size, 1, 1])."""
+    module, (in_shape, _) = producer.module, graph.shapes[producer.name]
+    weight = module.weight.detach().float().abs()
+    if isinstance(module, nn.Conv2d):
+        ones = torch.ones(1, *in_shape, device=weight.device)
+        rows = F.conv2d(ones, weight, None, module.stride, module.padding, module.dilation, module.groups)[0]
+    else:
+        rows = weight.sum(1)[:, None, None]
+    rows = rows[producer.channels]
+    scale = _norm_scale(graph.norm_after(producer, group), producer.channels)
+    return rows if scale is None else rows * scale.float()[:, None, None]
+
+
+def _consumer_map(graph: ChannelGraph, consumer: Member) -> torch.Tensor:
+    """colsum(N_b) for the group's channels at b's input positions: [group size, H, W] ([size, 1, 1] for a Linear)."""
+    module, (in_shape, out_shape) = consumer.module, graph.shapes[consumer.name]
+    weight = module.weight.detach().float().abs()
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise NotImplementedError(f"BGSC for grouped convolutions ({consumer.name}) is not written yet.")
+        ones = torch.ones(1, *out_shape, device=weight.device)
+        natural = [(o - 1) * s - 2 * p + d * (k - 1) + 1 for o, s, p, d, k in zip(
+            out_shape[1:], module.stride, module.padding, module.dilation, module.kernel_size, strict=True)]
+        extra = [i - n for i, n in zip(in_shape[1:], natural, strict=True)]  # rows a strided conv never reads
+        cols = F.conv_transpose2d(ones, weight, None, module.stride, module.padding, extra, 1, module.dilation)[0]
+    else:
+        cols = weight.sum(0)[:, None, None]
+    return cols[consumer.channels]
+
+
+def _carry(graph: ChannelGraph, producer: Member, consumer: Member, rows: torch.Tensor) -> torch.Tensor:
+    """rowsum(M_a) carried through the pooling layers between a and b (max-pooling as average pooling)."""
+    for name, pool in graph.pools_between(producer.name, consumer.name):
+        if tuple(graph.shapes[name][0][1:]) != tuple(rows.shape[1:]):
+            continue
+        if isinstance(pool, nn.AdaptiveAvgPool2d):
+            rows = F.adaptive_avg_pool2d(rows[None], pool.output_size)[0]
+        else:
+            rows = F.avg_pool2d(rows[None], pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)[0]
+    if isinstance(consumer.module, nn.Linear) and rows.shape[1:] != (1, 1):
+        rows = rows.mean((1, 2), keepdim=True)  # flatten after a global pool the graph did not show
+    want = graph.shapes[consumer.name][0]
+    if isinstance(consumer.module, nn.Conv2d) and tuple(rows.shape[1:]) != tuple(want[1:]):
+        raise NotImplementedError(f"BGSC: the data from {producer.name} ({tuple(rows.shape[1:])}) reaches "
+                                  f"{consumer.name} at {tuple(want[1:])} through an operation it cannot bound.")
+    return rows
+
+
+@torch.no_grad()
+def bgsc_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
+    """DFPC's data-free saliency of every channel of `group` (sum over producer/consumer pairs)."""
+    scores = torch.zeros(group.size, dtype=torch.float64)
+    for producer in group.producers:
+        rows = _producer_map(graph, group, producer)
+        for consumer in group.consumers:
+            if graph.order[consumer.name] <= graph.order[producer.name]:
+                continue  # the data of a later block never reaches an earlier one
+            carried = _carry(graph, producer, consumer, rows)
+            scores += (carried * _consumer_map(graph, consumer)).sum((1, 2)).double().cpu()
+    return scores
+
+
+@torch.no_grad()
+def l1_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
+    """The L1 baseline of the DFPC paper: the sum over producers of each output filter's L1 norm."""
+    scores = torch.zeros(group.size, dtype=torch.float64)
+    for producer in group.producers:
+        weight = producer.module.weight.detach().abs()
+        scores += weight.reshape(weight.shape[0], -1).sum(1)[producer.channels].double().cpu()
+    return scores
+
+
+def channel_scores(graph: ChannelGraph, method: str, seed: int = 0) -> dict[int, torch.Tensor]:
+    """{group index: one score per channel} for method 'dfpc' (BGSC), 'l1' or 'random'. Lower goes first."""
+    if method not in SCORES:
+        raise ValueError(f"Unknown structured method {method!r}; choose one of {', '.join(SCORES)}.")
+    if method == "random":
+        generator = torch.Generator().manual_seed(seed)
+        return {g.index: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in graph.groups}
+    score = bgsc_scores if method == "dfpc" else l1_scores
+    return {g.index: score(graph, g) for g in graph.groups}
+
+
+def removal_order(groups: Sequence[ChannelGroup], scores: Mapping[int, torch.Tensor],
+                  uncoupled_only: bool = False) -> list[tuple[int, int]]:
+    """(group, channel) in the order the global greedy removes them: lowest raw score first, scores
+    computed once (as in the paper), never the last channel of a group; with `uncoupled_only`, only
+    groups with one producer and one consumer (the paper's baseline that leaves coupled channels)."""
+    allowed = [g for g in groups if not (uncoupled_only and g.coupled)]
+    left = {g.index: g.size for g in allowed}
+    order = []
+    candidates = sorted((float(scores[g.index][c]), g.index, c) for g in allowed for c in range(g.size))
+    for _, index, channel in candidates:
+        if left[index] > 1:
+            left[index] -= 1
+            order.append((index, channel))
+    return order
+
+
+def removal_plan(order: Sequence[tuple[int, int]], count: int, sizes: Mapping[int, int] | None = None,
+                 round_to: int = 1) -> dict[int, list[int]]:
+    """The first `count` removals of `order` as {group index: channels}. With `round_to` > 1 every group
+    keeps a multiple of it (or all its channels): the last channels taken from a group (its highest scores
+    among those removed) are given back, since CPU and GPU kernels run much slower on odd widths."""
+    plan: dict[int, list[int]] = {}
+    for index, channel in order[:count]:
+        plan.setdefault(index, []).append(channel)
+    if round_to > 1:
+        if sizes is None:
+            raise ValueError("removal_plan needs the group sizes to round widths.")
+        for index, channels in list(plan.items()):
+            kept = sizes[index] - len(channels)
+            rounded = min(sizes[index], -(-kept // round_to) * round_to)
+            plan[index] = channels[: len(channels) - (rounded - kept)]
+            if not plan[index]:
+                del plan[index]
+    return plan
+
+
+def prunable_channels(groups: Sequence[ChannelGroup], uncoupled_only: bool = False) -> int:
+    """Channels in the groups a method may prune: the denominator of a pruning ratio."""
+    return sum(g.size for g in groups if not (uncoupled_only and g.coupled))

@@ -1,0 +1,54 @@
+"""What a structured result is judged by: parameters, MACs, and measured latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def images(model: nn.Module, batch_size: int, image_size: int | Sequence[int]) -> torch.Tensor:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    param = next(model.parameters())
+    return torch.randn(batch_size, model.config.num_channels, *size, generator=torch.Generator().manual_seed(0)).to(
+        device=param.device, dtype=param.dtype)
+
+
+@torch.inference_mode()
+def count_macs(model: nn.Module, image_size: int | Sequence[int]) -> int:
+    """Multiply-accumulates of one image's forward pass (torch's FLOP counter, every aten op: convolutions,
+    linears and attention's matmuls alike), halved from FLOPs."""
+    with FlopCounterMode(display=False) as counter:
+        model(pixel_values=images(model, 1, image_size))
+    return int(counter.get_total_flops() // 2)
+
+
+@torch.inference_mode()
+def latencies_ms(models: Sequence[nn.Module], image_size: int | Sequence[int], batch_size: int, repeats: int = 30,
+                 warmup: int = 5) -> list[float]:
+    """Median wall time of one forward pass of each model at `batch_size`, in milliseconds. The models take
+    turns pass by pass (warm-up first), so drifts of the machine fall on all of them alike; CUDA is
+    synchronised. Thread count: torch.get_num_threads(), recorded by the caller."""
+    inputs = [images(model, batch_size, image_size) for model in models]
+    cuda = any(x.device.type == "cuda" for x in inputs)
+    times: list[list[float]] = [[] for _ in models]
+    for i in range(warmup + repeats):
+        for model, x, kept in zip(models, inputs, times, strict=True):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(pixel_values=x)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                kept.append((time.perf_counter() - start) * 1000)
+    return [statistics.median(kept) for kept in times]
+
