@@ -1,4 +1,5 @@
-"""CAPTrainer: transformers.Trainer with gradual pruning, distillation and the cyclic-linear LR.
+"""Trainers: DistillationTrainer (transformers.Trainer with distillation from the unpruned model: the
+fine-tuning of structurally pruned models) and CAPTrainer (that plus gradual pruning and the cyclic-linear LR).
 
 Narrow overrides only (compute_loss, create_scheduler, train, _load_from_checkpoint, save_model,
 create_model_card); the pruning itself lives in trainer_plugins.CAPPruningCallback, which also works with
@@ -30,9 +31,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class CAPTrainingArguments(TrainingArguments):
-    """TrainingArguments plus the training side of gradual pruning: the schedule, distillation and the LR
-    cycle. What a pruning step does (method, final sparsity, Fisher, targets) is a PruningConfig."""
+class DistillationArguments(TrainingArguments):
+    """TrainingArguments plus distillation from a teacher (by default the model as it was before pruning),
+    with the Trainer defaults that suit fine-tuning pruned image models."""
 
     # Trainer defaults that suit pruning runs
     eval_strategy: IntervalStrategy | str = field(default="epoch", metadata={
@@ -40,6 +41,26 @@ class CAPTrainingArguments(TrainingArguments):
                 "the sparsity rises; turned off when there is no evaluation data)."})
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Image datasets keep their columns for the transforms (Trainer's default is True)."})
+    # distillation
+    distill: bool = field(default=True, metadata={"help": "Distill from the dense model (or --teacher_name_or_path)."})
+    teacher_name_or_path: str | None = field(
+        default=None, metadata={"help": "Teacher model id or folder (default: a frozen copy of the dense model)."})
+    distill_temperature: float = field(default=2.0, metadata={"help": "KD temperature T."})
+    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KD term; 1 - alpha goes to CE."})
+
+    def __post_init__(self):
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            self.use_cpu = True  # several CPU processes: accelerate then runs DDP over gloo
+        super().__post_init__()
+        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
+            raise ValueError("distill_alpha must be in [0, 1] and distill_temperature positive.")
+
+
+@dataclass
+class CAPTrainingArguments(DistillationArguments):
+    """TrainingArguments plus the training side of gradual pruning: the schedule, distillation and the LR
+    cycle. What a pruning step does (method, final sparsity, Fisher, targets) is a PruningConfig."""
+
     # schedule
     init_sparsity: float | None = field(
         default=None, metadata={"help": "Sparsity of the first pruning step (default: half of the final sparsity)."})
@@ -53,12 +74,6 @@ class CAPTrainingArguments(TrainingArguments):
     pruning_schedule: str | None = field(
         default=None, metadata={"help": "Explicit 'epoch:sparsity,...' list, e.g. '0:0.4,2:0.6,4:0.75'; "
                                         "overrides the fields above."})
-    # distillation
-    distill: bool = field(default=True, metadata={"help": "Distill from the dense model (or --teacher_name_or_path)."})
-    teacher_name_or_path: str | None = field(
-        default=None, metadata={"help": "Teacher model id or folder (default: a frozen copy of the dense model)."})
-    distill_temperature: float = field(default=2.0, metadata={"help": "KD temperature T."})
-    distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KD term; 1 - alpha goes to CE."})
     # learning rate
     cyclic_lr: bool = field(
         default=False, metadata={"help": "The paper's LR: restart at learning_rate at every pruning step and fall "
@@ -66,11 +81,7 @@ class CAPTrainingArguments(TrainingArguments):
     min_learning_rate: float = field(default=1e-5, metadata={"help": "End of each cyclic-linear LR cycle."})
 
     def __post_init__(self):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            self.use_cpu = True  # several CPU processes: accelerate then runs DDP over gloo
         super().__post_init__()
-        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError("distill_alpha must be in [0, 1] and distill_temperature positive.")
         if self.cyclic_lr and not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"min_learning_rate ({self.min_learning_rate}) must be in [0, learning_rate].")
 
@@ -84,29 +95,19 @@ class CAPTrainingArguments(TrainingArguments):
                               self.num_pruning_steps, self.inter_func, self.pruning_schedule)
 
 
-class CAPTrainer(Trainer):
-    """Trainer that prunes gradually with CAP (or FastCAP / OBS / magnitude) and distils from the dense model.
+class DistillationTrainer(Trainer):
+    """Trainer whose loss distils from a frozen teacher: (1 - alpha) CE + alpha T^2 KL (cap_hf.distill).
 
-    Args (besides Trainer's):
-        pruning_config: what each pruning step does, and the final sparsity (default PruningConfig()).
-        calibration_dataset: dataset for the Fisher gradients (eval transforms, plain labels); default
-            the train dataset. Read like the training data (dataloader_num_workers, ...).
-        teacher_model: the distillation teacher; default a frozen copy of `model` taken before pruning.
-        pruning_loss_fn: `loss_fn(model, batch)` for the Fisher (default cross-entropy of the logits).
+    Fine-tunes a structurally pruned model from the unpruned one (scripts/structured_prune.py
+    --finetune_epochs). Args (besides Trainer's): teacher_model, the teacher (default: a frozen copy of
+    `model` as it is now). With `args.distill` false it is a plain Trainer with these defaults.
     """
 
-    _tag_names = ["cap", "sparse", "pruned"]
-
-    def __init__(self, model: nn.Module, args: CAPTrainingArguments, *, pruning_config: PruningConfig | None = None,
-                 calibration_dataset=None, teacher_model: nn.Module | None = None, pruning_loss_fn=None, **kwargs):
-        if not isinstance(args, CAPTrainingArguments):
-            raise TypeError("CAPTrainer needs CAPTrainingArguments (TrainingArguments plus the pruning schedule).")
-        config = pruning_config if pruning_config is not None else PruningConfig()
-        if config.calibration_seed is None:
-            config = config.replace(calibration_seed=args.seed)
-        args.check_pruning(config)
+    def __init__(self, model: nn.Module, args: DistillationArguments, *, teacher_model: nn.Module | None = None,
+                 **kwargs):
+        if not isinstance(args, DistillationArguments):
+            raise TypeError(f"{type(self).__name__} needs {DistillationArguments.__name__} or CAPTrainingArguments.")
         self.teacher = None
-        self.recipe_info: dict = {}
         if args.distill:
             self.teacher = teacher_model if teacher_model is not None else copy.deepcopy(model)
             self.teacher.eval().requires_grad_(False)
@@ -116,24 +117,9 @@ class CAPTrainer(Trainer):
                            args.eval_strategy.value)
             args.eval_strategy = IntervalStrategy.NO
         kwargs.setdefault("data_collator", collate)
-        calibration = calibration_dataset if calibration_dataset is not None else kwargs.get("train_dataset")
-        self.pruning_callback = CAPPruningCallback(
-            config, schedule=self._schedule_for, calibration_batches=self._calibration_batches,
-            loss_fn=pruning_loss_fn)
         super().__init__(model=model, args=args, **kwargs)
-        self.pruning_callback.add_to(self)  # first, so that reporting integrations see its metrics
-        self._calibration_dataset = calibration
         if self.teacher is not None:
             self.loss_is_scaled_for_ga = False  # distillation loss is a per-batch mean
-        check_budget(self.model, config)  # a budget that can never be met fails now
-        if self.train_dataset is not None:  # fail now, not after hours, if the schedule cannot fit
-            self.pruning_callback.schedule = self._schedule_for(self._total_steps())
-        if hasattr(self.model, "add_model_tags"):
-            self.model.add_model_tags(self._tag_names)
-
-    @property
-    def pruning_config(self) -> PruningConfig:
-        return self.pruning_callback.config
 
     @staticmethod
     def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
@@ -146,30 +132,6 @@ class CAPTrainer(Trainer):
                              f"({s_cfg.num_labels}); distillation needs the same label set. Pass a teacher "
                              "trained on the same classes, or --distill false.")
 
-    # ---- schedule ------------------------------------------------------------------------------
-    def _steps_per_epoch(self) -> float:
-        batches = len(self.get_train_dataloader())
-        return max(batches // self.args.gradient_accumulation_steps, 1)
-
-    def _total_steps(self) -> int:
-        if self.args.max_steps > 0:
-            return self.args.max_steps
-        return math.ceil(self.args.num_train_epochs * self._steps_per_epoch())
-
-    def _schedule_for(self, total_steps: int) -> SparsitySchedule:
-        return self.args.sparsity_schedule(self.pruning_config.sparsity, total_steps, self._steps_per_epoch())
-
-    def _calibration_batches(self, step: int, rank: int):
-        if self._calibration_dataset is None:
-            raise ValueError("No calibration data: pass calibration_dataset or train_dataset to CAPTrainer.")
-        args = self.args
-        return calibration_loader(
-            self._calibration_dataset, self.pruning_config.grad_batch_size,
-            calibration_seed(self.pruning_config.calibration_seed, step, rank),
-            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
-            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor)
-
-    # ---- overrides -------------------------------------------------------------------------------
     def train(self, *args, **kwargs):
         # evaluate() before train() prepares the model in evaluation mode and marks it
         # `_is_accelerate_prepared`; accelerate (1.15) then skips DDP wrapping for training, and every
@@ -178,17 +140,6 @@ class CAPTrainer(Trainer):
                 and getattr(self.model, "_is_accelerate_prepared", False):
             del self.model._is_accelerate_prepared
         return super().train(*args, **kwargs)
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if not self.args.cyclic_lr:
-            return super().create_scheduler(num_training_steps, optimizer)
-        if self.lr_scheduler is None:
-            schedule = self._schedule_for(num_training_steps)
-            factor = cyclic_linear_factor(schedule, num_training_steps,
-                                          self.args.min_learning_rate / self.args.learning_rate)
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
-            self._created_lr_scheduler = True
-        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
@@ -218,6 +169,94 @@ class CAPTrainer(Trainer):
         loaded = type(model).from_pretrained(resume_from_checkpoint, config=model.config)
         model.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
+
+
+def fine_tune(student: nn.Module, teacher: nn.Module | None, args: DistillationArguments, train_dataset,
+              eval_dataset=None) -> tuple[nn.Module, dict]:
+    """Train `student` (say, a structurally pruned model) on `train_dataset`, distilling from `teacher` when
+    `args.distill`; returns it in eval mode on the teacher's device, and the training metrics."""
+    from cap_hf.metrics import compute_metrics
+
+    trainer = DistillationTrainer(model=student.train(), args=args, teacher_model=teacher, train_dataset=train_dataset,
+                                  eval_dataset=eval_dataset, compute_metrics=compute_metrics)
+    metrics = trainer.train().metrics
+    device = next((teacher or student).parameters()).device
+    return trainer.model.to(device).eval(), metrics
+
+
+class CAPTrainer(DistillationTrainer):
+    """Trainer that prunes gradually with CAP (or FastCAP / OBS / magnitude) and distils from the dense model.
+
+    Args (besides Trainer's):
+        pruning_config: what each pruning step does, and the final sparsity (default PruningConfig()).
+        calibration_dataset: dataset for the Fisher gradients (eval transforms, plain labels); default
+            the train dataset. Read like the training data (dataloader_num_workers, ...).
+        teacher_model: the distillation teacher; default a frozen copy of `model` taken before pruning.
+        pruning_loss_fn: `loss_fn(model, batch)` for the Fisher (default cross-entropy of the logits).
+    """
+
+    _tag_names = ["cap", "sparse", "pruned"]
+
+    def __init__(self, model: nn.Module, args: CAPTrainingArguments, *, pruning_config: PruningConfig | None = None,
+                 calibration_dataset=None, teacher_model: nn.Module | None = None, pruning_loss_fn=None, **kwargs):
+        if not isinstance(args, CAPTrainingArguments):
+            raise TypeError("CAPTrainer needs CAPTrainingArguments (TrainingArguments plus the pruning schedule).")
+        config = pruning_config if pruning_config is not None else PruningConfig()
+        if config.calibration_seed is None:
+            config = config.replace(calibration_seed=args.seed)
+        args.check_pruning(config)
+        self.recipe_info: dict = {}
+        calibration = calibration_dataset if calibration_dataset is not None else kwargs.get("train_dataset")
+        self.pruning_callback = CAPPruningCallback(
+            config, schedule=self._schedule_for, calibration_batches=self._calibration_batches,
+            loss_fn=pruning_loss_fn)
+        super().__init__(model=model, args=args, teacher_model=teacher_model, **kwargs)
+        self.pruning_callback.add_to(self)  # first, so that reporting integrations see its metrics
+        self._calibration_dataset = calibration
+        check_budget(self.model, config)  # a budget that can never be met fails now
+        if self.train_dataset is not None:  # fail now, not after hours, if the schedule cannot fit
+            self.pruning_callback.schedule = self._schedule_for(self._total_steps())
+        if hasattr(self.model, "add_model_tags"):
+            self.model.add_model_tags(self._tag_names)
+
+    @property
+    def pruning_config(self) -> PruningConfig:
+        return self.pruning_callback.config
+
+    # ---- schedule ------------------------------------------------------------------------------
+    def _steps_per_epoch(self) -> float:
+        batches = len(self.get_train_dataloader())
+        return max(batches // self.args.gradient_accumulation_steps, 1)
+
+    def _total_steps(self) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return math.ceil(self.args.num_train_epochs * self._steps_per_epoch())
+
+    def _schedule_for(self, total_steps: int) -> SparsitySchedule:
+        return self.args.sparsity_schedule(self.pruning_config.sparsity, total_steps, self._steps_per_epoch())
+
+    def _calibration_batches(self, step: int, rank: int):
+        if self._calibration_dataset is None:
+            raise ValueError("No calibration data: pass calibration_dataset or train_dataset to CAPTrainer.")
+        args = self.args
+        return calibration_loader(
+            self._calibration_dataset, self.pruning_config.grad_batch_size,
+            calibration_seed(self.pruning_config.calibration_seed, step, rank),
+            num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers, prefetch_factor=args.dataloader_prefetch_factor)
+
+    # ---- overrides -------------------------------------------------------------------------------
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if not self.args.cyclic_lr:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            schedule = self._schedule_for(num_training_steps)
+            factor = cyclic_linear_factor(schedule, num_training_steps,
+                                          self.args.min_learning_rate / self.args.learning_rate)
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     # ---- checkpoints and model card ----------------------------------------------------------------
     def recipe(self) -> dict:

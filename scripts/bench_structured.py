@@ -1,12 +1,15 @@
 """Benchmark: structured pruning (DFPC, L1, random, DFPC on uncoupled channels only) of a bottleneck ResNet
-trained on Fashion-MNIST: top-1 against the measured CPU speed-up, no fine-tuning.
+trained on Fashion-MNIST: top-1 against the measured CPU speed-up, without and with a short fine-tuning
+(distillation from the dense model).
 
   OMP_NUM_THREADS=2 python scripts/bench_structured.py
 
 Makes what is missing (data folder; the dense ResNet via scripts/train_dense.py), then for every method and
-pruning ratio: prune_channels (the library's entry) -> the smaller model's parameters, MACs, latency at
+target speed-up (or pruning ratio, with --ratios): prune_channels (the library's entry; a target is
+reached by measurement) -> the smaller model's parameters, MACs, latency at
 batch 1 and 64 measured right after the dense model's in the same process (median of repeated passes),
-and top-1 on the 10k test images. Writes the table, command and machine to docs/benchmarks.md (section
+and top-1 on the 10k test images, before and after `--finetune_epochs` on `--finetune_samples` training
+images (cap_hf.trainer.fine_tune). Writes the table, command and machine to docs/benchmarks.md (section
 "Structured pruning") with a chart in docs/img/, and the raw records to OUTPUT_DIR/results.json.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -25,9 +29,10 @@ from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.plots import plot_accuracy_lines
 from cap_hf.structured import prune_channels
 from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
+from cap_hf.trainer import DistillationArguments, fine_tune
 
 IMAGE = "structured_fmnist_resnet.png"
-SECTION = "## Structured pruning: Fashion-MNIST ResNet (bottleneck), no fine-tuning"
+SECTION = "## Structured pruning: Fashion-MNIST ResNet (bottleneck)"
 TEACHER = ["--arch", "resnet", "--layer_type", "bottleneck", "--embedding_size", "32", "--hidden_sizes", "64,128,256",
            "--depths", "2,2,2", "--image_size", "28", "--learning_rate", "2e-3", "--weight_decay", "0.05",
            "--warmup_steps", "200", "--per_device_train_batch_size", "128", "--per_device_eval_batch_size", "256",
@@ -40,8 +45,12 @@ class BenchStructured:
     teacher_dir: str = "outputs/fmnist-resnet"
     teacher_epochs: int = 5
     methods: str = "dfpc,l1,random,dfpc-uncoupled"  # -uncoupled: residual streams kept whole
-    ratios: str = "0.1,0.2,0.3,0.4,0.5"
+    speedups: str = "1.25,1.5,2"  # targets, measured at batch 64 (prune_channels' search)
+    ratios: str | None = None  # fractions of the prunable channels instead of speed-up targets
     latency_repeats: int = 30
+    finetune_epochs: float = 1.0  # 0: no fine-tuning
+    finetune_samples: int = 20000
+    finetune_learning_rate: float = 5e-4
     max_eval_samples: int | None = None
     output_dir: str = "outputs/bench-structured"
     no_write: bool = False  # do not touch docs/benchmarks.md
@@ -60,29 +69,43 @@ def main() -> None:
     model, processor = load_classifier(str(ROOT / args.teacher_dir))
     model.eval()
     size = processor_image_size(processor)
-    _, evaluation, _ = prepare_splits(str(ROOT / args.data_dir), processor, model.config.num_channels,
-                                      max_eval_samples=args.max_eval_samples, train_needs_labels=False)
+    train, evaluation, _ = prepare_splits(str(ROOT / args.data_dir), processor, model.config.num_channels,
+                                          max_train_samples=args.finetune_samples,
+                                          max_eval_samples=args.max_eval_samples)
     loader = torch.utils.data.DataLoader(evaluation, batch_size=256, collate_fn=collate)
     dense_accuracy = evaluate_accuracy(model, loader)
     dense = {"params": count_parameters(model), "macs": count_macs(model, size)}
 
+    if args.ratios:
+        goals = [{"pruning_ratio": float(r)} for r in args.ratios.split(",")]
+    else:
+        goals = [{"target_speedup": float(x)} for x in args.speedups.split(",")]
     records = []
     for spec in args.methods.split(","):
         method, _, variant = spec.partition("-")
-        for ratio in (float(r) for r in args.ratios.split(",")):
+        for goal in goals:
             try:
-                small, pruned = prune_channels(model, size, method, pruning_ratio=ratio,
-                                               uncoupled_only=variant == "uncoupled")
+                small, pruned = prune_channels(model, size, method, uncoupled_only=variant == "uncoupled", **goal)
             except ValueError as err:  # beyond what this variant can reach
-                print(f"{spec} {ratio}: {err}")
+                print(f"{spec} {goal}: {err}")
+                records.append({"method": spec, **goal, "unreachable": str(err)})
                 continue
-            record = {"method": spec, "ratio": ratio, "removed": pruned.removed, "prunable": pruned.prunable,
+            record = {"method": spec, **goal, "ratio": pruned.ratio, "removed": pruned.removed,
+                      "prunable": pruned.prunable,
                       "params": count_parameters(small), "macs": count_macs(small, size)}
             for batch in (1, 64):
                 before, after = latencies_ms([model, small], size, batch, args.latency_repeats)
                 record[f"ms_dense_{batch}"], record[f"ms_{batch}"] = before, after
                 record[f"speedup_{batch}"] = before / after
             record["accuracy"] = evaluate_accuracy(small, loader)
+            if args.finetune_epochs:
+                training = DistillationArguments(
+                    output_dir=tempfile.mkdtemp(), num_train_epochs=args.finetune_epochs,
+                    learning_rate=args.finetune_learning_rate, weight_decay=0.05, per_device_train_batch_size=128,
+                    eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True, seed=0)
+                tuned, metrics = fine_tune(small, model, training, train)
+                record["accuracy_finetuned"] = evaluate_accuracy(tuned, loader)
+                record["finetune_seconds"] = metrics["train_runtime"]
             records.append(record)
             print(json.dumps(record), flush=True)
 
@@ -91,10 +114,21 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps({"dense_accuracy": dense_accuracy, **dense, "records": records},
                                                  indent=2))
     chart = out / "accuracy_vs_speedup.png"
-    series = {spec: [(r["speedup_64"], 100 * r["accuracy"]) for r in records if r["method"] == spec]
+    done = [r for r in records if "unreachable" not in r]
+    series = {spec: [(r["speedup_64"], 100 * r["accuracy"]) for r in done if r["method"] == spec]
               for spec in args.methods.split(",")}
+    if args.finetune_epochs:
+        series.update({f"{spec} + fine-tuning": [(r["speedup_64"], 100 * r["accuracy_finetuned"]) for r in done
+                                                 if r["method"] == spec] for spec in args.methods.split(",")})
     plot_accuracy_lines(series, chart, "measured speed-up at batch 64 (dense ms / pruned ms)",
-                        "Channel pruning, no fine-tuning", 100 * dense_accuracy)
+                        "Channel pruning of a Fashion-MNIST ResNet", 100 * dense_accuracy)
+    def tuned_cell(record: dict, what: str) -> str:
+        if "accuracy_finetuned" not in record:
+            return "-"
+        value = record["accuracy_finetuned"] if what == "accuracy_finetuned" else dense_accuracy - record[
+            "accuracy_finetuned"]
+        return f"{100 * value:.2f}"
+
     config = model.config
     lines = [SECTION, "", f"Command: `{command_line('bench_structured.py')}`", "", f"Machine: {machine()}.", "",
              f"Model: `{args.teacher_dir}`, transformers ResNetForImageClassification, bottleneck, stem "
@@ -102,19 +136,29 @@ def main() -> None:
              f"with `python scripts/train_dense.py --dataset_name {args.data_dir} --output_dir {args.teacher_dir} "
              f"--num_train_epochs {args.teacher_epochs} {' '.join(TEACHER)}`; {dense['params'] / 1e6:.2f} M "
              f"parameters, {dense['macs'] / 1e6:.1f} M MACs per image, dense top-1 **{100 * dense_accuracy:.2f}%** "
-             "on the 10k test images.", "",
-             "Ratio = fraction of the prunable channels removed (for -uncoupled, of the block-internal channels "
+             f"on {len(evaluation)} test images.", "",
+             "Goal: a target speed-up (the fewest channels, in each method's order, whose smaller model is that "
+             "much faster as measured at batch 64: prune_channels' bisection) or a pruning ratio. Ratio = "
+             "fraction of the prunable channels removed (for -uncoupled, of the block-internal channels "
              "only). Latency: median of one forward pass over the repeats, the dense and the pruned model taking "
-             "turns pass by pass in this process; speed-up = dense ms / pruned ms. No fine-tuning, no data used by the "
-             "pruning.", "",
-             "| method | ratio | channels removed | params (M) | MACs (M) | ms b1 (dense -> pruned) | "
-             "ms b64 (dense -> pruned) | speed-up b1 | speed-up b64 | top-1 (%) | drop (points) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "turns pass by pass in this process; speed-up = dense ms / pruned ms. The pruning uses no data. "
+             f"Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
+             f"{args.finetune_learning_rate:g} linear decay, wd 0.05, batch 128, distillation from the dense model "
+             "(T=2, alpha=0.5), cap_hf.trainer.fine_tune.", "",
+             "| method | goal | ratio | channels removed | params (M) | MACs (M) | ms b1 (dense -> pruned) | "
+             "ms b64 (dense -> pruned) | speed-up b1 | speed-up b64 | top-1 (%) | drop (points) | top-1 fine-tuned (%) "
+             "| drop fine-tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['method']} | {r['ratio']:.2f} | {r['removed']}/{r['prunable']} | {r['params'] / 1e6:.3f} "
+        goal = f"{r['target_speedup']:g}x" if "target_speedup" in r else f"ratio {r['pruning_ratio']:g}"
+        if "unreachable" in r:
+            lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 11)
+            continue
+        lines.append(f"| {r['method']} | {goal} | {r['ratio']:.2f} | {r['removed']}/{r['prunable']} | {r['params'] / 1e6:.3f} "
                      f"| {r['macs'] / 1e6:.1f} | {r['ms_dense_1']:.2f} -> {r['ms_1']:.2f} | {r['ms_dense_64']:.1f} -> "
                      f"{r['ms_64']:.1f} | {r['speedup_1']:.2f}x | {r['speedup_64']:.2f}x | {100 * r['accuracy']:.2f} "
-                     f"| {100 * (dense_accuracy - r['accuracy']):.2f} |")
+                     f"| {100 * (dense_accuracy - r['accuracy']):.2f} | {tuned_cell(r, 'accuracy_finetuned')} "
+                     f"| {tuned_cell(r, 'drop')} |")
     body = "\n".join(lines) + f"\n\n![accuracy vs speed-up](img/{IMAGE})\n"
     print(body)
     if not args.no_write:

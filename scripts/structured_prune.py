@@ -8,8 +8,11 @@ smaller model that loads with from_pretrained, and measure what it gained.
 (the paper's baseline). Exactly one of --pruning_ratio R (fraction of the prunable channels removed) and
 --target_speedup S (the fewest channels whose removal gives S, measured at --speedup_batch_size on this
 machine: a bisection over the removal order, each candidate timed). No data is needed; with
---dataset_name the dense and pruned models are evaluated. Writes the model, its image processor and
-OUTPUT_DIR/results.json (parameters, MACs, latency at batch 1 and 64 with the thread count, accuracy).
+--dataset_name the dense and pruned models are evaluated, and --finetune_epochs E fine-tunes the pruned
+model on the train split with distillation from the dense one (every TrainingArguments flag applies:
+--learning_rate, --per_device_train_batch_size, ...; --distill false for plain cross-entropy). Writes the
+model, its image processor and OUTPUT_DIR/results.json (parameters, MACs, latency at batch 1 and 64 with
+the thread count, accuracy before and after fine-tuning).
 """
 
 from __future__ import annotations
@@ -30,12 +33,16 @@ from cap_hf.structured import prune_channels
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
+from cap_hf.trainer import DistillationArguments, fine_tune
+
+# this script's defaults for Trainer flags (a short fine-tuning of a small model; every flag can be given)
+TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_train_batch_size": 128,
+                     "per_device_eval_batch_size": 256, "save_strategy": "no", "report_to": "none"}
 
 
 @dataclass
 class StructuredArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier (ResNet)."})
-    output_dir: str = field(metadata={"help": "Where the pruned model and results.json go."})
     method: str = field(default="dfpc", metadata={"help": "dfpc (data-free BGSC saliency), l1 or random."})
     pruning_ratio: float | None = field(default=None, metadata={
         "help": "Fraction of the prunable channels to remove (exclusive with --target_speedup)."})
@@ -51,13 +58,14 @@ class StructuredArguments:
     eval_split: str | None = field(default=None, metadata={"help": "Default: validation, else test."})
     max_eval_samples: int | None = field(default=None)
     eval_batch_size: int = field(default=256)
-    dataloader_num_workers: int = field(default=0)
+    finetune_epochs: float = field(default=0, metadata={
+        "help": "Epochs of fine-tuning after pruning, with distillation from the dense model (needs --dataset_name)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Fine-tune on a subset of the train split."})
     image_size: int | None = field(default=None, metadata={"help": "Input size (default: the image processor's)."})
     latency_batch_sizes: str = field(default="1,64", metadata={"help": "Batch sizes of the reported latencies."})
     latency_repeats: int = field(default=30, metadata={"help": "Timed forward passes per reported latency."})
     speedup_batch_size: int = field(default=64, metadata={"help": "Batch size the speed-up target is measured at."})
     search_repeats: int = field(default=10, metadata={"help": "Timed passes per candidate of the speed-up search."})
-    seed: int = field(default=0, metadata={"help": "Seed of --method random and of the evaluation subset."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
@@ -66,12 +74,16 @@ def main(argv: list[str] | None = None) -> dict:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        (args,) = parse_args((StructuredArguments,), argv)
+        args, training_args = parse_args((StructuredArguments, DistillationArguments), argv, TRAINING_DEFAULTS)
         check_request(args.method, args.pruning_ratio, args.target_speedup, args.round_to)
         batch_sizes = [int(b) for b in args.latency_batch_sizes.split(",") if b.strip()]
+        if args.finetune_epochs < 0:
+            raise ValueError(f"--finetune_epochs must be >= 0, got {args.finetune_epochs}.")
+        if args.finetune_epochs and not args.dataset_name:
+            raise ValueError("--finetune_epochs needs --dataset_name (its train split).")
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    out = Path(args.output_dir)
+    out = Path(training_args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise SystemExit(f"error: {out} is not empty (another run?); pass --overwrite_output_dir to replace it.")
 
@@ -82,16 +94,17 @@ def main(argv: list[str] | None = None) -> dict:
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     image_size = (args.image_size, args.image_size) if args.image_size else processor_image_size(processor)
-    evaluation = None
+    train = evaluation = None
     if args.dataset_name:
-        _, evaluation, _ = prepare_splits(
+        train, evaluation, _ = prepare_splits(
             args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
-            None, args.eval_split, None, args.max_eval_samples, train_needs_labels=False, seed=args.seed)
+            None, args.eval_split, args.max_train_samples, args.max_eval_samples,
+            train_needs_labels=bool(args.finetune_epochs), seed=training_args.seed)
 
     try:
         small, run = prune_channels(model, image_size, args.method, pruning_ratio=args.pruning_ratio,
                                     target_speedup=args.target_speedup, uncoupled_only=args.uncoupled_only,
-                                    seed=args.seed, speedup_batch_size=args.speedup_batch_size,
+                                    seed=training_args.seed, speedup_batch_size=args.speedup_batch_size,
                                     repeats=args.search_repeats, round_to=args.round_to)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
@@ -107,22 +120,34 @@ def main(argv: list[str] | None = None) -> dict:
         "group_widths": {name: list(w) for name, w in run.widths.items()},
         "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in run.search],
     }
+    if evaluation is not None:
+        loader = torch.utils.data.DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=collate,
+                                             num_workers=training_args.dataloader_num_workers)
+        results["accuracy_dense"] = evaluate_accuracy(model, loader)
+        results["accuracy_pruned"] = evaluate_accuracy(small, loader)
+    if args.finetune_epochs:
+        training_args.num_train_epochs = args.finetune_epochs
+        teacher = load_classifier(training_args.teacher_name_or_path)[0].eval() \
+            if training_args.distill and training_args.teacher_name_or_path else model
+        small, metrics = fine_tune(small, teacher, training_args, train, evaluation)
+        results["accuracy_pruned_before_finetuning"] = results["accuracy_pruned"]
+        results["accuracy_pruned"] = evaluate_accuracy(small, loader)
+        results["finetuning"] = {"epochs": args.finetune_epochs, "train_samples": len(train),
+                                 "distill": training_args.distill, "learning_rate": training_args.learning_rate,
+                                 "teacher": training_args.teacher_name_or_path or args.model_name_or_path,
+                                 "train_runtime_s": metrics.get("train_runtime")}
     for batch in batch_sizes:
         dense, pruned = latencies_ms([model, small], image_size, batch, args.latency_repeats)
         results["latency_ms_dense"][str(batch)] = dense
         results["latency_ms_pruned"][str(batch)] = pruned
         results["speedup"][str(batch)] = dense / pruned
-    if evaluation is not None:
-        loader = torch.utils.data.DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=collate,
-                                             num_workers=args.dataloader_num_workers)
-        results["accuracy_dense"] = evaluate_accuracy(model, loader)
-        results["accuracy_pruned"] = evaluate_accuracy(small, loader)
 
     out.mkdir(parents=True, exist_ok=True)
     small.save_pretrained(out)
     processor.save_pretrained(out)
     results["command"] = " ".join(["python", "scripts/structured_prune.py", *argv])
     results["arguments"] = asdict(args)
+    results["training_arguments"] = training_args.to_dict()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     line = ", ".join(f"batch {b}: {results['latency_ms_dense'][str(b)]:.2f} -> {results['latency_ms_pruned'][str(b)]:.2f} ms "
                      f"({results['speedup'][str(b)]:.2f}x)" for b in batch_sizes)

@@ -240,11 +240,15 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     out = tmp_path / "dfpc"
     run_script("structured_prune.py", "--method", "dfpc", "--model_name_or_path", digits_resnet,
                "--pruning_ratio", 0.3, "--dataset_name", digits_dir, "--output_dir", out,
-               "--latency_batch_sizes", "1,8", "--latency_repeats", 3)
+               "--latency_batch_sizes", "1,8", "--latency_repeats", 3, "--finetune_epochs", 1,
+               "--max_train_samples", 256, "--disable_tqdm", "true")
     results = json.loads((out / "results.json").read_text())
     for key in ("method", "params_dense", "params_pruned", "macs_dense", "macs_pruned", "latency_ms_dense",
-                "latency_ms_pruned", "accuracy_dense", "accuracy_pruned"):
+                "latency_ms_pruned", "accuracy_dense", "accuracy_pruned", "accuracy_pruned_before_finetuning"):
         assert key in results, key
+    assert results["finetuning"]["epochs"] == 1 and results["finetuning"]["train_samples"] == 256
+    assert results["finetuning"]["distill"] is True
+    assert not list(out.glob("checkpoint-*"))  # the Trainer saved nothing of its own
     assert results["method"] == "dfpc"
     assert results["params_pruned"] < results["params_dense"]
     assert results["macs_pruned"] < results["macs_dense"]
@@ -268,6 +272,8 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     (["--pruning_ratio", 0.3, "--target_speedup", 1.5], "exactly one of pruning_ratio and target_speedup"),
     (["--pruning_ratio", 1.5], r"pruning_ratio must be in \(0, 1\)"),
     (["--pruning_ratio", 0.3, "--method", "taylor"], "choose one of dfpc, l1, random"),
+    (["--pruning_ratio", 0.3, "--finetune_epochs", 1], "--finetune_epochs needs --dataset_name"),
+    (["--pruning_ratio", 0.3, "--round_to", 0], "round_to must be a positive number of channels"),
     (["--pruning_ratio", 0.999], r"cannot be reached without emptying a channel group \(every group\); the largest "
                                  r"reachable is 0\.\d+"),
     (["--pruning_ratio", 0.95, "--uncoupled_only", "true"], r"\(uncoupled channels only\); the largest reachable is 0\.\d+"),

@@ -278,3 +278,29 @@ def test_callback_works_with_a_copy_of_the_model_as_calibration_source(tmp_path)
     Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[callback]).train()
     verify_sparsity(model, 0.6, tolerance=1e-4)
     assert not torch.equal(before.vit.layers[0].mlp.fc1.weight, model.vit.layers[0].mlp.fc1.weight)
+
+
+def test_distillation_trainer_fine_tunes_a_smaller_model_from_a_frozen_teacher(tmp_path):
+    """The fine-tuning of structured pruning: a shrunk ResNet learns, the dense teacher does not move."""
+    from conftest import tiny_resnet
+
+    from cap_hf.structured import prune_channels
+    from cap_hf.trainer import DistillationArguments, DistillationTrainer
+
+    dense = tiny_resnet()
+    small, _ = prune_channels(dense, 16, "dfpc", pruning_ratio=0.3)
+    before = {k: v.clone() for k, v in small.state_dict().items()}
+    teacher_before = {k: v.clone() for k, v in dense.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(1, 16, 16, generator=gen), "labels": torch.tensor(i % 10)} for i in range(32)]
+    args = DistillationArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+                                 learning_rate=1e-2, report_to="none", save_strategy="no", use_cpu=True)
+    trainer = DistillationTrainer(model=small.train(), args=args, teacher_model=dense, train_dataset=data)
+    assert trainer.args.eval_strategy.value == "no"  # no eval dataset: turned off
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in dense.state_dict().items())
+    assert not dense.training
+    with pytest.raises(TypeError, match="DistillationTrainer needs DistillationArguments"):
+        DistillationTrainer(model=small, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+
