@@ -45,6 +45,7 @@ class BenchStructured:
     teacher_dir: str = "outputs/fmnist-resnet"
     teacher_epochs: int = 5
     methods: str = "dfpc,l1,random,dfpc-uncoupled"  # -uncoupled: residual streams kept whole
+    normalize: str = "mean"  # prune_channels' normalize: mean, or none (raw scores, as the DFPC paper)
     speedups: str = "1.25,1.5,2"  # targets, measured at batch 64 (prune_channels' search)
     ratios: str | None = None  # fractions of the prunable channels instead of speed-up targets
     latency_repeats: int = 30
@@ -85,7 +86,8 @@ def main() -> None:
         method, _, variant = spec.partition("-")
         for goal in goals:
             try:
-                small, pruned = prune_channels(model, size, method, uncoupled_only=variant == "uncoupled", **goal)
+                small, pruned = prune_channels(model, size, method, uncoupled_only=variant == "uncoupled",
+                                               normalize=args.normalize, **goal)
             except ValueError as err:  # beyond what this variant can reach
                 print(f"{spec} {goal}: {err}")
                 records.append({"method": spec, **goal, "unreachable": str(err)})
@@ -140,7 +142,8 @@ def main() -> None:
              "Goal: a target speed-up (the fewest channels, in each method's order, whose smaller model is that "
              "much faster as measured at batch 64: prune_channels' bisection) or a pruning ratio. Ratio = "
              "fraction of the prunable channels removed (for -uncoupled, of the block-internal channels "
-             "only). Latency: median of one forward pass over the repeats, the dense and the pruned model taking "
+             f"only). Scores normalised per group: {args.normalize} (mean: each group's scores over their mean; none: "
+             "raw scores compared across groups, as the DFPC paper's code). Latency: median of one forward pass over the repeats, the dense and the pruned model taking "
              "turns pass by pass in this process; speed-up = dense ms / pruned ms. The pruning uses no data. "
              f"Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
              f"{args.finetune_learning_rate:g} linear decay, wd 0.05, batch 128, distillation from the dense model "

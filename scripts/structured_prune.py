@@ -50,6 +50,8 @@ class StructuredArguments:
         "help": "Measured speed-up to reach at --speedup_batch_size (exclusive with --pruning_ratio)."})
     uncoupled_only: bool = field(default=False, metadata={
         "help": "Prune only channels with one producer and one consumer (residual streams kept whole)."})
+    normalize: str = field(default="mean", metadata={
+        "help": "mean: each group's scores over their mean before the global order; none: raw, as the paper."})
     round_to: int = field(default=1, metadata={
         "help": "Keep every group's width a multiple of this (e.g. 8: kernels run slower on odd widths)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Evaluate dense and pruned on its eval split."})
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, training_args = parse_args((StructuredArguments, DistillationArguments), argv, TRAINING_DEFAULTS)
-        check_request(args.method, args.pruning_ratio, args.target_speedup, args.round_to)
+        check_request(args.method, args.pruning_ratio, args.target_speedup, args.round_to, args.normalize)
         batch_sizes = [int(b) for b in args.latency_batch_sizes.split(",") if b.strip()]
         if args.finetune_epochs < 0:
             raise ValueError(f"--finetune_epochs must be >= 0, got {args.finetune_epochs}.")
@@ -105,14 +107,15 @@ def main(argv: list[str] | None = None) -> dict:
         small, run = prune_channels(model, image_size, args.method, pruning_ratio=args.pruning_ratio,
                                     target_speedup=args.target_speedup, uncoupled_only=args.uncoupled_only,
                                     seed=training_args.seed, speedup_batch_size=args.speedup_batch_size,
-                                    repeats=args.search_repeats, round_to=args.round_to)
+                                    repeats=args.search_repeats, round_to=args.round_to,
+                                    normalize=args.normalize)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 
     results = {
         "method": args.method, "uncoupled_only": args.uncoupled_only, "model": args.model_name_or_path,
         "image_size": list(image_size), "removed_channels": run.removed, "prunable_channels": run.prunable,
-        "pruning_ratio": run.ratio, "round_to": args.round_to, "params_dense": count_parameters(model), "params_pruned": count_parameters(small),
+        "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": args.normalize, "params_dense": count_parameters(model), "params_pruned": count_parameters(small),
         "macs_dense": count_macs(model, image_size), "macs_pruned": count_macs(small, image_size),
         "latency_ms_dense": {}, "latency_ms_pruned": {}, "speedup": {},
         "latency": {"device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),

@@ -70,6 +70,17 @@ def test_groups_of_a_bottleneck_resnet():
     assert names(inner.consumers) == [f"{s}.1.layers.0.layer.1.convolution"]
 
 
+def test_a_frozen_model_has_the_same_groups_and_stays_frozen():
+    model = resnet()
+    expected = [(g.root, g.size) for g in ChannelGraph(model, SIZE).groups]
+    model.requires_grad_(False)  # a distillation teacher, say
+    graph = ChannelGraph(model, SIZE)
+    assert [(g.root, g.size) for g in graph.groups] == expected
+    small = remove_channels(model, graph, {0: [0]})
+    assert not any(p.requires_grad for p in model.parameters())
+    assert small.num_parameters() < model.num_parameters()
+
+
 def test_stem_and_first_stage_are_one_group_when_nothing_projects_between():
     # basic blocks, embedding 16 = first stage 16, stride 1: the first block's shortcut is the identity
     graph = ChannelGraph(resnet("basic", embedding_size=16), SIZE)
@@ -151,6 +162,17 @@ def test_removal_order_is_global_lowest_first_and_never_empties_a_group():
     assert all(torch.equal(random_a[i], random_b[i]) for i in random_a)
     with pytest.raises(ValueError, match="choose one of dfpc, l1, random"):
         channel_scores(graph, "taylor")
+    with pytest.raises(ValueError, match="Unknown normalize 'max'; choose one of mean, none"):
+        channel_scores(graph, "dfpc", normalize="max")
+
+
+def test_mean_normalised_scores_are_the_raw_ones_over_each_groups_mean():
+    graph = ChannelGraph(resnet(), SIZE)
+    raw, mean = channel_scores(graph, "dfpc", normalize="none"), channel_scores(graph, "dfpc")
+    for g in graph.groups:
+        torch.testing.assert_close(mean[g.index], raw[g.index] / raw[g.index].mean())
+        torch.testing.assert_close(raw[g.index], bgsc_scores(graph, g))
+    assert removal_order(graph.groups, raw) != removal_order(graph.groups, mean)
 
 
 def test_round_to_keeps_multiples_and_gives_back_the_highest_scored_removals():

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from cap_hf.structured.dfpc import SCORES, channel_scores, prunable_channels, removal_order, removal_plan
+from cap_hf.structured.dfpc import (
+    NORMALIZERS,
+    SCORES,
+    channel_scores,
+    prunable_channels,
+    removal_order,
+    removal_plan,
+)
 from cap_hf.structured.groups import ChannelGraph, remove_channels
 from cap_hf.structured.measure import latencies_ms
 
@@ -22,6 +29,7 @@ class ChannelPruning:
     `plan` = {group index: channels}, and the speed-up search's measurements [(removed, speed-up)]."""
 
     method: str
+    normalize: str
     uncoupled_only: bool
     removed: int
     prunable: int
@@ -41,8 +49,11 @@ def _reachable_error(what: str, wanted: float, best: float, uncoupled_only: bool
                       f"reachable is {best:.3g}.")
 
 
-def check_request(method: str, pruning_ratio: float | None, target_speedup: float | None, round_to: int = 1) -> None:
+def check_request(method: str, pruning_ratio: float | None, target_speedup: float | None, round_to: int = 1,
+                  normalize: str = "mean") -> None:
     """ValueError for a request that cannot be run, before any work."""
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
     if round_to < 1:
         raise ValueError(f"round_to must be a positive number of channels, got {round_to}.")
     if method not in SCORES:
@@ -67,19 +78,21 @@ def prune_channels(
     speedup_batch_size: int = 64,
     repeats: int = 10,
     round_to: int = 1,
+    normalize: str = "mean",
 ) -> tuple[nn.Module, ChannelPruning]:
     """A physically smaller copy of `model` (eval mode) and what was removed.
 
     Either `pruning_ratio` (the fraction of the prunable channels to remove) or `target_speedup` (the
     measured latency of the dense model over the pruned one at `speedup_batch_size`, on this machine and
-    thread count, at least this). `round_to` keeps every group's width a multiple of it (or whole). The
+    thread count, at least this). `round_to` keeps every group's width a multiple of it (or whole);
+    `normalize` is channel_scores' (each group's scores over their mean, or raw as in the paper). The
     speed-up search bisects the number of channels taken from the front
     of the removal order (the order is fixed once the scores are), measuring every candidate: about
     log2(channels) candidates of `repeats` timed passes each.
     """
-    check_request(method, pruning_ratio, target_speedup, round_to)
+    check_request(method, pruning_ratio, target_speedup, round_to, normalize)
     graph = ChannelGraph(model, image_size)
-    order = removal_order(graph.groups, channel_scores(graph, method, seed), uncoupled_only)
+    order = removal_order(graph.groups, channel_scores(graph, method, seed, normalize), uncoupled_only)
     prunable = prunable_channels(graph.groups, uncoupled_only)
     sizes = {g.index: g.size for g in graph.groups}
     search: list[tuple[int, float]] = []
@@ -117,4 +130,4 @@ def prune_channels(
     small = remove_channels(model, graph, plan)
     widths = {g.name: (g.size, g.size - len(plan.get(g.index, []))) for g in graph.groups}
     removed = sum(len(channels) for channels in plan.values())
-    return small, ChannelPruning(method, uncoupled_only, removed, prunable, len(order), plan, widths, search)
+    return small, ChannelPruning(method, normalize, uncoupled_only, removed, prunable, len(order), plan, widths, search)

@@ -25,6 +25,7 @@ from torch import nn
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
 
 SCORES = ("dfpc", "l1", "random")
+NORMALIZERS = ("mean", "none")
 
 
 def _norm_scale(norm: Member | None, channels: list[int]) -> torch.Tensor | None:
@@ -112,20 +113,31 @@ def l1_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
     return scores
 
 
-def channel_scores(graph: ChannelGraph, method: str, seed: int = 0) -> dict[int, torch.Tensor]:
-    """{group index: one score per channel} for method 'dfpc' (BGSC), 'l1' or 'random'. Lower goes first."""
+def channel_scores(graph: ChannelGraph, method: str, seed: int = 0, normalize: str = "mean") -> dict[int, torch.Tensor]:
+    """{group index: one score per channel} for method 'dfpc' (BGSC), 'l1' or 'random'. Lower goes first.
+
+    normalize="mean" divides each group's scores by their mean before the global comparison (Torch-Pruning's
+    default); "none" compares raw scores across groups, as the paper's code does. Raw BGSC sums over a
+    channel's positions, so channels of low-resolution stages (cheap ones) score lowest and go first: on
+    the Fashion-MNIST ResNet of docs/benchmarks.md that empties the last stage before anything costly goes.
+    """
     if method not in SCORES:
         raise ValueError(f"Unknown structured method {method!r}; choose one of {', '.join(SCORES)}.")
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         return {g.index: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in graph.groups}
     score = bgsc_scores if method == "dfpc" else l1_scores
-    return {g.index: score(graph, g) for g in graph.groups}
+    scores = {g.index: score(graph, g) for g in graph.groups}
+    if normalize == "mean":
+        scores = {i: s / s.mean() if s.mean() > 0 else s for i, s in scores.items()}
+    return scores
 
 
 def removal_order(groups: Sequence[ChannelGroup], scores: Mapping[int, torch.Tensor],
                   uncoupled_only: bool = False) -> list[tuple[int, int]]:
-    """(group, channel) in the order the global greedy removes them: lowest raw score first, scores
+    """(group, channel) in the order the global greedy removes them: lowest score first, scores
     computed once (as in the paper), never the last channel of a group; with `uncoupled_only`, only
     groups with one producer and one consumer (the paper's baseline that leaves coupled channels)."""
     allowed = [g for g in groups if not (uncoupled_only and g.coupled)]

@@ -86,6 +86,21 @@ def _reduce_output(output) -> torch.Tensor:
     return sum(t.float().sum() for t in tensors)
 
 
+def _dependency_graph(model: nn.Module, image_size: int | Sequence[int]) -> tp.DependencyGraph:
+    """Torch-Pruning's graph of `model`, traced through autograd: every weight requires grad while it
+    traces (a frozen model, a distillation teacher say, would otherwise show no graph at all)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for param, _ in flags:
+            param.requires_grad_(True)
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_input(model, image_size), output_transform=_reduce_output, verbose=False)
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
 def _heads(model: nn.Module) -> list[nn.Module]:
     """Classification heads: their outputs are the labels, never pruned."""
     head = getattr(model, "classifier", None)
@@ -115,14 +130,13 @@ class ChannelGraph:
 
         hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
         try:
-            with torch.enable_grad():
-                self.dependencies = tp.DependencyGraph().build_dependency(
-                    model, example_inputs=example_input(model, image_size), output_transform=_reduce_output,
-                    verbose=False)
+            self.dependencies = _dependency_graph(model, image_size)
         finally:
             for hook in hooks:
                 hook.remove()
         self.groups = self._read_groups()
+        if not self.groups:
+            raise ValueError(f"No prunable channel groups found in {type(model).__name__}.")
 
     def _read_groups(self) -> list[ChannelGroup]:
         graph = self.dependencies
@@ -171,9 +185,7 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, removed: Mapping[int,
             raise ValueError(f"Group {index} ({graph.groups[index].name}) has {size} channels; removing "
                              f"{len(set(channels))} would empty it.")
     work = copy.deepcopy(model)
-    with torch.enable_grad():
-        dependencies = tp.DependencyGraph().build_dependency(
-            work, example_inputs=example_input(work, graph.image_size), output_transform=_reduce_output, verbose=False)
+    dependencies = _dependency_graph(work, graph.image_size)
     modules = dict(work.named_modules())
     for index, channels in removed.items():
         if not channels:
