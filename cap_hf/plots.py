@@ -61,3 +61,27 @@ def plot_layer_sparsity(per_layer: dict[str, float], path: str | Path, title: st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_group_widths(widths: list[tuple[str, int, int]], path: str | Path, title: str = "Channels per group") -> Path:
+    """Horizontal bars: channels before (light) and after (dark) pruning, one row per channel group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(widths) + 1.2), dpi=120)
+    rows = list(range(len(widths)))
+    ax.barh(rows, [b for _, b, _ in widths], color="#c6dbef", label="before")
+    ax.barh(rows, [a for _, _, a in widths], color="#2171b5", label="after")
+    ax.set_yticks(rows, [n.replace("resnet.encoder.", "") for n, _, _ in widths], fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("channels")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+

@@ -16,7 +16,10 @@ from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
 from cap_hf.plots import plot_layer_sparsity
 
 TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
+STRUCTURED_TEMPLATE = Path(__file__).with_name("structured_model_card.md")
 CHART_FILE = "sparsity_per_layer.png"
+WIDTHS_CHART_FILE = "channels_per_group.png"
+STRUCTURED_RESULTS = "results.json"
 
 METHOD_NAMES = {
     "cap": "CAP (correlation-aware pruning)",
@@ -47,6 +50,14 @@ CITATIONS = {
 }""",
 }
 CITATIONS["fastcap"] = CITATIONS["cap"]
+CITATIONS["dfpc"] = """@inproceedings{narshana2023dfpc,
+  title     = {{DFPC}: Data flow driven pruning of coupled channels without data},
+  author    = {Narshana, Tanay and Murti, Chaitanya and Bhattacharyya, Chiranjib},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2023}
+}"""
+STRUCTURED_NAMES = {"dfpc": "DFPC (data-free saliency of coupled channels, BGSC)", "l1": "L1 norm of the filters",
+                    "random": "random scores"}
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -190,9 +201,74 @@ def build_model_card(
     )
 
 
+def _count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 1e6:.3f} M"
+
+
+def build_structured_card(folder: str | Path, *, repo_id: str | None = None, base_model: str | None = None,
+                          dataset: str | None = None, license: str | None = None) -> ModelCard:
+    """The card of a structurally pruned folder, from its results.json (scripts/structured_prune.py); also
+    writes the chart of channels kept per group there."""
+    from cap_hf.plots import plot_group_widths
+
+    folder = Path(folder)
+    results = json.loads((folder / STRUCTURED_RESULTS).read_text())
+    base_model = base_model or results.get("model")
+    dataset = dataset or results.get("arguments", {}).get("dataset_name")
+    license = license or base_model_license(base_model)
+    repo_id = repo_id or folder.name
+    method = results["method"]
+    widths = [(name, before, after) for name, (before, after) in results["group_widths"].items()]
+    plot_group_widths(widths, folder / WIDTHS_CHART_FILE, title=f"{method}: channels kept per group")
+    latency = results.get("latency", {})
+    procedure = [f"Channel scores: {STRUCTURED_NAMES.get(method, method)}, computed once on the dense model without "
+                 f"data; each group's scores {'over their mean' if results.get('normalize') == 'mean' else 'raw'}; "
+                 f"{'uncoupled channels only' if results.get('uncoupled_only') else 'coupled (residual-stream) and uncoupled groups'}.",
+                 f"Removed {results['removed_channels']} of {results['prunable_channels']} prunable channels "
+                 f"({_pct(results['pruning_ratio'])}), globally lowest score first, never a group's last channel"
+                 + (f", widths rounded to multiples of {results['round_to']}" if results.get("round_to", 1) > 1 else "")
+                 + "."]
+    tuning = results.get("finetuning")
+    if tuning:
+        procedure.append(f"Fine-tuned {tuning['epochs']} epoch(s) on {tuning['train_samples']} training images, lr "
+                         f"{tuning['learning_rate']}" + (f", distilling from {tuning.get('teacher')}" if tuning.get("distill")
+                                                         else "") + ".")
+    card_data = ModelCardData(
+        base_model=base_model if is_hub_id(base_model) else None,
+        base_model_relation="finetune" if is_hub_id(base_model) else None,
+        library_name="transformers", pipeline_tag="image-classification",
+        datasets=[dataset] if is_hub_id(dataset) else None, license=license, model_name=repo_id,
+        tags=["pruned", "structured-pruning", "channel-pruning", method, "cap_hf", "vision"])
+    speedups = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in results.get("speedup", {}).items())
+    where = f"`{base_model}`" if base_model else "a dense model"
+    return ModelCard.from_template(
+        card_data, template_path=str(STRUCTURED_TEMPLATE), model_name=repo_id,
+        summary=(f"{where} with whole channels removed by {STRUCTURED_NAMES.get(method, method)}, using cap_hf: "
+                 f"a physically smaller model, {_count(results['params_pruned'])} parameters instead of "
+                 f"{_count(results['params_dense'])}."),
+        base_model=base_model,
+        params_dense=_count(results["params_dense"]), params_pruned=_count(results["params_pruned"]),
+        macs_dense=_count(results["macs_dense"]), macs_pruned=_count(results["macs_pruned"]),
+        latencies=[(batch, f"{ms:.2f}", f"{results['latency_ms_pruned'][batch]:.2f}")
+                   for batch, ms in results["latency_ms_dense"].items()],
+        accuracy_dense=_pct(results.get("accuracy_dense")), accuracy_pruned=_pct(results.get("accuracy_pruned")),
+        accuracy_before=_pct(results["accuracy_pruned_before_finetuning"]) if tuning else None,
+        speedups=speedups or "n/a",
+        latency_note=f"median of {latency.get('repeats')} forward passes on {latency.get('device')}, "
+                     f"{latency.get('threads')} threads, dense and pruned taking turns",
+        procedure=procedure, chart=WIDTHS_CHART_FILE, widths=widths, repo_id=repo_id,
+        command=results.get("command", ""), citation=CITATIONS.get(method, CITATIONS["dfpc"]))
+
+
 def write_model_card(folder: str | Path, **kwargs) -> Path:
-    """Write README.md (the card) and sparsity_per_layer.png into a pruned checkpoint folder."""
-    card = build_model_card(folder, **kwargs)
+    """Write README.md (the card) and its chart into a pruned folder: a sparse checkpoint's (sparsity_config.json)
+    or a structurally pruned model's (results.json of scripts/structured_prune.py)."""
+    folder = Path(folder)
+    if not (folder / "sparsity_config.json").is_file() and (folder / STRUCTURED_RESULTS).is_file():
+        known = {k: kwargs[k] for k in ("repo_id", "base_model", "dataset", "license") if kwargs.get(k)}
+        card = build_structured_card(folder, **known)
+    else:
+        card = build_model_card(folder, **kwargs)
     path = Path(folder) / "README.md"
     card.save(path)
     return path

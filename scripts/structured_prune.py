@@ -34,6 +34,7 @@ from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
 from cap_hf.trainer import DistillationArguments, fine_tune
+from model_cards import write_model_card
 
 # this script's defaults for Trainer flags (a short fine-tuning of a small model; every flag can be given)
 TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_train_batch_size": 128,
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["arguments"] = asdict(args)
     results["training_arguments"] = training_args.to_dict()
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_model_card(out)  # README.md from results.json, with the chart of channels kept per group
     line = ", ".join(f"batch {b}: {results['latency_ms_dense'][str(b)]:.2f} -> {results['latency_ms_pruned'][str(b)]:.2f} ms "
                      f"({results['speedup'][str(b)]:.2f}x)" for b in batch_sizes)
     print(f"{args.method}: removed {run.removed}/{run.prunable} channels; params {results['params_dense']} -> "

@@ -271,6 +271,13 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     assert results["finetuning"]["epochs"] == 1 and results["finetuning"]["train_samples"] == 256
     assert results["finetuning"]["distill"] is True
     assert not list(out.glob("checkpoint-*"))  # the Trainer saved nothing of its own
+    card = (out / "README.md").read_text()  # the structured model card, from results.json
+    assert (out / "channels_per_group.png").is_file()
+    assert f"{results['params_pruned'] / 1e6:.3f} M" in card and f"{results['macs_dense'] / 1e6:.3f} M" in card
+    dense8, pruned8 = results["latency_ms_dense"]["8"], results["latency_ms_pruned"]["8"]
+    assert f"| latency, batch 8 (ms) | {dense8:.2f} | {pruned8:.2f} |" in card
+    assert "| `resnet.embedder.embedder.convolution` | 8 |" in card
+    assert "structured-pruning" in card and "narshana2023dfpc" in card
     assert results["method"] == "dfpc"
     assert results["params_pruned"] < results["params_dense"]
     assert results["macs_pruned"] < results["macs_dense"]
