@@ -86,9 +86,9 @@ def prune_channels(
     measured latency of the dense model over the pruned one at `speedup_batch_size`, on this machine and
     thread count, at least this). `round_to` keeps every group's width a multiple of it (or whole);
     `normalize` is channel_scores' (each group's scores over their mean, or raw as in the paper). The
-    speed-up search bisects the number of channels taken from the front
-    of the removal order (the order is fixed once the scores are), measuring every candidate: about
-    log2(channels) candidates of `repeats` timed passes each.
+    speed-up search bisects the number of channels taken from the front of the removal order (the order
+    is fixed once the scores are), measuring every candidate, the dense and the pruned model taking turns:
+    about log2(channels) candidates of `repeats` timed passes each.
     """
     check_request(method, pruning_ratio, target_speedup, round_to, normalize)
     graph = ChannelGraph(model, image_size)
