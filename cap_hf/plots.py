@@ -5,15 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_accuracy_lines(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, title: str,
-                        dense: float | None = None) -> Path:
-    """One line of (x, top-1 %) points per label, and the dense model's accuracy as a dashed line."""
+def _figure(size: tuple[float, float]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    return plt.subplots(figsize=size, dpi=120)
+
+
+def _save(fig, ax, path: str | Path, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_lines(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, title: str,
+                        dense: float | None = None) -> Path:
+    """One line of (x, top-1 %) points per label, and the dense model's accuracy as a dashed line."""
+    fig, ax = _figure((6, 4))
     for label, points in series.items():
         points = sorted(points)
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
@@ -21,14 +37,8 @@ def plot_accuracy_lines(series: dict[str, list[tuple[float, float]]], path: str 
         ax.axhline(dense, color="gray", linestyle="--", label="dense")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 
 
 def plot_accuracy_vs_sparsity(records: list[dict], path: str | Path, title: str = "One-shot pruning") -> Path:
@@ -65,23 +75,12 @@ def plot_layer_sparsity(per_layer: dict[str, float], path: str | Path, title: st
 
 def plot_group_widths(widths: list[tuple[str, int, int]], path: str | Path, title: str = "Channels per group") -> Path:
     """Horizontal bars: channels before (light) and after (dark) pruning, one row per channel group."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(widths) + 1.2), dpi=120)
+    fig, ax = _figure((7, 0.3 * len(widths) + 1.2))
     rows = list(range(len(widths)))
     ax.barh(rows, [b for _, b, _ in widths], color="#c6dbef", label="before")
     ax.barh(rows, [a for _, _, a in widths], color="#2171b5", label="after")
     ax.set_yticks(rows, [n.replace("resnet.encoder.", "") for n, _, _ in widths], fontsize=6)
     ax.invert_yaxis()
     ax.set_xlabel("channels")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, title)
 

@@ -23,6 +23,7 @@ from cap_hf.calibration import calibration_loader, calibration_seed
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate
 from cap_hf.distill import distillation_loss
+from cap_hf.metrics import compute_metrics
 from cap_hf.plan import check_budget
 from cap_hf.schedule import SparsitySchedule, build_schedule, check_schedule_values, cyclic_linear_factor
 from trainer_plugins.pruning import CAPPruningCallback
@@ -175,8 +176,6 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None, args: DistillationA
               eval_dataset=None) -> tuple[nn.Module, dict]:
     """Train `student` (say, a structurally pruned model) on `train_dataset`, distilling from `teacher` when
     `args.distill`; returns it in eval mode on the teacher's device, and the training metrics."""
-    from cap_hf.metrics import compute_metrics
-
     trainer = DistillationTrainer(model=student.train(), args=args, teacher_model=teacher, train_dataset=train_dataset,
                                   eval_dataset=eval_dataset, compute_metrics=compute_metrics)
     metrics = trainer.train().metrics

@@ -28,7 +28,7 @@ from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.plots import plot_accuracy_lines
 from cap_hf.structured import prune_channels
-from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
+from cap_hf.structured.measure import compare_models, count_macs, count_parameters
 from cap_hf.trainer import DistillationArguments, fine_tune
 
 IMAGE = "structured_fmnist_resnet.png"
@@ -93,12 +93,7 @@ def main() -> None:
                 records.append({"method": spec, **goal, "unreachable": str(err)})
                 continue
             record = {"method": spec, **goal, "ratio": pruned.ratio, "removed": pruned.removed,
-                      "prunable": pruned.prunable,
-                      "params": count_parameters(small), "macs": count_macs(small, size)}
-            for batch in (1, 64):
-                before, after = latencies_ms([model, small], size, batch, args.latency_repeats)
-                record[f"ms_dense_{batch}"], record[f"ms_{batch}"] = before, after
-                record[f"speedup_{batch}"] = before / after
+                      "prunable": pruned.prunable, **compare_models(model, small, size, (1, 64), args.latency_repeats)}
             record["accuracy"] = evaluate_accuracy(small, loader)
             if args.finetune_epochs:
                 training = DistillationArguments(
@@ -117,10 +112,10 @@ def main() -> None:
                                                  indent=2))
     chart = out / "accuracy_vs_speedup.png"
     done = [r for r in records if "unreachable" not in r]
-    series = {spec: [(r["speedup_64"], 100 * r["accuracy"]) for r in done if r["method"] == spec]
+    series = {spec: [(r["speedup"]["64"], 100 * r["accuracy"]) for r in done if r["method"] == spec]
               for spec in args.methods.split(",")}
     if args.finetune_epochs:
-        series.update({f"{spec} + fine-tuning": [(r["speedup_64"], 100 * r["accuracy_finetuned"]) for r in done
+        series.update({f"{spec} + fine-tuning": [(r["speedup"]["64"], 100 * r["accuracy_finetuned"]) for r in done
                                                  if r["method"] == spec] for spec in args.methods.split(",")})
     plot_accuracy_lines(series, chart, "measured speed-up at batch 64 (dense ms / pruned ms)",
                         "Channel pruning of a Fashion-MNIST ResNet", 100 * dense_accuracy)
@@ -157,9 +152,11 @@ def main() -> None:
         if "unreachable" in r:
             lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 11)
             continue
-        lines.append(f"| {r['method']} | {goal} | {r['ratio']:.2f} | {r['removed']}/{r['prunable']} | {r['params'] / 1e6:.3f} "
-                     f"| {r['macs'] / 1e6:.1f} | {r['ms_dense_1']:.2f} -> {r['ms_1']:.2f} | {r['ms_dense_64']:.1f} -> "
-                     f"{r['ms_64']:.1f} | {r['speedup_1']:.2f}x | {r['speedup_64']:.2f}x | {100 * r['accuracy']:.2f} "
+        dense_ms, pruned_ms, speedup = r["latency_ms_dense"], r["latency_ms_pruned"], r["speedup"]
+        lines.append(f"| {r['method']} | {goal} | {r['ratio']:.2f} | {r['removed']}/{r['prunable']} "
+                     f"| {r['params_pruned'] / 1e6:.3f} | {r['macs_pruned'] / 1e6:.1f} | {dense_ms['1']:.2f} -> "
+                     f"{pruned_ms['1']:.2f} | {dense_ms['64']:.1f} -> {pruned_ms['64']:.1f} | {speedup['1']:.2f}x "
+                     f"| {speedup['64']:.2f}x | {100 * r['accuracy']:.2f} "
                      f"| {100 * (dense_accuracy - r['accuracy']):.2f} | {tuned_cell(r, 'accuracy_finetuned')} "
                      f"| {tuned_cell(r, 'drop')} |")
     body = "\n".join(lines) + f"\n\n![accuracy vs speed-up](img/{IMAGE})\n"

@@ -32,7 +32,7 @@ from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.structured import prune_channels
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
-from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
+from cap_hf.structured.measure import compare_models
 from cap_hf.trainer import DistillationArguments, fine_tune
 from model_cards import write_model_card
 
@@ -90,11 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise SystemExit(f"error: {out} is not empty (another run?); pass --overwrite_output_dir to replace it.")
 
-    model, processor = load_classifier(args.model_name_or_path)
-    model.eval()
     try:
-        check_supported(model)
-    except ValueError as err:
+        model, processor = load_classifier(args.model_name_or_path)
+        check_supported(model.eval())
+    except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     image_size = (args.image_size, args.image_size) if args.image_size else processor_image_size(processor)
     train = evaluation = None
@@ -116,11 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "method": args.method, "uncoupled_only": args.uncoupled_only, "model": args.model_name_or_path,
         "image_size": list(image_size), "removed_channels": run.removed, "prunable_channels": run.prunable,
-        "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": args.normalize, "params_dense": count_parameters(model), "params_pruned": count_parameters(small),
-        "macs_dense": count_macs(model, image_size), "macs_pruned": count_macs(small, image_size),
-        "latency_ms_dense": {}, "latency_ms_pruned": {}, "speedup": {},
+        "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": args.normalize,
         "latency": {"device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
-                    "repeats": args.latency_repeats, "statistic": "median of one forward pass, dense and pruned taking turns"},
+                    "repeats": args.latency_repeats,
+                    "statistic": "median of one forward pass, dense and pruned taking turns"},
         "group_widths": {name: list(w) for name, w in run.widths.items()},
         "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in run.search],
     }
@@ -140,11 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "distill": training_args.distill, "learning_rate": training_args.learning_rate,
                                  "teacher": training_args.teacher_name_or_path or args.model_name_or_path,
                                  "train_runtime_s": metrics.get("train_runtime")}
-    for batch in batch_sizes:
-        dense, pruned = latencies_ms([model, small], image_size, batch, args.latency_repeats)
-        results["latency_ms_dense"][str(batch)] = dense
-        results["latency_ms_pruned"][str(batch)] = pruned
-        results["speedup"][str(batch)] = dense / pruned
+    results.update(compare_models(model, small, image_size, batch_sizes, args.latency_repeats))
 
     out.mkdir(parents=True, exist_ok=True)
     small.save_pretrained(out)

@@ -33,7 +33,6 @@ class ChannelPruning:
     uncoupled_only: bool
     removed: int
     prunable: int
-    removable: int
     plan: dict[int, list[int]]
     widths: dict[str, tuple[int, int]]  # group name -> (channels before, after)
     search: list[tuple[int, float]] = field(default_factory=list)
@@ -130,4 +129,4 @@ def prune_channels(
     small = remove_channels(model, graph, plan)
     widths = {g.name: (g.size, g.size - len(plan.get(g.index, []))) for g in graph.groups}
     removed = sum(len(channels) for channels in plan.values())
-    return small, ChannelPruning(method, normalize, uncoupled_only, removed, prunable, len(order), plan, widths, search)
+    return small, ChannelPruning(method, normalize, uncoupled_only, removed, prunable, plan, widths, search)

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import ResNetForImageClassification, ResNetModel
 
 from cap_hf.modeling import PrunedResNetConfig, PrunedResNetForImageClassification, PrunedResNetModel
+from cap_hf.structured.measure import images
 
 NORMS = (nn.BatchNorm2d, nn.LayerNorm)
 PRODUCERS = (nn.Conv2d, nn.Linear)
@@ -32,11 +33,11 @@ SUPPORTED = "transformers ResNetModel / ResNetForImageClassification (basic and 
 
 @dataclass
 class Member:
-    """One layer of a group: its name, its role, and which of its channels are the group's channels."""
+    """One layer of a group (a producer, consumer or norm, by the list it is in) and which of its channels
+    are the group's channels."""
 
     name: str
     module: nn.Module
-    role: str  # "producer" (output channels), "consumer" (input channels), "norm"
     channels: list[int]
 
 
@@ -74,13 +75,6 @@ def check_supported(model: nn.Module) -> None:
                          "loaded, all on one device (e.g. model.to('cpu'), no device_map).")
 
 
-def example_input(model: nn.Module, image_size: int | Sequence[int]) -> torch.Tensor:
-    """One all-ones image batch of the model's channels and the given size, on the model's device."""
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    param = next(model.parameters())
-    return torch.ones(1, model.config.num_channels, *size, device=param.device, dtype=param.dtype)
-
-
 def _reduce_output(output) -> torch.Tensor:
     tensors = [v for v in (output.values() if isinstance(output, Mapping) else [output]) if torch.is_tensor(v)]
     return sum(t.float().sum() for t in tensors)
@@ -95,7 +89,7 @@ def _dependency_graph(model: nn.Module, image_size: int | Sequence[int]) -> tp.D
             param.requires_grad_(True)
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_input(model, image_size), output_transform=_reduce_output, verbose=False)
+                model, example_inputs=images(model, 1, image_size), output_transform=_reduce_output, verbose=False)
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
@@ -151,11 +145,11 @@ class ChannelGraph:
                     continue  # element-wise ops, reshapes, the add of a residual: channel-wise, nothing to keep
                 channels = [int(i) for i in item.idxs]
                 if isinstance(module, NORMS):
-                    group.norms.append(Member(name, module, "norm", channels))
+                    group.norms.append(Member(name, module, channels))
                 elif graph.is_out_channel_pruning_fn(handler):
-                    group.producers.append(Member(name, module, "producer", channels))
+                    group.producers.append(Member(name, module, channels))
                 else:
-                    group.consumers.append(Member(name, module, "consumer", channels))
+                    group.consumers.append(Member(name, module, channels))
             group.producers.sort(key=lambda m: self.order[m.name])
             group.consumers.sort(key=lambda m: self.order[m.name])
             groups.append(group)

@@ -52,3 +52,18 @@ def latencies_ms(models: Sequence[nn.Module], image_size: int | Sequence[int], b
                 kept.append((time.perf_counter() - start) * 1000)
     return [statistics.median(kept) for kept in times]
 
+
+def compare_models(dense: nn.Module, pruned: nn.Module, image_size: int | Sequence[int], batch_sizes: Sequence[int],
+                   repeats: int = 30) -> dict:
+    """Parameters, MACs and latency (per batch size, the two models taking turns) of a dense model and its
+    pruned copy: params_/macs_dense|pruned, latency_ms_dense|pruned and speedup as {str(batch): value}."""
+    result = {"params_dense": count_parameters(dense), "params_pruned": count_parameters(pruned),
+              "macs_dense": count_macs(dense, image_size), "macs_pruned": count_macs(pruned, image_size),
+              "latency_ms_dense": {}, "latency_ms_pruned": {}, "speedup": {}}
+    for batch in batch_sizes:
+        before, after = latencies_ms([dense, pruned], image_size, batch, repeats)
+        result["latency_ms_dense"][str(batch)] = before
+        result["latency_ms_pruned"][str(batch)] = after
+        result["speedup"][str(batch)] = before / after
+    return result
+

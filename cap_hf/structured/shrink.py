@@ -10,13 +10,13 @@ from torch import nn
 from transformers import ResNetForImageClassification, ResNetModel, ViTForImageClassification, ViTModel
 
 from cap_hf.modeling import (
-    PrunedResNetConfig,
     PrunedResNetForImageClassification,
     PrunedResNetModel,
     PrunedViTConfig,
     PrunedViTForImageClassification,
     PrunedViTModel,
 )
+from cap_hf.structured.groups import ChannelGraph, remove_channels
 
 _LAYER_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention\.[qkvo]_proj|mlp\.fc[12])\.(weight|bias)$")
 
@@ -88,6 +88,9 @@ def shrink_vit(
     return small.train(model.training)
 
 
+TRACE_SIZE = 64  # input size for tracing a ResNet's channel groups (any size works; the widths do not depend on it)
+
+
 @torch.no_grad()
 def shrink_resnet(
     model: ResNetModel | ResNetForImageClassification,
@@ -97,9 +100,9 @@ def shrink_resnet(
     inner channels keep_channels[b][j] after its j-th convolution (None keeps them all).
 
     Only a block's inner channels are removed (the residual stream keeps its width), so the result
-    computes exactly what the dense model computes with those channels' outgoing weights zeroed.
+    computes exactly what the dense model computes with those channels' outgoing weights zeroed. The
+    removal is the structured methods' own (cap_hf.structured.groups.remove_channels).
     """
-    config = model.config
     resnet = model.resnet if hasattr(model, "resnet") else model
     blocks = [block for stage in resnet.encoder.stages for block in stage.layers]
     names = {id(module): name for name, module in model.named_modules()}
@@ -113,27 +116,19 @@ def shrink_resnet(
         if len(lists) != len(widths[b]):
             raise ValueError(f"Block {b} has {len(widths[b])} inner widths to choose, got {len(lists)} lists.")
 
-    values = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "block_widths"):
-        values.pop(key, None)
-    block_widths = [[len(k) if k is not None else w for k, w in zip(kept.get(b, [None] * len(ws)), ws, strict=True)]
-                    for b, ws in enumerate(widths)]
-    new_config = PrunedResNetConfig(**values, block_widths=block_widths)
-    classifier = hasattr(model, "classifier")
-    small = PrunedResNetForImageClassification(new_config) if classifier else PrunedResNetModel(new_config)
-    small.to(dtype=next(model.parameters()).dtype)
-
-    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    for b, lists in kept.items():
-        prefix = names[id(blocks[b])]
-        for j, channels in enumerate(lists):
-            if channels is None:
-                continue
-            index = torch.tensor(channels)
-            conv, nxt = f"{prefix}.layer.{j}", f"{prefix}.layer.{j + 1}"
-            state[f"{conv}.convolution.weight"] = state[f"{conv}.convolution.weight"][index]
-            for stat in ("weight", "bias", "running_mean", "running_var"):
-                state[f"{conv}.normalization.{stat}"] = state[f"{conv}.normalization.{stat}"][index]
-            state[f"{nxt}.convolution.weight"] = state[f"{nxt}.convolution.weight"][:, index]
-    small.load_state_dict(state, strict=True)
-    return small.train(model.training)
+    training = model.training
+    model.eval()  # the trace runs one forward pass: batch-norm statistics must not move
+    try:
+        graph = ChannelGraph(model, TRACE_SIZE)
+        by_producer = {member.name: (group, member) for group in graph.groups for member in group.producers}
+        removed = {}
+        for b, lists in kept.items():
+            for j, channels in enumerate(lists):
+                if channels is not None:
+                    group, member = by_producer[f"{names[id(blocks[b])]}.layer.{j}.convolution"]
+                    keep = set(channels)
+                    removed[group.index] = [c for c in range(group.size) if member.channels[c] not in keep]
+        small = remove_channels(model, graph, removed)
+    finally:
+        model.train(training)
+    return small.train(training)
