@@ -227,7 +227,8 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
                  f"Removed {results['removed_channels']} of {results['prunable_channels']} prunable channels "
                  f"({_pct(results['pruning_ratio'])}), globally lowest score first, never a group's last channel"
                  + (f", widths rounded to multiples of {results['round_to']}" if results.get("round_to", 1) > 1 else "")
-                 + "."]
+                 + "." + (" In the attention groups (the `q_proj` rows) a channel is a whole head of "
+                          f"{next(iter(results['head_groups'].values()))} indices." if results.get("head_groups") else "")]
     tuning = results.get("finetuning")
     if tuning:
         procedure.append(f"Fine-tuned {tuning['epochs']} epoch(s) on {tuning['train_samples']} training images, lr "
@@ -257,7 +258,17 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
         latency_note=f"median of {latency.get('repeats')} forward passes on {latency.get('device')}, "
                      f"{latency.get('threads')} threads, dense and pruned taking turns",
         procedure=procedure, chart=WIDTHS_CHART_FILE, widths=widths, repo_id=repo_id,
+        width_fields=", ".join(f"`{f}`" for f in WIDTH_FIELDS.get(_model_type(folder), ("hidden_size",))),
         command=results.get("command", ""), citation=CITATIONS.get(method, CITATIONS["dfpc"]))
+
+
+WIDTH_FIELDS = {"pruned_resnet": ("embedding_size", "hidden_sizes", "block_widths", "block_shortcuts"),
+                "pruned_vit": ("hidden_size", "head_dim", "layer_num_heads", "layer_intermediate_sizes")}
+
+
+def _model_type(folder: Path) -> str | None:
+    config = folder / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 def write_model_card(folder: str | Path, **kwargs) -> Path:

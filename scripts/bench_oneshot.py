@@ -15,7 +15,17 @@ import sys
 import time
 from dataclasses import dataclass
 
-from benchlib import ROOT, FashionMnistBench, command_line, machine, parse_bench, run, write_section
+from benchlib import (
+    ROOT,
+    VIT_TEACHER,
+    FashionMnistBench,
+    command_line,
+    machine,
+    parse_bench,
+    prepare_teacher,
+    run,
+    write_section,
+)
 
 SECTION = "## One-shot pruning: Fashion-MNIST ViT (DeiT-Tiny width)"
 # the recipe of this benchmark (scripts/oneshot.py flags; flags given to the benchmark come after and win)
@@ -32,15 +42,7 @@ class BenchOneShot(FashionMnistBench):
 def main() -> None:
     args, forwarded = parse_bench(BenchOneShot)
     py = sys.executable
-    if not (ROOT / args.data_dir).exists():
-        run([py, "scripts/prepare_data.py", "--dataset", "fashion-mnist", "--output_dir", args.data_dir])
-    if not (ROOT / args.teacher_dir / "config.json").exists():
-        run([py, "scripts/train_dense.py", "--dataset_name", args.data_dir, "--output_dir", args.teacher_dir,
-             "--image_size", "28", "--patch_size", "7", "--hidden_size", "192", "--num_hidden_layers", "6",
-             "--num_attention_heads", "3", "--num_train_epochs", str(args.teacher_epochs), "--learning_rate", "1e-3",
-             "--weight_decay", "0.05", "--warmup_steps", "200", "--per_device_train_batch_size", "128",
-             "--per_device_eval_batch_size", "256", "--eval_strategy", "epoch", "--save_strategy", "no",
-             "--disable_tqdm", "true", "--report_to", "none"])
+    prepare_teacher(args.data_dir, args.teacher_dir, VIT_TEACHER, args.teacher_epochs)
     oneshot = [py, "scripts/oneshot.py", "--model_name_or_path", args.teacher_dir, "--dataset_name", args.data_dir,
                "--methods", args.methods, "--sparsities", args.sparsities, *RECIPE,
                "--output_dir", args.output_dir, "--overwrite_output_dir", "true", *forwarded]

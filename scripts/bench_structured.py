@@ -1,27 +1,37 @@
 """Benchmark: structured pruning (DFPC, L1, random, DFPC on uncoupled channels only) of a bottleneck ResNet
-trained on Fashion-MNIST: top-1 against the measured CPU speed-up, without and with a short fine-tuning
-(distillation from the dense model).
+or a ViT trained on Fashion-MNIST: top-1 against the measured CPU speed-up, without and with a short
+fine-tuning (distillation from the dense model).
 
-  OMP_NUM_THREADS=2 python scripts/bench_structured.py
+  OMP_NUM_THREADS=2 python scripts/bench_structured.py --arch resnet
+  OMP_NUM_THREADS=2 python scripts/bench_structured.py --arch vit
 
-Makes what is missing (data folder; the dense ResNet via scripts/train_dense.py), then for every method and
+Makes what is missing (data folder; the dense model via scripts/train_dense.py), then for every method and
 target speed-up (or pruning ratio, with --ratios): prune_channels (the library's entry; a target is
 reached by measurement) -> the smaller model's parameters, MACs, latency at
 batch 1 and 64 measured right after the dense model's in the same process (median of repeated passes),
 and top-1 on the 10k test images, before and after `--finetune_epochs` on `--finetune_samples` training
 images (cap_hf.trainer.fine_tune). Writes the table, command and machine to docs/benchmarks.md (section
-"Structured pruning") with a chart in docs/img/, and the raw records to OUTPUT_DIR/results.json.
+"Structured pruning: Fashion-MNIST <arch>") with a chart in docs/img/, and the raw records to
+OUTPUT_DIR/results.json.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import torch
-from benchlib import ROOT, command_line, machine, parse_bench, run, write_section
+from benchlib import (
+    RESNET_TEACHER,
+    ROOT,
+    VIT_TEACHER,
+    command_line,
+    machine,
+    parse_bench,
+    prepare_teacher,
+    write_section,
+)
 
 from cap_hf.data import collate, prepare_splits
 from cap_hf.metrics import evaluate_accuracy
@@ -31,21 +41,36 @@ from cap_hf.structured import prune_channels
 from cap_hf.structured.measure import compare_models, count_macs, count_parameters
 from cap_hf.trainer import DistillationArguments, fine_tune
 
-IMAGE = "structured_fmnist_resnet.png"
-SECTION = "## Structured pruning: Fashion-MNIST ResNet (bottleneck)"
-TEACHER = ["--arch", "resnet", "--layer_type", "bottleneck", "--embedding_size", "32", "--hidden_sizes", "64,128,256",
-           "--depths", "2,2,2", "--image_size", "28", "--learning_rate", "2e-3", "--weight_decay", "0.05",
-           "--warmup_steps", "200", "--per_device_train_batch_size", "128", "--per_device_eval_batch_size", "256",
-           "--eval_strategy", "epoch", "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none"]
+ARCHES = {  # teacher folder, its train_dense flags, section of docs/benchmarks.md, chart
+    "resnet": ("outputs/fmnist-resnet", RESNET_TEACHER, "## Structured pruning: Fashion-MNIST ResNet (bottleneck)",
+               "structured_fmnist_resnet.png"),
+    "vit": ("outputs/fmnist-vit-tiny", VIT_TEACHER, "## Structured pruning: Fashion-MNIST ViT",
+            "structured_fmnist_vit.png"),
+}
+
+
+def widths(config) -> str:
+    if config.model_type == "pruned_vit":
+        return f"{config.hidden_size}; {config.layer_num_heads}; {config.layer_intermediate_sizes}"
+    return f"stages {config.hidden_sizes}"
+
+
+def describe(config) -> str:
+    if config.model_type == "resnet":
+        return (f"transformers ResNetForImageClassification, bottleneck, stem {config.embedding_size}, stages "
+                f"{config.hidden_sizes} x {config.depths} blocks")
+    return (f"transformers ViTForImageClassification, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads} heads, MLP {config.intermediate_size}, patch {config.patch_size}")
 
 
 @dataclass
 class BenchStructured:
+    arch: str = "resnet"  # resnet or vit
     data_dir: str = "data/fashion-mnist"
-    teacher_dir: str = "outputs/fmnist-resnet"
+    teacher_dir: str | None = None  # default: the arch's (outputs/fmnist-resnet, outputs/fmnist-vit-tiny)
     teacher_epochs: int = 5
     methods: str = "dfpc,l1,random,dfpc-uncoupled"  # -uncoupled: residual streams kept whole
-    normalize: str = "mean"  # prune_channels' normalize: mean, or none (raw scores, as the DFPC paper)
+    normalize: str = "auto"  # prune_channels' normalize: auto, mean, or none (raw scores, as the DFPC paper)
     speedups: str = "1.25,1.5,2"  # targets, measured at batch 64 (prune_channels' search)
     ratios: str | None = None  # fractions of the prunable channels instead of speed-up targets
     latency_repeats: int = 30
@@ -53,7 +78,7 @@ class BenchStructured:
     finetune_samples: int = 20000
     finetune_learning_rate: float = 5e-4
     max_eval_samples: int | None = None
-    output_dir: str = "outputs/bench-structured"
+    output_dir: str | None = None  # default: outputs/bench-structured-<arch>
     no_write: bool = False  # do not touch docs/benchmarks.md
 
 
@@ -61,12 +86,12 @@ def main() -> None:
     args, rest = parse_bench(BenchStructured)
     if rest:
         raise SystemExit(f"Unknown flags: {rest}")
-    py = sys.executable
-    if not (ROOT / args.data_dir).exists():
-        run([py, "scripts/prepare_data.py", "--dataset", "fashion-mnist", "--output_dir", args.data_dir])
-    if not (ROOT / args.teacher_dir / "config.json").exists():
-        run([py, "scripts/train_dense.py", "--dataset_name", args.data_dir, "--output_dir", args.teacher_dir,
-             "--num_train_epochs", str(args.teacher_epochs), *TEACHER])
+    if args.arch not in ARCHES:
+        raise SystemExit(f"--arch {args.arch!r}: choose one of {', '.join(ARCHES)}.")
+    default_teacher, teacher_flags, section, image = ARCHES[args.arch]
+    args.teacher_dir = args.teacher_dir or default_teacher
+    args.output_dir = args.output_dir or f"outputs/bench-structured-{args.arch}"
+    teacher_command = prepare_teacher(args.data_dir, args.teacher_dir, teacher_flags, args.teacher_epochs)
     model, processor = load_classifier(str(ROOT / args.teacher_dir))
     model.eval()
     size = processor_image_size(processor)
@@ -93,7 +118,8 @@ def main() -> None:
                 records.append({"method": spec, **goal, "unreachable": str(err)})
                 continue
             record = {"method": spec, **goal, "ratio": pruned.ratio, "removed": pruned.removed,
-                      "prunable": pruned.prunable, **compare_models(model, small, size, (1, 64), args.latency_repeats)}
+                      "prunable": pruned.prunable, "normalize": pruned.normalize, "widths": widths(small.config),
+                      **compare_models(model, small, size, (1, 64), args.latency_repeats)}
             record["accuracy"] = evaluate_accuracy(small, loader)
             if args.finetune_epochs:
                 training = DistillationArguments(
@@ -118,7 +144,7 @@ def main() -> None:
         series.update({f"{spec} + fine-tuning": [(r["speedup"]["64"], 100 * r["accuracy_finetuned"]) for r in done
                                                  if r["method"] == spec] for spec in args.methods.split(",")})
     plot_accuracy_lines(series, chart, "measured speed-up at batch 64 (dense ms / pruned ms)",
-                        "Channel pruning of a Fashion-MNIST ResNet", 100 * dense_accuracy)
+                        f"Channel pruning of a Fashion-MNIST {args.arch}", 100 * dense_accuracy)
     def tuned_cell(record: dict, what: str) -> str:
         if "accuracy_finetuned" not in record:
             return "-"
@@ -126,18 +152,16 @@ def main() -> None:
             "accuracy_finetuned"]
         return f"{100 * value:.2f}"
 
-    config = model.config
-    lines = [SECTION, "", f"Command: `{command_line('bench_structured.py')}`", "", f"Machine: {machine()}.", "",
-             f"Model: `{args.teacher_dir}`, transformers ResNetForImageClassification, bottleneck, stem "
-             f"{config.embedding_size}, stages {config.hidden_sizes} x {config.depths} blocks, 28x28 inputs, trained "
-             f"with `python scripts/train_dense.py --dataset_name {args.data_dir} --output_dir {args.teacher_dir} "
-             f"--num_train_epochs {args.teacher_epochs} {' '.join(TEACHER)}`; {dense['params'] / 1e6:.2f} M "
+    normalized = sorted({r["normalize"] for r in records if "normalize" in r})
+    lines = [section, "", f"Command: `{command_line('bench_structured.py')}`", "", f"Machine: {machine()}.", "",
+             f"Model: `{args.teacher_dir}`, {describe(model.config)}, 28x28 inputs, trained "
+             f"with `python {' '.join(teacher_command[1:])}`; {dense['params'] / 1e6:.2f} M "
              f"parameters, {dense['macs'] / 1e6:.1f} M MACs per image, dense top-1 **{100 * dense_accuracy:.2f}%** "
              f"on {len(evaluation)} test images.", "",
              "Goal: a target speed-up (the fewest channels, in each method's order, whose smaller model is that "
              "much faster as measured at batch 64: prune_channels' bisection) or a pruning ratio. Ratio = "
              "fraction of the prunable channels removed (for -uncoupled, of the block-internal channels "
-             f"only). Scores normalised per group: {args.normalize} (mean: each group's scores over their mean; none: "
+             f"only). Scores normalised per group: {args.normalize} -> {', '.join(normalized)} (mean: each group's scores over their mean; none: "
              "raw scores compared across groups, as the DFPC paper's code). Latency: median of one forward pass over the repeats, the dense and the pruned model taking "
              "turns pass by pass in this process; speed-up = dense ms / pruned ms. The pruning uses no data. "
              f"Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
@@ -159,11 +183,15 @@ def main() -> None:
                      f"| {speedup['64']:.2f}x | {100 * r['accuracy']:.2f} "
                      f"| {100 * (dense_accuracy - r['accuracy']):.2f} | {tuned_cell(r, 'accuracy_finetuned')} "
                      f"| {tuned_cell(r, 'drop')} |")
-    body = "\n".join(lines) + f"\n\n![accuracy vs speed-up](img/{IMAGE})\n"
+    if args.arch == "vit":
+        lines += ["", "Widths kept (hidden; heads per layer; MLP per layer):", ""]
+        lines += [f"- {r['method']} {r.get('target_speedup', r.get('pruning_ratio'))}: {r['widths']}"
+                  for r in records if "widths" in r]
+    body = "\n".join(lines) + f"\n\n![accuracy vs speed-up](img/{image})\n"
     print(body)
     if not args.no_write:
-        (ROOT / "docs" / "img" / IMAGE).write_bytes(chart.read_bytes())
-        write_section(body, SECTION)
+        (ROOT / "docs" / "img" / image).write_bytes(chart.read_bytes())
+        write_section(body, section)
 
 
 if __name__ == "__main__":

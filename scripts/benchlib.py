@@ -17,6 +17,28 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 
 
+# the Fashion-MNIST teachers of the benchmarks (scripts/train_dense.py flags after --dataset_name/--output_dir)
+TRAINING = ["--weight_decay", "0.05", "--warmup_steps", "200", "--per_device_train_batch_size", "128",
+            "--per_device_eval_batch_size", "256", "--eval_strategy", "epoch", "--save_strategy", "no",
+            "--disable_tqdm", "true", "--report_to", "none"]
+VIT_TEACHER = ["--image_size", "28", "--patch_size", "7", "--hidden_size", "192", "--num_hidden_layers", "6",
+               "--num_attention_heads", "3", "--learning_rate", "1e-3", *TRAINING]
+RESNET_TEACHER = ["--arch", "resnet", "--layer_type", "bottleneck", "--embedding_size", "32", "--hidden_sizes",
+                  "64,128,256", "--depths", "2,2,2", "--image_size", "28", "--learning_rate", "2e-3", *TRAINING]
+
+
+def prepare_teacher(data_dir: str, teacher_dir: str, teacher: list[str], epochs: int) -> list[str]:
+    """Make what is missing: the Fashion-MNIST folder and the dense teacher. Returns the teacher's command."""
+    py = sys.executable
+    if not (ROOT / data_dir).exists():
+        run([py, "scripts/prepare_data.py", "--dataset", "fashion-mnist", "--output_dir", data_dir])
+    command = [py, "scripts/train_dense.py", "--dataset_name", data_dir, "--output_dir", teacher_dir,
+               "--num_train_epochs", str(epochs), *teacher]
+    if not (ROOT / teacher_dir / "config.json").exists():
+        run(command)
+    return command
+
+
 @dataclass
 class FashionMnistBench:
     """The flags shared by the benchmarks on the Fashion-MNIST ViT (bench_oneshot trains the teacher)."""

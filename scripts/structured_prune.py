@@ -43,7 +43,7 @@ TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_tr
 
 @dataclass
 class StructuredArguments:
-    model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier (ResNet)."})
+    model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier (ResNet or ViT)."})
     method: str = field(default="dfpc", metadata={"help": "dfpc (data-free BGSC saliency), l1 or random."})
     pruning_ratio: float | None = field(default=None, metadata={
         "help": "Fraction of the prunable channels to remove (exclusive with --target_speedup)."})
@@ -51,8 +51,9 @@ class StructuredArguments:
         "help": "Measured speed-up to reach at --speedup_batch_size (exclusive with --pruning_ratio)."})
     uncoupled_only: bool = field(default=False, metadata={
         "help": "Prune only channels with one producer and one consumer (residual streams kept whole)."})
-    normalize: str = field(default="mean", metadata={
-        "help": "mean: each group's scores over their mean before the global order; none: raw, as the paper."})
+    normalize: str = field(default="auto", metadata={
+        "help": "mean: each group's scores over their mean before the global order; none: raw, as the paper; "
+                "auto: the one measured best for the architecture (mean for ResNets, none for ViTs)."})
     round_to: int = field(default=1, metadata={
         "help": "Keep every group's width a multiple of this (e.g. 8: kernels run slower on odd widths)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Evaluate dense and pruned on its eval split."})
@@ -115,11 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "method": args.method, "uncoupled_only": args.uncoupled_only, "model": args.model_name_or_path,
         "image_size": list(image_size), "removed_channels": run.removed, "prunable_channels": run.prunable,
-        "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": args.normalize,
+        "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": run.normalize,
         "latency": {"device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
                     "repeats": args.latency_repeats,
                     "statistic": "median of one forward pass, dense and pruned taking turns"},
         "group_widths": {name: list(w) for name, w in run.widths.items()},
+        "head_groups": run.units,
         "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in run.search],
     }
     if evaluation is not None:

@@ -101,3 +101,14 @@ def digits_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "digits"
     run_script("prepare_data.py", "--dataset", "digits", "--output_dir", out)
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_dir, tmp_path_factory):
+    """A small ViT trained on scikit-learn digits by scripts/train_dense.py."""
+    out = tmp_path_factory.mktemp("models") / "digits-vit"
+    run_script("train_dense.py", "--dataset_name", digits_dir, "--output_dir", out, "--image_size", 8,
+               "--patch_size", 2, "--hidden_size", 32, "--num_hidden_layers", 2, "--num_attention_heads", 2,
+               "--num_train_epochs", 20, "--learning_rate", 3e-3, "--per_device_train_batch_size", 32,
+               "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none")
+    return out

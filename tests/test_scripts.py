@@ -6,16 +6,6 @@ import pytest
 from conftest import run_script
 
 
-@pytest.fixture(scope="session")
-def digits_model(digits_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("models") / "digits-vit"
-    run_script("train_dense.py", "--dataset_name", digits_dir, "--output_dir", out, "--image_size", 8,
-               "--patch_size", 2, "--hidden_size", 32, "--num_hidden_layers", 2, "--num_attention_heads", 2,
-               "--num_train_epochs", 20, "--learning_rate", 3e-3, "--per_device_train_batch_size", 32,
-               "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none")
-    return out
-
-
 def test_train_dense_writes_a_loadable_classifier(digits_model):
     from cap_hf.models import load_classifier
 

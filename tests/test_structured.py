@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script, run_script, tiny_resnet, tiny_vit_config
+from conftest import load_script, run_script, tiny_resnet
 from torch import nn
-from transformers import AutoModelForImageClassification, ViTForImageClassification
+from transformers import AutoModelForImageClassification, ConvNextConfig, ConvNextForImageClassification
 
 from cap_hf.modeling import PrunedResNetForImageClassification
 from cap_hf.models import make_image_processor
@@ -34,6 +34,10 @@ def resnet(layer_type="bottleneck", **overrides):
         if isinstance(module, nn.BatchNorm2d):
             module.weight.data.normal_()
     return model
+
+
+def tiny_convnext_config():
+    return ConvNextConfig(num_channels=1, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)
 
 
 def names(members):
@@ -162,7 +166,7 @@ def test_removal_order_is_global_lowest_first_and_never_empties_a_group():
     assert all(torch.equal(random_a[i], random_b[i]) for i in random_a)
     with pytest.raises(ValueError, match="choose one of dfpc, l1, random"):
         channel_scores(graph, "taylor")
-    with pytest.raises(ValueError, match="Unknown normalize 'max'; choose one of mean, none"):
+    with pytest.raises(ValueError, match="Unknown normalize 'max'; choose one of auto, mean, none"):
         channel_scores(graph, "dfpc", normalize="max")
 
 
@@ -235,8 +239,9 @@ def test_a_projection_stays_where_pruned_widths_become_equal():
 
 
 def test_bad_input_is_refused_before_any_work():
-    with pytest.raises(ValueError, match="does not support ViTForImageClassification yet; supported: transformers ResNet"):
-        ChannelGraph(ViTForImageClassification(tiny_vit_config()).eval(), 8)
+    with pytest.raises(ValueError, match="does not support ConvNextForImageClassification yet; supported: transformers "
+                                         "ResNet.*ViTForImageClassification"):
+        ChannelGraph(ConvNextForImageClassification(tiny_convnext_config()).eval(), 8)
     with pytest.raises(ValueError, match=r"training mode; call model.eval\(\)"):
         ChannelGraph(resnet().train(), SIZE)
     with pytest.raises(ValueError, match=r"weights are on \['meta'\]; structured pruning needs them loaded"):
@@ -277,7 +282,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     dense8, pruned8 = results["latency_ms_dense"]["8"], results["latency_ms_pruned"]["8"]
     assert f"| latency, batch 8 (ms) | {dense8:.2f} | {pruned8:.2f} |" in card
     assert "| `resnet.embedder.embedder.convolution` | 8 |" in card
-    assert "structured-pruning" in card and "narshana2023dfpc" in card
+    assert "structured-pruning" in card and "narshana2023dfpc" in card and "`block_widths`" in card
     assert results["method"] == "dfpc"
     assert results["params_pruned"] < results["params_dense"]
     assert results["macs_pruned"] < results["macs_dense"]
@@ -314,13 +319,12 @@ def test_structured_prune_script_bad_input(digits_resnet, tmp_path, extra, messa
     assert not (tmp_path / "out").exists()
 
 
-def test_structured_prune_script_refuses_vits_and_folders_of_other_runs(digits_resnet, tmp_path):
-    vit = ViTForImageClassification(tiny_vit_config())
-    vit.save_pretrained(tmp_path / "vit")
-    make_image_processor(8, 1).save_pretrained(tmp_path / "vit")
+def test_structured_prune_script_refuses_convnexts_and_folders_of_other_runs(digits_resnet, tmp_path):
+    ConvNextForImageClassification(tiny_convnext_config()).save_pretrained(tmp_path / "convnext")
+    make_image_processor(8, 1).save_pretrained(tmp_path / "convnext")
     script = load_script("structured_prune")
-    with pytest.raises(SystemExit, match="does not support ViTForImageClassification yet; supported:"):
-        script.main(["--model_name_or_path", str(tmp_path / "vit"), "--output_dir", str(tmp_path / "out"),
+    with pytest.raises(SystemExit, match="does not support ConvNextForImageClassification yet; supported:"):
+        script.main(["--model_name_or_path", str(tmp_path / "convnext"), "--output_dir", str(tmp_path / "out"),
                      "--pruning_ratio", "0.3"])
     busy = tmp_path / "busy"
     busy.mkdir()

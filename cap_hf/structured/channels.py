@@ -16,6 +16,7 @@ from cap_hf.structured.dfpc import (
     prunable_channels,
     removal_order,
     removal_plan,
+    resolve_normalize,
 )
 from cap_hf.structured.groups import ChannelGraph, remove_channels
 from cap_hf.structured.measure import latencies_ms
@@ -35,6 +36,7 @@ class ChannelPruning:
     prunable: int
     plan: dict[int, list[int]]
     widths: dict[str, tuple[int, int]]  # group name -> (channels before, after)
+    units: dict[str, int] = field(default_factory=dict)  # group name -> indices per channel, for attention heads
     search: list[tuple[int, float]] = field(default_factory=list)
 
     @property
@@ -49,7 +51,7 @@ def _reachable_error(what: str, wanted: float, best: float, uncoupled_only: bool
 
 
 def check_request(method: str, pruning_ratio: float | None, target_speedup: float | None, round_to: int = 1,
-                  normalize: str = "mean") -> None:
+                  normalize: str = "auto") -> None:
     """ValueError for a request that cannot be run, before any work."""
     if normalize not in NORMALIZERS:
         raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
@@ -77,20 +79,22 @@ def prune_channels(
     speedup_batch_size: int = 64,
     repeats: int = 10,
     round_to: int = 1,
-    normalize: str = "mean",
+    normalize: str = "auto",
 ) -> tuple[nn.Module, ChannelPruning]:
     """A physically smaller copy of `model` (eval mode) and what was removed.
 
     Either `pruning_ratio` (the fraction of the prunable channels to remove) or `target_speedup` (the
     measured latency of the dense model over the pruned one at `speedup_batch_size`, on this machine and
     thread count, at least this). `round_to` keeps every group's width a multiple of it (or whole);
-    `normalize` is channel_scores' (each group's scores over their mean, or raw as in the paper). The
+    `normalize` is channel_scores' (each group's scores over their mean, raw as in the paper, or auto: the
+    one measured best for the architecture, recorded resolved in the result). The
     speed-up search bisects the number of channels taken from the front of the removal order (the order
     is fixed once the scores are), measuring every candidate, the dense and the pruned model taking turns:
     about log2(channels) candidates of `repeats` timed passes each.
     """
     check_request(method, pruning_ratio, target_speedup, round_to, normalize)
     graph = ChannelGraph(model, image_size)
+    normalize = resolve_normalize(graph, normalize)
     order = removal_order(graph.groups, channel_scores(graph, method, seed, normalize), uncoupled_only)
     prunable = prunable_channels(graph.groups, uncoupled_only)
     sizes = {g.index: g.size for g in graph.groups}
@@ -129,4 +133,6 @@ def prune_channels(
     small = remove_channels(model, graph, plan)
     widths = {g.name: (g.size, g.size - len(plan.get(g.index, []))) for g in graph.groups}
     removed = sum(len(channels) for channels in plan.values())
-    return small, ChannelPruning(method, normalize, uncoupled_only, removed, prunable, plan, widths, search)
+    units = {g.name: g.unit for g in graph.groups if g.unit > 1}
+    return small, ChannelPruning(method, normalize, uncoupled_only, removed, prunable, plan, widths, units=units,
+                                 search=search)

@@ -25,23 +25,32 @@ from torch import nn
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
 
 SCORES = ("dfpc", "l1", "random")
-NORMALIZERS = ("mean", "none")
+NORMALIZERS = ("auto", "mean", "none")
 
 
-def _norm_scale(norm: Member | None, channels: list[int]) -> torch.Tensor | None:
-    """|gamma| / sqrt(running_var + eps) of a batch norm, for the given channels."""
+def _norm_scale(norm: Member | None) -> torch.Tensor | None:
+    """The non-negative diagonal a norm layer is bounded by, at its group channels: |gamma| / sqrt(running_var
+    + eps) for a batch norm; |gamma| for a LayerNorm (the surrogate: its division by the token's standard
+    deviation is one factor shared by every channel of the token, so it cannot reorder them, and its
+    mean-centring is left out)."""
     if norm is None:
         return None
-    bn = norm.module
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise NotImplementedError(f"BGSC needs a channel-wise norm after each producer; {norm.name} is "
-                                  f"{type(bn).__name__}.")
-    gamma = bn.weight.abs() if bn.weight is not None else torch.ones_like(bn.running_var)
-    return (gamma / torch.sqrt(bn.running_var + bn.eps))[channels]
+    module = norm.module
+    gamma = module.weight.detach().float().abs() if module.weight is not None else None
+    if isinstance(module, nn.BatchNorm2d):
+        var = module.running_var.float()
+        scale = (gamma if gamma is not None else torch.ones_like(var)) / torch.sqrt(var + module.eps)
+    elif isinstance(module, nn.LayerNorm):
+        if gamma is None:
+            return None
+        scale = gamma.reshape(-1)
+    else:
+        raise NotImplementedError(f"BGSC cannot bound {norm.name} ({type(module).__name__}).")
+    return scale[norm.channels]
 
 
 def _producer_map(graph: ChannelGraph, group: ChannelGroup, producer: Member) -> torch.Tensor:
-    """rowsum(M_a) for the group's channels: [group size, H, W] (a Linear producer: [group size, 1, 1])."""
+    """rowsum(M_a) for the group's indices: [indices, H, W] (a Linear producer: [indices, 1, 1])."""
     module, (in_shape, _) = producer.module, graph.shapes[producer.name]
     weight = module.weight.detach().float().abs()
     if isinstance(module, nn.Conv2d):
@@ -50,12 +59,12 @@ def _producer_map(graph: ChannelGraph, group: ChannelGroup, producer: Member) ->
     else:
         rows = weight.sum(1)[:, None, None]
     rows = rows[producer.channels]
-    scale = _norm_scale(graph.norm_after(producer, group), producer.channels)
-    return rows if scale is None else rows * scale.float()[:, None, None]
+    scale = _norm_scale(graph.norm_after(producer, group))
+    return rows if scale is None else rows * scale[:, None, None]
 
 
 def _consumer_map(graph: ChannelGraph, consumer: Member) -> torch.Tensor:
-    """colsum(N_b) for the group's channels at b's input positions: [group size, H, W] ([size, 1, 1] for a Linear)."""
+    """colsum(N_b) for the group's indices at b's input positions: [indices, H, W] ([indices, 1, 1] for a Linear)."""
     module, (in_shape, out_shape) = consumer.module, graph.shapes[consumer.name]
     weight = module.weight.detach().float().abs()
     if isinstance(module, nn.Conv2d):
@@ -89,42 +98,79 @@ def _carry(graph: ChannelGraph, producer: Member, consumer: Member, rows: torch.
     return rows
 
 
+VALUE_PROJECTIONS = ("v_proj", "value")
+
+
+def _linear_producers(group: ChannelGroup) -> list[Member]:
+    """The producers whose data reaches the consumers through linear (or 1-Lipschitz) steps. In an attention
+    group that is the value projection alone: the query and key only set the attention weights, which mix
+    the values convexly (each output is an average of values, bounded by the largest)."""
+    if group.unit == 1:
+        return group.producers
+    values = [p for p in group.producers if p.name.rpartition(".")[2] in VALUE_PROJECTIONS]
+    if not values:
+        raise NotImplementedError(f"BGSC: no value projection ({' or '.join(VALUE_PROJECTIONS)}) among the "
+                                  f"producers of the attention group {group.name}.")
+    return values
+
+
+def _per_channel(group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
+    """Index scores [size * unit] summed into channel scores [size] (a head's indices into the head)."""
+    return scores.reshape(group.size, group.unit).sum(1)
+
+
 @torch.no_grad()
 def bgsc_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
     """DFPC's data-free saliency of every channel of `group` (sum over producer/consumer pairs)."""
-    scores = torch.zeros(group.size, dtype=torch.float64)
-    for producer in group.producers:
+    scores = torch.zeros(group.size * group.unit, dtype=torch.float64)
+    for producer in _linear_producers(group):
         rows = _producer_map(graph, group, producer)
+        after = graph.norm_after(producer, group)
         for consumer in group.consumers:
             if graph.order[consumer.name] <= graph.order[producer.name]:
                 continue  # the data of a later block never reaches an earlier one
+            cols = _consumer_map(graph, consumer)
+            before = graph.norm_before(consumer, group)
+            if before is not None and before is not after:  # a pre-norm: the LayerNorm in front of b
+                cols = cols * _norm_scale(before)[:, None, None]
             carried = _carry(graph, producer, consumer, rows)
-            scores += (carried * _consumer_map(graph, consumer)).sum((1, 2)).double().cpu()
-    return scores
+            scores += (carried * cols).sum((1, 2)).double().cpu()
+    return _per_channel(group, scores)
 
 
 @torch.no_grad()
 def l1_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
     """The L1 baseline of the DFPC paper: the sum over producers of each output filter's L1 norm."""
-    scores = torch.zeros(group.size, dtype=torch.float64)
+    scores = torch.zeros(group.size * group.unit, dtype=torch.float64)
     for producer in group.producers:
         weight = producer.module.weight.detach().abs()
         scores += weight.reshape(weight.shape[0], -1).sum(1)[producer.channels].double().cpu()
-    return scores
+    return _per_channel(group, scores)
 
 
-def channel_scores(graph: ChannelGraph, method: str, seed: int = 0, normalize: str = "mean") -> dict[int, torch.Tensor]:
+def resolve_normalize(graph: ChannelGraph, normalize: str) -> str:
+    """'auto' -> the normalisation measured best for the architecture (docs/benchmarks.md, structured pruning):
+    'mean' for a ResNet, 'none' for a ViT. Raw BGSC sums over a channel's positions, so on a ResNet the
+    channels of the low-resolution (cheap) stages score lowest and the last stage empties first; a ViT has
+    one position per token everywhere, and the raw sums over every producer/consumer pair are what keep the
+    residual stream and the heads (read by every layer) above the MLP neurons (read by one)."""
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
+    if normalize != "auto":
+        return normalize
+    return "none" if any(g.unit > 1 for g in graph.groups) else "mean"
+
+
+def channel_scores(graph: ChannelGraph, method: str, seed: int = 0, normalize: str = "auto") -> dict[int, torch.Tensor]:
     """{group index: one score per channel} for method 'dfpc' (BGSC), 'l1' or 'random'. Lower goes first.
 
     normalize="mean" divides each group's scores by their mean before the global comparison (Torch-Pruning's
-    default); "none" compares raw scores across groups, as the paper's code does. Raw BGSC sums over a
-    channel's positions, so channels of low-resolution stages (cheap ones) score lowest and go first: on
-    the Fashion-MNIST ResNet of docs/benchmarks.md that empties the last stage before anything costly goes.
+    default); "none" compares raw scores across groups, as the paper's code does; "auto" picks per
+    architecture (resolve_normalize).
     """
     if method not in SCORES:
         raise ValueError(f"Unknown structured method {method!r}; choose one of {', '.join(SCORES)}.")
-    if normalize not in NORMALIZERS:
-        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
+    normalize = resolve_normalize(graph, normalize)
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
         return {g.index: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in graph.groups}

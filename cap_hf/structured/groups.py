@@ -4,7 +4,12 @@ A group is one set of channel indices shared by the layers that write them (prod
 channels of convolutions / linears), the layers that read them (consumers: input channels) and
 the channel-wise layers between (batch / layer norms, embeddings). A residual stream is one group
 across its whole stage ("coupled channels", DFPC's data-flow couplings); a block's inner channels
-form groups with one producer and one consumer ("uncoupled").
+form groups with one producer and one consumer ("uncoupled"). In a ViT the residual stream is one
+group across all layers (patch embedding, cls token, position embeddings, every LayerNorm, every
+projection that reads or writes it); each layer's MLP neurons are a group, and so are its attention
+heads: a group written by an attention module's projections is removed in whole heads (`unit` =
+the module's `head_dim` indices per prunable channel). A group nothing reads (a backbone's output
+features, a pooler's output) is the model's interface and is not prunable.
 
 The groups are read off the autograd graph by Torch-Pruning's DependencyGraph (one forward pass on an
 example input), so no architecture is written out by hand here; the physical removal of channels from a
@@ -21,20 +26,30 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
-from transformers import ResNetForImageClassification, ResNetModel
+from transformers import ResNetForImageClassification, ResNetModel, ViTForImageClassification, ViTModel
 
-from cap_hf.modeling import PrunedResNetConfig, PrunedResNetForImageClassification, PrunedResNetModel
+from cap_hf.modeling import (
+    PrunedResNetConfig,
+    PrunedResNetForImageClassification,
+    PrunedResNetModel,
+    PrunedViTConfig,
+    PrunedViTForImageClassification,
+    PrunedViTModel,
+)
 from cap_hf.structured.measure import images
 
 NORMS = (nn.BatchNorm2d, nn.LayerNorm)
 PRODUCERS = (nn.Conv2d, nn.Linear)
-SUPPORTED = "transformers ResNetModel / ResNetForImageClassification (basic and bottleneck blocks) and cap_hf's PrunedResNet"
+SUPPORTED = ("transformers ResNetModel / ResNetForImageClassification (basic and bottleneck blocks), ViTModel / "
+             "ViTForImageClassification (ViT, DeiT without distillation token, DINO v1 checkpoints) and cap_hf's "
+             "PrunedResNet / PrunedViT")
+SUPPORTED_CLASSES = (ResNetModel, ResNetForImageClassification, ViTModel, ViTForImageClassification)
 
 
 @dataclass
 class Member:
     """One layer of a group (a producer, consumer or norm, by the list it is in) and which of its channels
-    are the group's channels."""
+    are the group's channels: indices `channels[c * unit : (c + 1) * unit]` are group channel c."""
 
     name: str
     module: nn.Module
@@ -43,11 +58,13 @@ class Member:
 
 @dataclass
 class ChannelGroup:
-    """Channels that are removed together. `producers[i].channels[c]` is group channel c."""
+    """Channels that are removed together: `size` channels of `unit` indices each (an attention head is
+    one channel of head_dim indices; everything else has unit 1)."""
 
     index: int
     size: int
     root: str  # the producer Torch-Pruning enumerated the group from
+    unit: int = 1
     producers: list[Member] = field(default_factory=list)
     consumers: list[Member] = field(default_factory=list)
     norms: list[Member] = field(default_factory=list)
@@ -58,26 +75,33 @@ class ChannelGroup:
 
     @property
     def coupled(self) -> bool:
-        """Several layers write or read these channels (a residual stream): DFPC's coupled channels."""
-        return len(self.producers) > 1 or len(self.consumers) > 1
+        """Several layers write or read these channels (a residual stream): DFPC's coupled channels. The
+        query, key and value projections of an attention group write its heads together: one writer."""
+        writers = 1 if self.unit > 1 else len(self.producers)
+        return writers > 1 or len(self.consumers) > 1
+
+    def indices(self, member: Member, channels) -> list[int]:
+        """`member`'s indices of the given group channels (every index of each head for an attention group)."""
+        return [member.channels[c * self.unit + j] for c in sorted(set(channels)) for j in range(self.unit)]
 
 
 def check_supported(model: nn.Module) -> None:
     """A clear error, before any work, for a model the structured methods cannot rebuild yet, or in training mode."""
-    if not isinstance(model, (ResNetModel, ResNetForImageClassification)):
+    if not isinstance(model, SUPPORTED_CLASSES):
         raise ValueError(f"Structured pruning does not support {type(model).__name__} yet; supported: {SUPPORTED}.")
     if model.training:
         raise ValueError("The model is in training mode; call model.eval() first (a forward pass in training mode "
-                         "would change its batch-norm statistics).")
+                         "would change its batch-norm statistics and apply dropout).")
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1 or next(iter(devices)).type == "meta":
         raise ValueError(f"The model's weights are on {sorted(map(str, devices))}; structured pruning needs them "
                          "loaded, all on one device (e.g. model.to('cpu'), no device_map).")
 
 
-def _reduce_output(output) -> torch.Tensor:
-    tensors = [v for v in (output.values() if isinstance(output, Mapping) else [output]) if torch.is_tensor(v)]
-    return sum(t.float().sum() for t in tensors)
+def _outputs(output) -> list[torch.Tensor]:
+    """The model's output tensors, each traced on its own: reducing them into one sum would tie the channels
+    of unrelated outputs (a ViT's hidden states and its pooler's) into one group."""
+    return [v for v in (output.values() if isinstance(output, Mapping) else [output]) if torch.is_tensor(v)]
 
 
 def _dependency_graph(model: nn.Module, image_size: int | Sequence[int]) -> tp.DependencyGraph:
@@ -89,7 +113,7 @@ def _dependency_graph(model: nn.Module, image_size: int | Sequence[int]) -> tp.D
             param.requires_grad_(True)
         with torch.enable_grad():
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=images(model, 1, image_size), output_transform=_reduce_output, verbose=False)
+                model, example_inputs=images(model, 1, image_size), output_transform=_outputs, verbose=False)
     finally:
         for param, flag in flags:
             param.requires_grad_(flag)
@@ -113,6 +137,7 @@ class ChannelGraph:
         self.model = model
         self.image_size = image_size
         self.names = {id(m): n for n, m in model.named_modules()}
+        self.modules = dict(model.named_modules())
         self.order: dict[str, int] = {}
         self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
@@ -150,10 +175,23 @@ class ChannelGraph:
                     group.producers.append(Member(name, module, channels))
                 else:
                     group.consumers.append(Member(name, module, channels))
+            if not group.consumers:
+                continue  # nothing reads these channels: an output of the model (backbone features, a pooler)
             group.producers.sort(key=lambda m: self.order[m.name])
             group.consumers.sort(key=lambda m: self.order[m.name])
+            group.unit = self._head_dim(group)
+            group.size //= group.unit
             groups.append(group)
         return groups
+
+    def _head_dim(self, group: ChannelGroup) -> int:
+        """head_dim when every producer and consumer of the group belongs to one attention module (its
+        query/key/value and output projections), else 1."""
+        parents = {m.name.rpartition(".")[0] for m in group.producers + group.consumers}
+        if len(parents) != 1:
+            return 1
+        head_dim = getattr(self.modules[parents.pop()], "head_dim", None)
+        return head_dim if isinstance(head_dim, int) and head_dim > 1 and group.size % head_dim == 0 else 1
 
     def norm_after(self, producer: Member, group: ChannelGroup) -> Member | None:
         """The norm layer that reads `producer`'s output directly (a conv's batch norm), if any."""
@@ -161,12 +199,29 @@ class ChannelGraph:
         following = {id(out.module) for out in node.outputs}
         return next((n for n in group.norms if id(n.module) in following), None)
 
+    def norm_before(self, consumer: Member, group: ChannelGroup) -> Member | None:
+        """The norm layer whose output alone `consumer` reads (through activations, reshapes, the cls-token
+        slice): a pre-norm transformer's LayerNorm, or the batch norm of the layer before. None when the
+        input is the merge of several layers (a residual add) or comes straight from a producer."""
+        reached, seen = set(), set()
+        stack = list(self.dependencies.module2node[consumer.module].inputs)
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node.module, PRODUCERS + NORMS):
+                reached.add(node.module)
+            else:
+                stack.extend(node.inputs)
+        norms = {id(n.module): n for n in group.norms}
+        return norms.get(id(reached.pop())) if len(reached) == 1 else None
+
     def pools_between(self, producer: str, consumer: str) -> list[tuple[str, nn.Module]]:
         """Pooling layers executed after `producer` and before `consumer`, in order."""
         lo, hi = self.order[producer], self.order[consumer]
-        modules = dict(self.model.named_modules())
-        return [(n, modules[n]) for n, i in sorted(self.order.items(), key=lambda kv: kv[1])
-                if lo < i < hi and isinstance(modules[n], (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))]
+        return [(n, self.modules[n]) for n, i in sorted(self.order.items(), key=lambda kv: kv[1])
+                if lo < i < hi and isinstance(self.modules[n], (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))]
 
 
 @torch.no_grad()
@@ -188,7 +243,7 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, removed: Mapping[int,
         root = modules[group.root]
         handler = dependencies.get_pruner_of_module(root).prune_out_channels
         member = next(m for m in group.producers if m.name == group.root)
-        dependencies.get_pruning_group(root, handler, sorted(member.channels[c] for c in set(channels))).prune()
+        dependencies.get_pruning_group(root, handler, group.indices(member, channels)).prune()
     return export_pruned(work)
 
 
@@ -196,15 +251,18 @@ def _stages(resnet: ResNetModel):
     return [list(stage.layers) for stage in resnet.encoder.stages]
 
 
-@torch.no_grad()
-def export_pruned(model: nn.Module) -> nn.Module:
-    """The same weights in a model class whose config records every width (PrunedResNet), so that
-    `save_pretrained` / `from_pretrained` round-trip. Module names and computation are unchanged."""
+def _config_values(config, *derived: str) -> dict:
+    """A config's fields without its class identity and without the widths the export recomputes."""
+    values = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", *derived):
+        values.pop(key, None)
+    return values
+
+
+def _export_resnet(model: nn.Module) -> nn.Module:
     resnet = model.resnet if hasattr(model, "resnet") else model
     blocks = [block for stage in _stages(resnet) for block in stage]
-    values = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "block_widths", "block_shortcuts"):
-        values.pop(key, None)
+    values = _config_values(model.config, "block_widths", "block_shortcuts")
     values.update(
         embedding_size=resnet.embedder.embedder.convolution.out_channels,
         hidden_sizes=[stage[-1].layer[-1].convolution.out_channels for stage in _stages(resnet)],
@@ -212,7 +270,31 @@ def export_pruned(model: nn.Module) -> nn.Module:
         block_shortcuts=[not isinstance(block.shortcut, nn.Identity) for block in blocks],
     )
     config = PrunedResNetConfig(**values)
-    small = PrunedResNetForImageClassification(config) if hasattr(model, "classifier") else PrunedResNetModel(config)
+    return PrunedResNetForImageClassification(config) if hasattr(model, "classifier") else PrunedResNetModel(config)
+
+
+def _export_vit(model: nn.Module) -> nn.Module:
+    vit = model.vit if hasattr(model, "vit") else model
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    values = _config_values(config, "head_dim", "layer_num_heads", "layer_intermediate_sizes")
+    values.update(
+        hidden_size=vit.embeddings.patch_embeddings.projection.out_channels,
+        head_dim=head_dim,  # the dense model's: the attention scaling must not change
+        layer_num_heads=[layer.attention.q_proj.out_features // head_dim for layer in vit.layers],
+        layer_intermediate_sizes=[layer.mlp.fc1.out_features for layer in vit.layers],
+    )
+    config = PrunedViTConfig(**values)
+    if hasattr(model, "classifier"):
+        return PrunedViTForImageClassification(config)
+    return PrunedViTModel(config, add_pooling_layer=getattr(model, "pooler", None) is not None)
+
+
+@torch.no_grad()
+def export_pruned(model: nn.Module) -> nn.Module:
+    """The same weights in a model class whose config records every width (PrunedResNet, PrunedViT), so
+    that `save_pretrained` / `from_pretrained` round-trip. Module names and computation are unchanged."""
+    small = _export_vit(model) if isinstance(model, (ViTModel, ViTForImageClassification)) else _export_resnet(model)
     small.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
     small.load_state_dict(model.state_dict(), strict=True)
     return small.eval()

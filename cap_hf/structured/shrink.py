@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -12,13 +11,10 @@ from transformers import ResNetForImageClassification, ResNetModel, ViTForImageC
 from cap_hf.modeling import (
     PrunedResNetForImageClassification,
     PrunedResNetModel,
-    PrunedViTConfig,
     PrunedViTForImageClassification,
     PrunedViTModel,
 )
 from cap_hf.structured.groups import ChannelGraph, remove_channels
-
-_LAYER_PARAM = re.compile(r"(?:^|\.)layers\.(\d+)\.(attention\.[qkvo]_proj|mlp\.fc[12])\.(weight|bias)$")
 
 
 def _check(kept: Sequence[int], total: int, what: str) -> list[int]:
@@ -29,6 +25,25 @@ def _check(kept: Sequence[int], total: int, what: str) -> list[int]:
 
 
 @torch.no_grad()
+def _keep(model: nn.Module, image_size, keep: Mapping[nn.Module, set[int]]) -> nn.Module:
+    """remove_channels keeping, of each producer module named, the channels (heads for an attention
+    projection) in keep[module]; the model is traced in eval mode and left in the mode it was in."""
+    training = model.training
+    model.eval()  # the trace runs one forward pass: batch-norm statistics must not move
+    try:
+        graph = ChannelGraph(model, image_size)
+        by_producer = {id(member.module): (group, member) for group in graph.groups for member in group.producers}
+        removed = {}
+        for module, kept in keep.items():
+            group, member = by_producer[id(module)]
+            removed[group.index] = [c for c in range(group.size)
+                                    if member.channels[c * group.unit] // group.unit not in kept]
+        small = remove_channels(model, graph, removed)
+    finally:
+        model.train(training)
+    return small.train(training)
+
+
 def shrink_vit(
     model: ViTModel | ViTForImageClassification,
     keep_heads: Mapping[int, Sequence[int]] | None = None,
@@ -36,56 +51,23 @@ def shrink_vit(
 ) -> PrunedViTModel | PrunedViTForImageClassification:
     """A physically smaller copy of `model` keeping, in layer i, heads keep_heads[i] and MLP neurons keep_neurons[i].
 
-    Layers not named keep everything. The result computes exactly what the masked dense model would.
+    Layers not named keep everything. The result computes exactly what the masked dense model would. The
+    removal is the structured methods' own (cap_hf.structured.groups.remove_channels).
     """
     config = model.config
-    layers = config.num_hidden_layers
-    heads_total = getattr(config, "layer_num_heads", None) or [config.num_attention_heads] * layers
-    widths_total = getattr(config, "layer_intermediate_sizes", None) or [config.intermediate_size] * layers
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    keep_heads, keep_neurons = dict(keep_heads or {}), dict(keep_neurons or {})
-    bad = sorted(i for i in (*keep_heads, *keep_neurons) if not 0 <= int(i) < layers)
+    layers = (model.vit if hasattr(model, "vit") else model).layers
+    bad = sorted(i for i in (*(keep_heads or {}), *(keep_neurons or {})) if not 0 <= int(i) < len(layers))
     if bad:
-        raise ValueError(f"Layers {bad} do not exist; the model has {layers} layers.")
-    heads = {int(i): _check(v, heads_total[int(i)], f"layer {i} heads") for i, v in keep_heads.items()}
-    neurons = {int(i): _check(v, widths_total[int(i)], f"layer {i} neurons") for i, v in keep_neurons.items()}
-
-    values = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-        values.pop(key, None)
-    values.update(
-        head_dim=head_dim,
-        layer_num_heads=[len(heads[i]) if i in heads else heads_total[i] for i in range(layers)],
-        layer_intermediate_sizes=[len(neurons[i]) if i in neurons else widths_total[i] for i in range(layers)],
-    )
-    new_config = PrunedViTConfig(**values)
-    classifier = isinstance(model, ViTForImageClassification) or hasattr(model, "classifier")
-    if classifier:
-        small: nn.Module = PrunedViTForImageClassification(new_config)
-    else:
-        small = PrunedViTModel(new_config, add_pooling_layer=getattr(model, "pooler", None) is not None)
-    small.to(dtype=next(model.parameters()).dtype)
-
-    state = {}
-    for name, tensor in model.state_dict().items():
-        match = _LAYER_PARAM.search(name)
-        if match:
-            layer, module, kind = int(match.group(1)), match.group(2), match.group(3)
-            if module.startswith("attention") and layer in heads:
-                rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads[layer]])
-                if module.endswith("o_proj"):
-                    tensor = tensor[:, rows] if kind == "weight" else tensor
-                else:
-                    tensor = tensor[rows]
-            elif module.startswith("mlp") and layer in neurons:
-                rows = torch.tensor(neurons[layer])
-                if module.endswith("fc1"):
-                    tensor = tensor[rows]
-                elif kind == "weight":
-                    tensor = tensor[:, rows]
-        state[name] = tensor.clone()
-    small.load_state_dict(state, strict=True)
-    return small.train(model.training)
+        raise ValueError(f"Layers {bad} do not exist; the model has {len(layers)} layers.")
+    keep = {}
+    for i, heads in (keep_heads or {}).items():
+        attention = layers[int(i)].attention
+        keep[attention.q_proj] = set(_check(heads, attention.q_proj.out_features // attention.head_dim,
+                                            f"layer {i} heads"))
+    for i, neurons in (keep_neurons or {}).items():
+        fc1 = layers[int(i)].mlp.fc1
+        keep[fc1] = set(_check(neurons, fc1.out_features, f"layer {i} neurons"))
+    return _keep(model, config.image_size, keep)
 
 
 TRACE_SIZE = 64  # input size for tracing a ResNet's channel groups (any size works; the widths do not depend on it)
@@ -105,30 +87,16 @@ def shrink_resnet(
     """
     resnet = model.resnet if hasattr(model, "resnet") else model
     blocks = [block for stage in resnet.encoder.stages for block in stage.layers]
-    names = {id(module): name for name, module in model.named_modules()}
     widths = [[conv.convolution.out_channels for conv in list(block.layer)[:-1]] for block in blocks]
     bad = sorted(b for b in keep_channels if not 0 <= int(b) < len(blocks))
     if bad:
         raise ValueError(f"Blocks {bad} do not exist; the model has {len(blocks)} residual blocks.")
-    kept = {int(b): [None if k is None else _check(k, widths[int(b)][j], f"block {b} conv {j} channels")
-                     for j, k in enumerate(v)] for b, v in keep_channels.items()}
-    for b, lists in kept.items():
-        if len(lists) != len(widths[b]):
-            raise ValueError(f"Block {b} has {len(widths[b])} inner widths to choose, got {len(lists)} lists.")
-
-    training = model.training
-    model.eval()  # the trace runs one forward pass: batch-norm statistics must not move
-    try:
-        graph = ChannelGraph(model, TRACE_SIZE)
-        by_producer = {member.name: (group, member) for group in graph.groups for member in group.producers}
-        removed = {}
-        for b, lists in kept.items():
-            for j, channels in enumerate(lists):
-                if channels is not None:
-                    group, member = by_producer[f"{names[id(blocks[b])]}.layer.{j}.convolution"]
-                    keep = set(channels)
-                    removed[group.index] = [c for c in range(group.size) if member.channels[c] not in keep]
-        small = remove_channels(model, graph, removed)
-    finally:
-        model.train(training)
-    return small.train(training)
+    keep = {}
+    for b, lists in keep_channels.items():
+        if len(lists) != len(widths[int(b)]):
+            raise ValueError(f"Block {b} has {len(widths[int(b)])} inner widths to choose, got {len(lists)} lists.")
+        for j, channels in enumerate(lists):
+            if channels is not None:
+                conv = list(blocks[int(b)].layer)[j].convolution
+                keep[conv] = set(_check(channels, widths[int(b)][j], f"block {b} conv {j} channels"))
+    return _keep(model, TRACE_SIZE, keep)
