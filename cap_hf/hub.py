@@ -1,8 +1,9 @@
-"""Publish a pruned checkpoint folder to the Hugging Face Hub (HfApi.create_repo + upload_folder).
+"""Publish a pruned folder to the Hugging Face Hub (HfApi.create_repo + upload_folder).
 
 Everything is checked before the first network call: the repo id, offline mode, the folder's files,
-its model card, and that its zeros agree with sparsity_config.json. Publishing only reads the
-folder, so a failed push leaves it exactly as it was.
+its model card, and that the weights agree with the record: a sparse checkpoint's zeros with
+sparsity_config.json, a structurally pruned model's parameter count with structured_prune.py's
+results.json. Publishing only reads the folder, so a failed push leaves it exactly as it was.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from cap_hf.checkpoint import CheckpointError, check_checkpoint
+from cap_hf.checkpoint import CheckpointError, check_checkpoint, check_weights_present
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +46,51 @@ def check_online() -> None:
                        "`hf auth login` or pass a token) to push; the local folder is unchanged.")
 
 
+def check_push(training_args, api=None) -> str | None:
+    """Before any work, for a script's --push_to_hub / --hub_model_id: a valid repo id and a reachable Hub;
+    returns the repo id (None without --push_to_hub). The script pushes its finished folder itself
+    (push_checkpoint), so the Trainer's own pushes (which skip our records) are turned off."""
+    if not training_args.push_to_hub:
+        return None
+    repo_id = check_repo_id(training_args.hub_model_id)
+    if api is None:
+        check_online()
+    training_args.push_to_hub = False
+    return repo_id
+
+
+def check_structured(folder: Path) -> dict:
+    """A structurally pruned folder: weights, results.json, and a model that loads with exactly the
+    parameter count the results describe. Returns the results."""
+    import json
+
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    check_weights_present(folder)
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        expected = int(results["params_pruned"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder}/results.json is not a structured_prune.py record ({err}).") from None
+    try:
+        model = AutoModelForImageClassification.from_pretrained(folder)
+    except ValueError:  # a backbone
+        model = AutoModel.from_pretrained(folder)
+    found = sum(p.numel() for p in model.parameters())
+    if found != expected:
+        raise CheckpointError(f"{folder}: results.json describes {expected} parameters but the weights have {found}; "
+                              "the folder was changed after the run. Run scripts/structured_prune.py again.")
+    return results
+
+
 def check_publishable(folder: str | Path) -> dict:
-    """The checks of a pruned checkpoint plus its model card; returns the sparsity record."""
+    """The checks of a pruned folder plus its model card; returns its record (sparsity_config.json, or
+    results.json with "structured": True for a structurally pruned model)."""
     folder = Path(folder)
-    record = check_checkpoint(folder)
+    if not (folder / "sparsity_config.json").is_file() and (folder / "results.json").is_file():
+        record = {**check_structured(folder), "structured": True}
+    else:
+        record = check_checkpoint(folder)
     if not (folder / "README.md").is_file():
         raise CheckpointError(f"{folder} has no model card (README.md). Write it with "
                               f"`python -m model_cards {folder} --base_model ID --dataset ID`.")
@@ -78,8 +120,14 @@ def push_checkpoint(
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-    message = commit_message or (f"Upload {record['method']} {record['structure']} model at "
-                                 f"{100 * record['overall_sparsity']:.1f}% sparsity (cap_hf)")
+    if record.get("structured"):
+        speedup = max(record.get("speedup", {}).items(), key=lambda kv: int(kv[0]), default=None)
+        default = (f"Upload {record['method']} channel-pruned model: {record['params_pruned']} parameters"
+                   + (f", {float(speedup[1]):.2f}x at batch {speedup[0]}" if speedup else "") + " (cap_hf)")
+    else:
+        default = (f"Upload {record['method']} {record['structure']} model at "
+                   f"{100 * record['overall_sparsity']:.1f}% sparsity (cap_hf)")
+    message = commit_message or default
     try:
         url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
         repo_id = getattr(url, "repo_id", None) or repo_id

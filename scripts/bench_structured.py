@@ -69,7 +69,8 @@ class BenchStructured:
     data_dir: str = "data/fashion-mnist"
     teacher_dir: str | None = None  # default: the arch's (outputs/fmnist-resnet, outputs/fmnist-vit-tiny)
     teacher_epochs: int = 5
-    methods: str = "dfpc,l1,random,dfpc-uncoupled"  # -uncoupled: residual streams kept whole
+    methods: str = "dfpc,l1,random,dfpc-uncoupled"  # -uncoupled: residual streams kept whole; -mean / -none:
+    # that normalisation for this entry (e.g. dfpc-mean next to dfpc on auto)
     normalize: str = "auto"  # prune_channels' normalize: auto, mean, or none (raw scores, as the DFPC paper)
     speedups: str = "1.25,1.5,2"  # targets, measured at batch 64 (prune_channels' search)
     ratios: str | None = None  # fractions of the prunable channels instead of speed-up targets
@@ -111,8 +112,9 @@ def main() -> None:
         method, _, variant = spec.partition("-")
         for goal in goals:
             try:
+                normalize = variant if variant in ("mean", "none") else args.normalize
                 small, pruned = prune_channels(model, size, method, uncoupled_only=variant == "uncoupled",
-                                               normalize=args.normalize, **goal)
+                                               normalize=normalize, **goal)
             except ValueError as err:  # beyond what this variant can reach
                 print(f"{spec} {goal}: {err}")
                 records.append({"method": spec, **goal, "unreachable": str(err)})
@@ -144,7 +146,7 @@ def main() -> None:
         series.update({f"{spec} + fine-tuning": [(r["speedup"]["64"], 100 * r["accuracy_finetuned"]) for r in done
                                                  if r["method"] == spec] for spec in args.methods.split(",")})
     plot_accuracy_lines(series, chart, "measured speed-up at batch 64 (dense ms / pruned ms)",
-                        f"Channel pruning of a Fashion-MNIST {args.arch}", 100 * dense_accuracy)
+                        f"Channel pruning of a Fashion-MNIST {dict(resnet='ResNet', vit='ViT')[args.arch]}", 100 * dense_accuracy)
     def tuned_cell(record: dict, what: str) -> str:
         if "accuracy_finetuned" not in record:
             return "-"
@@ -152,7 +154,8 @@ def main() -> None:
             "accuracy_finetuned"]
         return f"{100 * value:.2f}"
 
-    normalized = sorted({r["normalize"] for r in records if "normalize" in r})
+    normalized = sorted({r["normalize"] for r in records if "normalize" in r
+                         and r["method"].partition("-")[2] not in ("mean", "none")})
     lines = [section, "", f"Command: `{command_line('bench_structured.py')}`", "", f"Machine: {machine()}.", "",
              f"Model: `{args.teacher_dir}`, {describe(model.config)}, 28x28 inputs, trained "
              f"with `python {' '.join(teacher_command[1:])}`; {dense['params'] / 1e6:.2f} M "
@@ -161,7 +164,8 @@ def main() -> None:
              "Goal: a target speed-up (the fewest channels, in each method's order, whose smaller model is that "
              "much faster as measured at batch 64: prune_channels' bisection) or a pruning ratio. Ratio = "
              "fraction of the prunable channels removed (for -uncoupled, of the block-internal channels "
-             f"only). Scores normalised per group: {args.normalize} -> {', '.join(normalized)} (mean: each group's scores over their mean; none: "
+             f"only). Scores normalised per group: {args.normalize} -> {', '.join(normalized)}, entries -mean / -none force "
+             "one (mean: each group's scores over their mean; none: "
              "raw scores compared across groups, as the DFPC paper's code). Latency: median of one forward pass over the repeats, the dense and the pruned model taking "
              "turns pass by pass in this process; speed-up = dense ms / pruned ms. The pruning uses no data. "
              f"Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "

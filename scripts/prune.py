@@ -28,7 +28,7 @@ from cap_hf.checkpoint import CheckpointError
 from cap_hf.cli import parse_args
 from cap_hf.config import PruningConfig
 from cap_hf.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
-from cap_hf.hub import HubError, check_online, check_repo_id, push_checkpoint
+from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.masks import SparsityMismatchError
 from cap_hf.metrics import compute_metrics
 from cap_hf.models import load_classifier, load_for_labels, load_image_processor
@@ -88,18 +88,6 @@ def check_output_dir(data_args: DataArguments, training_args: CAPTrainingArgumen
                          "--overwrite_output_dir true, or --resume_from_checkpoint to continue it.")
 
 
-def check_hub(training_args: CAPTrainingArguments, hub_api=None) -> str | None:
-    """Before training: a valid repo id and a reachable Hub. We push the whole folder ourselves at the
-    end (Trainer's own pushes skip sparsity_config.json and the recipe), so the Trainer's is turned off."""
-    if not training_args.push_to_hub:
-        return None
-    repo_id = check_repo_id(training_args.hub_model_id)
-    if hub_api is None:
-        check_online()
-    training_args.push_to_hub = False
-    return repo_id
-
-
 def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cap_hf").setLevel(logging.INFO)
@@ -107,7 +95,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     try:
         model_args, data_args, config, training_args = parse(argv)
-        repo_id = check_hub(training_args, hub_api)
+        repo_id = check_push(training_args, hub_api)
     except (ValueError, HubError) as err:  # bad recipe values, bad repo id, offline: before anything is loaded
         raise SystemExit(f"error: {err}") from None
     check_output_dir(data_args, training_args)

@@ -12,7 +12,8 @@ machine: a bisection over the removal order, each candidate timed). No data is n
 model on the train split with distillation from the dense one (every TrainingArguments flag applies:
 --learning_rate, --per_device_train_batch_size, ...; --distill false for plain cross-entropy). Writes the
 model, its image processor and OUTPUT_DIR/results.json (parameters, MACs, latency at batch 1 and 64 with
-the thread count, accuracy before and after fine-tuning).
+the thread count, accuracy before and after fine-tuning) and its model card README.md.
+--push_to_hub --hub_model_id NAME publishes OUT at the end (repo id and Hub checked before any work).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from pathlib import Path
 
 import torch
 
+from cap_hf.checkpoint import CheckpointError
 from cap_hf.cli import parse_args
 from cap_hf.data import collate, prepare_splits
+from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.structured import prune_channels
@@ -73,7 +76,7 @@ class StructuredArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"--finetune_epochs must be >= 0, got {args.finetune_epochs}.")
         if args.finetune_epochs and not args.dataset_name:
             raise ValueError("--finetune_epochs needs --dataset_name (its train split).")
-    except ValueError as err:
+        repo_id = check_push(training_args, hub_api)
+    except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
     out = Path(training_args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
@@ -149,13 +153,21 @@ def main(argv: list[str] | None = None) -> dict:
     results["arguments"] = asdict(args)
     results["training_arguments"] = training_args.to_dict()
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_model_card(out)  # README.md from results.json, with the chart of channels kept per group
+    write_model_card(out, repo_id=repo_id)  # README.md from results.json, with the chart of channels kept per group
     line = ", ".join(f"batch {b}: {results['latency_ms_dense'][str(b)]:.2f} -> {results['latency_ms_pruned'][str(b)]:.2f} ms "
                      f"({results['speedup'][str(b)]:.2f}x)" for b in batch_sizes)
     print(f"{args.method}: removed {run.removed}/{run.prunable} channels; params {results['params_dense']} -> "
           f"{results['params_pruned']}, MACs {results['macs_dense']} -> {results['macs_pruned']}; {line}")
     if evaluation is not None:
         print(f"top-1 {results['accuracy_dense']:.2%} -> {results['accuracy_pruned']:.2%}; model in {out}")
+    if repo_id:
+        try:
+            info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,
+                                   revision=training_args.hub_revision, token=training_args.hub_token, api=hub_api)
+        except (HubError, CheckpointError) as err:
+            raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it later with "
+                             f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}`.") from None
+        print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
     return results
 
 

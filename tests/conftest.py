@@ -112,3 +112,27 @@ def digits_model(digits_dir, tmp_path_factory):
                "--num_train_epochs", 20, "--learning_rate", 3e-3, "--per_device_train_batch_size", 32,
                "--save_strategy", "no", "--disable_tqdm", "true", "--report_to", "none")
     return out
+
+
+def assert_computes_and_reloads(small, reference, x, folder):
+    """`small` computes what `reference` (the masked dense model) does on x, and reloads from `folder` with
+    AutoModelForImageClassification to the same outputs bit for bit."""
+    from transformers import AutoModelForImageClassification
+
+    with torch.no_grad():
+        torch.testing.assert_close(small(pixel_values=x).logits, reference(pixel_values=x).logits, rtol=1e-4, atol=1e-5)
+    small.save_pretrained(folder)
+    loaded = AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(pixel_values=x).logits, small(pixel_values=x).logits)
+
+
+def assert_cap_on_top(folder, data, out, num_grads=8):
+    """scripts/oneshot.py prunes a structurally pruned folder to 50% with CAP (structured first, then CAP)."""
+    import json
+
+    run_script("oneshot.py", "--model_name_or_path", folder, "--dataset_name", data, "--method", "cap",
+               "--sparsity", 0.5, "--num_grads", num_grads, "--grad_batch_size", 8, "--fisher_block_size", 8,
+               "--output_dir", out)
+    record = next(r for r in json.loads((out / "results.json").read_text()) if r["method"] == "cap")
+    assert abs(record["achieved_sparsity"] - 0.5) < 0.01 and record["accuracy"] > 0.1

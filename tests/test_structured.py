@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_script, run_script, tiny_resnet
+from conftest import assert_cap_on_top, assert_computes_and_reloads, load_script, run_script, tiny_resnet
 from torch import nn
 from transformers import AutoModelForImageClassification, ConvNextConfig, ConvNextForImageClassification
 
@@ -214,14 +214,7 @@ def test_removed_channels_give_a_smaller_model_that_computes_what_the_masked_one
     small = remove_channels(model, graph, plan)
     assert isinstance(small, PrunedResNetForImageClassification)
     assert small.num_parameters() < model.num_parameters()
-    x = torch.randn(3, 1, SIZE, SIZE)
-    with torch.no_grad():
-        torch.testing.assert_close(small(pixel_values=x).logits, masked(model, graph, plan)(pixel_values=x).logits,
-                                   rtol=1e-4, atol=1e-5)
-    small.save_pretrained(tmp_path)
-    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(pixel_values=x).logits, small(pixel_values=x).logits)
+    assert_computes_and_reloads(small, masked(model, graph, plan), torch.randn(3, 1, SIZE, SIZE), tmp_path)
     assert model.config.hidden_sizes == [16, 32]  # the original is untouched
 
 
@@ -293,13 +286,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     assert isinstance(model, PrunedResNetForImageClassification)
     assert sum(p.numel() for p in model.parameters()) == results["params_pruned"]
     # the smaller model is an ordinary input of the unstructured methods: CAP on top of DFPC
-    composed = tmp_path / "dfpc+cap"
-    run_script("oneshot.py", "--model_name_or_path", out, "--dataset_name", digits_dir, "--method", "cap",
-               "--sparsity", 0.5, "--num_grads", 8, "--grad_batch_size", 8, "--fisher_block_size", 8,
-               "--output_dir", composed)
-    records = json.loads((composed / "results.json").read_text())
-    record = next(r for r in records if r["method"] == "cap")
-    assert abs(record["achieved_sparsity"] - 0.5) < 0.01 and record["accuracy"] > 0.1
+    assert_cap_on_top(out, digits_dir, tmp_path / "dfpc+cap", num_grads=8)
 
 
 @pytest.mark.parametrize("extra,message", [

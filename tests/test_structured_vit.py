@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_script, tiny_vit_config
+from conftest import assert_cap_on_top, assert_computes_and_reloads, run_script, tiny_vit_config
 from torch import nn
 from transformers import AutoModelForImageClassification, ViTForImageClassification, ViTModel
 
 from cap_hf.modeling import PrunedViTForImageClassification, PrunedViTModel
+from cap_hf.models import make_image_processor
 from cap_hf.structured import prune_channels
 from cap_hf.structured.dfpc import bgsc_scores, channel_scores, l1_scores, removal_order, removal_plan
 from cap_hf.structured.groups import ChannelGraph, remove_channels
@@ -166,14 +167,7 @@ def test_removed_heads_neurons_and_stream_channels_give_a_smaller_model_that_com
     width = {g.name: g.size - len(plan.get(g.index, [])) for g in graph.groups}
     assert config.layer_num_heads == [width[f"vit.layers.{i}.attention.q_proj"] for i in range(LAYERS)]
     assert config.layer_intermediate_sizes == [width[f"vit.layers.{i}.mlp.fc1"] for i in range(LAYERS)]
-    x = torch.randn(3, 1, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(small(pixel_values=x).logits, masked(model, graph, plan)(pixel_values=x).logits,
-                                   rtol=1e-4, atol=1e-5)
-    small.save_pretrained(tmp_path)
-    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(pixel_values=x).logits, small(pixel_values=x).logits)
+    assert_computes_and_reloads(small, masked(model, graph, plan), torch.randn(3, 1, 8, 8), tmp_path)
     assert model.config.hidden_size == HIDDEN  # the original is untouched
 
 
@@ -205,10 +199,33 @@ def test_structured_prune_script_on_a_trained_vit_then_cap_on_top(digits_model, 
     assert isinstance(model, PrunedViTForImageClassification)
     assert model.num_parameters() == results["params_pruned"]
     # structured first, then CAP on top of the smaller ViT
-    composed = tmp_path / "dfpc+cap"
-    run_script("oneshot.py", "--model_name_or_path", out, "--dataset_name", digits_dir, "--method", "cap",
-               "--sparsity", 0.5, "--num_grads", 16, "--grad_batch_size", 8, "--fisher_block_size", 8,
-               "--output_dir", composed)
-    records = json.loads((composed / "results.json").read_text())
-    record = next(r for r in records if r["method"] == "cap")
-    assert abs(record["achieved_sparsity"] - 0.5) < 0.01 and record["accuracy"] > 0.1
+    assert_cap_on_top(out, digits_dir, tmp_path / "dfpc+cap", num_grads=16)
+
+
+def test_a_structured_folder_is_published_with_its_card_and_checked_first(tmp_path):
+    from conftest import FakeHfApi, load_script
+
+    vit().save_pretrained(tmp_path / "vit")
+    make_image_processor(8, 1).save_pretrained(tmp_path / "vit")
+    script = load_script("structured_prune")
+    flags = ["--model_name_or_path", str(tmp_path / "vit"), "--pruning_ratio", "0.3", "--latency_batch_sizes", "1",
+             "--latency_repeats", "2", "--push_to_hub", "true"]
+    with pytest.raises(SystemExit, match="is not a valid Hub repo id"):
+        script.main([*flags, "--output_dir", str(tmp_path / "bad"), "--hub_model_id", "me/not valid"],
+                    hub_api=FakeHfApi())
+    assert not (tmp_path / "bad").exists()
+    api = FakeHfApi()
+    out = tmp_path / "out"
+    script.main([*flags, "--output_dir", str(out), "--hub_model_id", "me/vit-dfpc"], hub_api=api)
+    assert {"config.json", "model.safetensors", "README.md", "results.json", "channels_per_group.png",
+            "configuration_pruned_vit.py", "modeling_pruned_vit.py"} <= set(api.uploaded)
+    upload = dict(api.calls)["upload_folder"]
+    assert upload["repo_id"] == "me/vit-dfpc" and "channel-pruned model" in upload["commit_message"]
+    assert "me/vit-dfpc" in (out / "README.md").read_text()
+    # a folder whose weights no longer match its record is refused before any network call
+    results = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps({**results, "params_pruned": results["params_pruned"] + 1}))
+    api = FakeHfApi()
+    with pytest.raises(SystemExit, match="describes .* parameters but the weights have"):
+        load_script("push_to_hub").main([str(out), "--repo_id", "me/vit-dfpc"], api=api)
+    assert api.calls == []
