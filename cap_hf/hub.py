@@ -8,6 +8,7 @@ results.json. Publishing only reads the folder, so a failed push leaves it exact
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -62,8 +63,6 @@ def check_push(training_args, api=None) -> str | None:
 def check_structured(folder: Path) -> dict:
     """A structurally pruned folder: weights, results.json, and a model that loads with exactly the
     parameter count the results describe. Returns the results."""
-    import json
-
     from transformers import AutoModel, AutoModelForImageClassification
 
     check_weights_present(folder)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from cap_hf.structured.dfpc import (
-    NORMALIZERS,
-    SCORES,
     channel_scores,
+    check_method,
+    check_normalize,
     prunable_channels,
     removal_order,
     removal_plan,
@@ -56,12 +56,10 @@ def _reachable_error(what: str, wanted: float, best: float, uncoupled_only: bool
 def check_request(method: str, pruning_ratio: float | None, target_speedup: float | None, round_to: int = 1,
                   normalize: str = "auto") -> None:
     """ValueError for a request that cannot be run, before any work."""
-    if normalize not in NORMALIZERS:
-        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
+    check_normalize(normalize)
     if round_to < 1:
         raise ValueError(f"round_to must be a positive number of channels, got {round_to}.")
-    if method not in SCORES:
-        raise ValueError(f"Unknown structured method {method!r}; choose one of {', '.join(SCORES)}.")
+    check_method(method)
     if (pruning_ratio is None) == (target_speedup is None):
         raise ValueError("Give exactly one of pruning_ratio and target_speedup.")
     if pruning_ratio is not None and not 0 < pruning_ratio < 1:

@@ -123,16 +123,17 @@ def _per_channel(group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
 def bgsc_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
     """DFPC's data-free saliency of every channel of `group` (sum over producer/consumer pairs)."""
     scores = torch.zeros(group.size * group.unit, dtype=torch.float64)
+    readers = [(consumer, _consumer_map(graph, consumer), graph.norm_before(consumer, group))
+               for consumer in group.consumers]
     for producer in _linear_producers(group):
         rows = _producer_map(graph, group, producer)
         after = graph.norm_after(producer, group)
-        for consumer in group.consumers:
+        for consumer, cols, before in readers:
             if graph.order[consumer.name] <= graph.order[producer.name]:
                 continue  # the data of a later block never reaches an earlier one
-            cols = _consumer_map(graph, consumer)
-            before = graph.norm_before(consumer, group)
-            if before is not None and before is not after:  # a pre-norm: the LayerNorm in front of b
-                cols = cols * _norm_scale(before)[:, None, None]
+            scale = _norm_scale(before) if before is not after else None  # a pre-norm: the LayerNorm in front of b
+            if scale is not None:
+                cols = cols * scale[:, None, None]
             carried = _carry(graph, producer, consumer, rows)
             scores += (carried * cols).sum((1, 2)).double().cpu()
     return _per_channel(group, scores)
@@ -148,14 +149,23 @@ def l1_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
     return _per_channel(group, scores)
 
 
+def check_method(method: str) -> None:
+    if method not in SCORES:
+        raise ValueError(f"Unknown structured method {method!r}; choose one of {', '.join(SCORES)}.")
+
+
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
+
+
 def resolve_normalize(graph: ChannelGraph, normalize: str) -> str:
     """'auto' -> the normalisation measured best for the architecture (docs/benchmarks.md, structured pruning):
     'mean' for a ResNet, 'none' for a ViT. Raw BGSC sums over a channel's positions, so on a ResNet the
     channels of the low-resolution (cheap) stages score lowest and the last stage empties first; a ViT has
     one position per token everywhere, and the raw sums over every producer/consumer pair are what keep the
     residual stream and the heads (read by every layer) above the MLP neurons (read by one)."""
-    if normalize not in NORMALIZERS:
-        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
+    check_normalize(normalize)
     if normalize != "auto":
         return normalize
     return "none" if any(g.unit > 1 for g in graph.groups) else "mean"
@@ -168,8 +178,7 @@ def channel_scores(graph: ChannelGraph, method: str, seed: int = 0, normalize: s
     default); "none" compares raw scores across groups, as the paper's code does; "auto" picks per
     architecture (resolve_normalize).
     """
-    if method not in SCORES:
-        raise ValueError(f"Unknown structured method {method!r}; choose one of {', '.join(SCORES)}.")
+    check_method(method)
     normalize = resolve_normalize(graph, normalize)
     if method == "random":
         generator = torch.Generator().manual_seed(seed)
