@@ -56,8 +56,16 @@ CITATIONS["dfpc"] = """@inproceedings{narshana2023dfpc,
   booktitle = {International Conference on Learning Representations},
   year      = {2023}
 }"""
+CITATIONS["pfs"] = CITATIONS["uniform"] = """@inproceedings{wang2020pruning,
+  title     = {Pruning from Scratch},
+  author    = {Wang, Yulong and Zhang, Xiaolu and Xie, Lingxi and Zhou, Jun and Su, Hang and Zhang, Bo and Hu, Xiaolin},
+  booktitle = {AAAI Conference on Artificial Intelligence},
+  year      = {2020}
+}"""
 STRUCTURED_NAMES = {"dfpc": "DFPC (data-free saliency of coupled channels, BGSC)", "l1": "L1 norm of the filters",
-                    "random": "random scores"}
+                    "random": "random scores", "pfs": "Pruning from Scratch (channel gates learnt on random weights)",
+                    "uniform": "uniform widths (the Pruning from Scratch baseline)"}
+SCRATCH_METHODS = ("pfs", "uniform")  # an architecture trained from scratch: no weights come from the base model
 
 
 def is_hub_id(name: str | None) -> bool:
@@ -205,6 +213,39 @@ def _count(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 1e6:.3f} M"
 
 
+def _channel_procedure(results: dict) -> list[str]:
+    method = results["method"]
+    return [f"Channel scores: {STRUCTURED_NAMES.get(method, method)}, computed once on the dense model without "
+            f"data; each group's scores {'over their mean' if results.get('normalize') == 'mean' else 'raw'}; "
+            f"{'uncoupled channels only' if results.get('uncoupled_only') else 'coupled (residual-stream) and uncoupled groups'}.",
+            f"Removed {results['removed_channels']} of {results['prunable_channels']} prunable channels "
+            f"({_pct(results['pruning_ratio'])}), globally lowest score first, never a group's last channel"
+            + (f", widths rounded to multiples of {results['round_to']}" if results.get("round_to", 1) > 1 else "")
+            + "." + (" In the attention groups (the `q_proj` rows) a channel is a whole head of "
+                     f"{next(iter(results['head_groups'].values()))} indices." if results.get("head_groups") else "")]
+
+
+def _scratch_procedure(results: dict) -> list[str]:
+    ratio = (f"{results['flops_ratio_achieved']:.3f} of the original model's FLOPs (target "
+             f"{results['arguments']['flops_ratio']})")
+    gates = results.get("gates")
+    if gates is None:
+        return [f"Architecture: the network widened x{results['expand_ratio']} with every gated width (block inner "
+                f"channels, heads, MLP neurons) scaled by one factor to {ratio}: the baseline of Pruning from Scratch."]
+    chosen = f"epoch {gates['kept_epoch']}" + (f" (validation accuracy {_pct(gates['val_accuracy'])} on "
+                                                f"{gates['val_samples']} held-out training images)"
+                                                if gates.get("val_accuracy") is not None else "")
+    return [f"Architecture: Pruning from Scratch on the network widened x{results['expand_ratio']}, weights random and "
+            f"frozen; one gate per block-inner channel, head and MLP neuron (a ResNet's stem and residual streams "
+            f"x{results.get('stream_expand_ratio') or results['expand_ratio']}, a ViT's hidden size kept; neither "
+            f"gated), learnt {gates['epochs']} epoch(s) on {gates['train_samples']} images with "
+            f"cross-entropy + {gates['lambda']} (mean|gate| - {gates['sparsity']})^2, Adam lr {gates['lr']}; gates of "
+            f"{chosen} kept.",
+            f"The globally highest {results['prunable_channels'] - results['removed_channels']} of "
+            f"{results['prunable_channels']} gates kept (at least one per group): {ratio}; search "
+            f"{results['search_seconds']:.0f} s."]
+
+
 def build_structured_card(folder: str | Path, *, repo_id: str | None = None, base_model: str | None = None,
                           dataset: str | None = None, license: str | None = None) -> ModelCard:
     """The card of a structurally pruned folder, from its results.json (scripts/structured_prune.py); also
@@ -218,35 +259,37 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
     license = license or base_model_license(base_model)
     repo_id = repo_id or folder.name
     method = results["method"]
-    widths = [(name, before, after) for name, (before, after) in results["group_widths"].items()]
-    plot_group_widths(widths, folder / WIDTHS_CHART_FILE, title=f"{method}: channels kept per group")
+    widths = [(name, before, after) for name, (before, after) in results.get("group_widths", {}).items()]
+    if widths:
+        plot_group_widths(widths, folder / WIDTHS_CHART_FILE, title=f"{method}: channels kept per group")
     latency = results.get("latency", {})
-    procedure = [f"Channel scores: {STRUCTURED_NAMES.get(method, method)}, computed once on the dense model without "
-                 f"data; each group's scores {'over their mean' if results.get('normalize') == 'mean' else 'raw'}; "
-                 f"{'uncoupled channels only' if results.get('uncoupled_only') else 'coupled (residual-stream) and uncoupled groups'}.",
-                 f"Removed {results['removed_channels']} of {results['prunable_channels']} prunable channels "
-                 f"({_pct(results['pruning_ratio'])}), globally lowest score first, never a group's last channel"
-                 + (f", widths rounded to multiples of {results['round_to']}" if results.get("round_to", 1) > 1 else "")
-                 + "." + (" In the attention groups (the `q_proj` rows) a channel is a whole head of "
-                          f"{next(iter(results['head_groups'].values()))} indices." if results.get("head_groups") else "")]
+    scratch = method in SCRATCH_METHODS
+    procedure = _scratch_procedure(results) if scratch else _channel_procedure(results)
     tuning = results.get("finetuning")
     if tuning:
         procedure.append(f"Fine-tuned {tuning['epochs']} epoch(s) on {tuning['train_samples']} training images, lr "
                          f"{tuning['learning_rate']}" + (f", distilling from {tuning.get('teacher')}" if tuning.get("distill")
                                                          else "") + ".")
+    training = results.get("training")
+    if training:
+        procedure.append(f"Trained from scratch (fresh random weights) {training['epochs']:g} epoch(s) on "
+                         f"{training['train_samples']} training images, lr {training['learning_rate']}"
+                         + (f", distilling from {training.get('teacher')}" if training.get("distill") else "") + ".")
+    derived = is_hub_id(base_model) and not scratch  # trained from scratch: no weights come from the base model
     card_data = ModelCardData(
-        base_model=base_model if is_hub_id(base_model) else None,
-        base_model_relation="finetune" if is_hub_id(base_model) else None,
+        base_model=base_model if derived else None, base_model_relation="finetune" if derived else None,
         library_name="transformers", pipeline_tag="image-classification",
         datasets=[dataset] if is_hub_id(dataset) else None, license=license, model_name=repo_id,
         tags=["pruned", "structured-pruning", "channel-pruning", method, "cap_hf", "vision"])
     speedups = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in results.get("speedup", {}).items())
     where = f"`{base_model}`" if base_model else "a dense model"
+    params = f"{_count(results['params_pruned'])} parameters instead of {_count(results['params_dense'])}"
+    summary = (f"The architecture of {where} narrowed by {STRUCTURED_NAMES[method]} and trained from scratch, using "
+               f"cap_hf: {params}." if scratch else
+               f"{where} with whole channels removed by {STRUCTURED_NAMES.get(method, method)}, using cap_hf: "
+               f"a physically smaller model, {params}.")
     return ModelCard.from_template(
-        card_data, template_path=str(STRUCTURED_TEMPLATE), model_name=repo_id,
-        summary=(f"{where} with whole channels removed by {STRUCTURED_NAMES.get(method, method)}, using cap_hf: "
-                 f"a physically smaller model, {_count(results['params_pruned'])} parameters instead of "
-                 f"{_count(results['params_dense'])}."),
+        card_data, template_path=str(STRUCTURED_TEMPLATE), model_name=repo_id, summary=summary,
         base_model=base_model,
         params_dense=_count(results["params_dense"]), params_pruned=_count(results["params_pruned"]),
         macs_dense=_count(results["macs_dense"]), macs_pruned=_count(results["macs_pruned"]),

@@ -5,7 +5,8 @@ smaller model that loads with from_pretrained, and measure what it gained.
       --target_speedup 1.5 --dataset_name data/fashion-mnist --output_dir outputs/dfpc-1.5x
 
 --method dfpc (data-free BGSC saliency), l1 or random; --uncoupled_only leaves the residual streams whole
-(the paper's baseline). Exactly one of --pruning_ratio R (fraction of the prunable channels removed) and
+(the paper's baseline). Exactly one of --pruning_ratio R (fraction of the prunable channels removed),
+--flops_ratio F (the fewest channels whose removal leaves at most F of the dense model's MACs) and
 --target_speedup S (the fewest channels whose removal gives S, measured at --speedup_batch_size on this
 machine: a bisection over the removal order, each candidate timed). No data is needed; with
 --dataset_name the dense and pruned models are evaluated, and --finetune_epochs E fine-tunes the pruned
@@ -14,6 +15,19 @@ model on the train split with distillation from the dense one (every TrainingArg
 model, its image processor and OUTPUT_DIR/results.json (parameters, MACs, latency at batch 1 and 64 with
 the thread count, accuracy before and after fine-tuning) and its model card README.md.
 --push_to_hub --hub_model_id NAME publishes OUT at the end (repo id and Hub checked before any work).
+
+Pruning from Scratch needs no trained model, only its config (a folder or Hub id with config.json and
+preprocessor_config.json; weights, if any, are used for the dense accuracy and as the distillation teacher):
+
+  python scripts/structured_prune.py --method pfs --model_name_or_path outputs/fmnist-resnet \
+      --dataset_name data/fashion-mnist --flops_ratio 0.5 --gate_epochs 10 --train_epochs 5 --output_dir OUT
+
+learns channel gates on a x--expand_ratio network with random frozen weights (--gate_lr, --gate_lambda,
+--gate_sparsity; --gate_val_fraction of the train split chooses the gates), keeps the globally highest
+gates within --flops_ratio of the original model's FLOPs, and trains that architecture from scratch for
+--train_epochs (x 1/flops_ratio with --budget_train), distilling from the trained model or
+--teacher_name_or_path when there is one. --method uniform trains the same expanded network with every
+gated width scaled by one factor to the same FLOPs (the baseline that shows whether the widths matter).
 """
 
 from __future__ import annotations
@@ -21,23 +35,27 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForImageClassification
 
 from cap_hf.checkpoint import CheckpointError
 from cap_hf.cli import parse_args
 from cap_hf.data import collate, prepare_splits
 from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
-from cap_hf.models import load_classifier, processor_image_size
-from cap_hf.structured import prune_channels
+from cap_hf.models import load_classifier, load_image_processor, processor_image_size
+from cap_hf.structured import pfs, prune_channels
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import compare_models
 from cap_hf.trainer import DistillationArguments, fine_tune
 from model_cards import write_model_card
+
+logger = logging.getLogger("cap_hf.scripts.structured_prune")
 
 # this script's defaults for Trainer flags (a short fine-tuning of a small model; every flag can be given)
 TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_train_batch_size": 128,
@@ -47,11 +65,15 @@ TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_tr
 @dataclass
 class StructuredArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier (ResNet or ViT)."})
-    method: str = field(default="dfpc", metadata={"help": "dfpc (data-free BGSC saliency), l1 or random."})
+    method: str = field(default="dfpc", metadata={
+        "help": "dfpc (data-free BGSC saliency), l1 or random on a trained model; pfs (Pruning from Scratch) or "
+                "uniform (its baseline: every gated width scaled alike) from a config, trained from scratch."})
     pruning_ratio: float | None = field(default=None, metadata={
-        "help": "Fraction of the prunable channels to remove (exclusive with --target_speedup)."})
+        "help": "Fraction of the prunable channels to remove (one of --pruning_ratio, --flops_ratio, --target_speedup)."})
+    flops_ratio: float | None = field(default=None, metadata={
+        "help": "MACs of the pruned model over the dense (for pfs: the original, unexpanded) model's, in (0, 1)."})
     target_speedup: float | None = field(default=None, metadata={
-        "help": "Measured speed-up to reach at --speedup_batch_size (exclusive with --pruning_ratio)."})
+        "help": "Measured speed-up to reach at --speedup_batch_size (one of the three targets)."})
     uncoupled_only: bool = field(default=False, metadata={
         "help": "Prune only channels with one producer and one consumer (residual streams kept whole)."})
     normalize: str = field(default="auto", metadata={
@@ -67,7 +89,25 @@ class StructuredArguments:
     eval_batch_size: int = field(default=256)
     finetune_epochs: float = field(default=0, metadata={
         "help": "Epochs of fine-tuning after pruning, with distillation from the dense model (needs --dataset_name)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Fine-tune on a subset of the train split."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use a subset of the train split (fine-tuning; for pfs the gates and the training)."})
+    train_epochs: float = field(default=0, metadata={
+        "help": "pfs / uniform: epochs of training the found architecture from scratch (required)."})
+    budget_train: bool = field(default=False, metadata={
+        "help": "pfs / uniform: train for --train_epochs / --flops_ratio epochs (the paper's Scratch-B budget)."})
+    expand_ratio: float = field(default=pfs.EXPAND_RATIO, metadata={"help": "pfs: width of the searched network."})
+    stream_expand_ratio: float | None = field(default=None, metadata={
+        "help": "pfs / uniform on a ResNet: width of the stem and residual streams, never gated (default: "
+                "--expand_ratio, as the paper's CIFAR ResNets; 1 keeps the original's, so all FLOPs go to the blocks)."})
+    gate_epochs: int = field(default=pfs.GATE_EPOCHS, metadata={"help": "pfs: epochs of gate learning."})
+    gate_lr: float = field(default=pfs.GATE_LR, metadata={"help": "pfs: Adam learning rate of the gates."})
+    gate_lambda: float = field(default=pfs.GATE_LAMBDA, metadata={
+        "help": "pfs: weight of the sparsity term (mean|gate| - r)^2 (the paper: 0.5 on CIFAR, 0.05 on ImageNet)."})
+    gate_sparsity: float = field(default=pfs.GATE_SPARSITY, metadata={
+        "help": "pfs: r, the mean gate aimed at (the paper: 0.2 on CIFAR, 0.5 on ImageNet)."})
+    gate_batch_size: int = field(default=128, metadata={"help": "pfs: batch size of gate learning."})
+    gate_val_fraction: float = field(default=0.1, metadata={
+        "help": "pfs: fraction of the train split held out to choose the gates (the paper's rule)."})
     image_size: int | None = field(default=None, metadata={"help": "Input size (default: the image processor's)."})
     latency_batch_sizes: str = field(default="1,64", metadata={"help": "Batch sizes of the reported latencies."})
     latency_repeats: int = field(default=30, metadata={"help": "Timed forward passes per reported latency."})
@@ -76,74 +116,171 @@ class StructuredArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
+SCRATCH = ("pfs", "uniform")  # methods that search an architecture and train it from scratch
+
+
+def check_arguments(args: StructuredArguments) -> None:
+    """ValueError for a request that cannot be run, before anything is loaded."""
+    if args.finetune_epochs < 0 or args.train_epochs < 0:
+        raise ValueError("--finetune_epochs and --train_epochs must be >= 0.")
+    if args.method not in SCRATCH:
+        check_request(args.method, args.pruning_ratio, args.target_speedup, args.round_to, args.normalize,
+                      args.flops_ratio)
+        if args.finetune_epochs and not args.dataset_name:
+            raise ValueError("--finetune_epochs needs --dataset_name (its train split).")
+        if args.train_epochs or args.budget_train:
+            raise ValueError(f"--train_epochs / --budget_train are for pfs and uniform; {args.method} fine-tunes "
+                             "with --finetune_epochs.")
+        return
+    if args.flops_ratio is None or args.pruning_ratio is not None or args.target_speedup is not None:
+        raise ValueError(f"--method {args.method} takes --flops_ratio (and neither --pruning_ratio nor --target_speedup).")
+    pfs.check_flops_ratio(args.flops_ratio)
+    if not args.dataset_name or not args.train_epochs:
+        raise ValueError(f"--method {args.method} trains the architecture from scratch: give --dataset_name and "
+                         "--train_epochs.")
+    if args.finetune_epochs or args.uncoupled_only:
+        raise ValueError(f"--finetune_epochs / --uncoupled_only do not apply to --method {args.method}.")
+    if not 0 < args.gate_val_fraction < 1:
+        raise ValueError(f"--gate_val_fraction must be in (0, 1), got {args.gate_val_fraction}.")
+    pfs.check_gate_arguments(args.expand_ratio, args.gate_epochs, args.gate_lr, args.gate_lambda, args.gate_sparsity,
+                             args.stream_expand_ratio)
+
+
+def load_dense(args: StructuredArguments):
+    """(model in eval mode, image processor, trained): for pfs / uniform a folder with only a config is
+    enough (the model is then the config's, randomly initialised, and not trained)."""
+    if args.method not in SCRATCH:
+        model, processor = load_classifier(args.model_name_or_path)
+        return model.eval(), processor, True
+    processor = load_image_processor(args.model_name_or_path)
+    try:
+        return AutoModelForImageClassification.from_pretrained(args.model_name_or_path).eval(), processor, True
+    except OSError:  # no weights: the config alone
+        config = AutoConfig.from_pretrained(args.model_name_or_path)
+        return AutoModelForImageClassification.from_config(config).eval(), processor, False
+
+
+def batches(dataset, batch_size: int, seed: int, workers: int, shuffle: bool = False):
+    """An epoch of batches per call (a new shuffle each epoch, fixed by the seed)."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda: torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate,
+                                               num_workers=workers, generator=generator)
+
+
+def search_from_scratch(args, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
+    """pfs: gates on the expanded network, then the architecture; uniform: the same expanded network with its
+    gated widths scaled alike. The model returned has random weights."""
+    if args.method == "uniform":
+        start = time.perf_counter()
+        small, achieved = pfs.uniform_architecture(model.config, image_size, args.flops_ratio, args.expand_ratio,
+                                                   args.stream_expand_ratio, seed=training_args.seed)
+        return small, {"flops_ratio_achieved": achieved, "search_seconds": time.perf_counter() - start,
+                       "expand_ratio": args.expand_ratio, "stream_expand_ratio": args.stream_expand_ratio}
+    parts = train.train_test_split(test_size=args.gate_val_fraction, seed=training_args.seed)
+    workers = training_args.dataloader_num_workers
+    small, run = pfs.prune_from_scratch(
+        model.config, image_size, args.flops_ratio,
+        batches(parts["train"], args.gate_batch_size, training_args.seed, workers, shuffle=True),
+        batches(parts["test"], args.eval_batch_size, training_args.seed, workers), expand_ratio=args.expand_ratio,
+        gate_epochs=args.gate_epochs, gate_lr=args.gate_lr, gate_lambda=args.gate_lambda,
+        gate_sparsity=args.gate_sparsity, stream_ratio=args.stream_expand_ratio, seed=training_args.seed,
+        device="cuda" if torch.cuda.is_available() else "cpu")
+    small = small.to(next(model.parameters()).device)  # measured next to the dense model, on its device
+    return small, {
+        "removed_channels": run.removed, "prunable_channels": run.prunable, "pruning_ratio": run.removed / run.prunable,
+        "group_widths": {name: list(w) for name, w in run.widths.items()}, "head_groups": run.units,
+        "flops_ratio_achieved": run.flops_ratio_achieved, "search_seconds": run.search_seconds,
+        "expand_ratio": run.expand_ratio, "stream_expand_ratio": run.stream_ratio, "macs_expanded": run.macs_expanded,
+        "round_to": 1, "normalize": None, "speedup_search": [],  # DFPC's keys, for tools that read both
+        "gates": {"epochs": args.gate_epochs, "lr": args.gate_lr, "lambda": args.gate_lambda,
+                  "sparsity": args.gate_sparsity, "train_samples": len(parts["train"]),
+                  "val_samples": len(parts["test"]), "kept_epoch": run.gates.epoch,
+                  "val_accuracy": run.gates.accuracy, "seconds": run.gates.seconds, "history": run.gates.history,
+                  "collapsed_groups": run.collapsed},
+        "flops_search": [{"gates_kept": c, "flops_ratio": r} for c, r in run.search],
+    }
+
+
 def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
         args, training_args = parse_args((StructuredArguments, DistillationArguments), argv, TRAINING_DEFAULTS)
-        check_request(args.method, args.pruning_ratio, args.target_speedup, args.round_to, args.normalize)
+        check_arguments(args)
         batch_sizes = [int(b) for b in args.latency_batch_sizes.split(",") if b.strip()]
-        if args.finetune_epochs < 0:
-            raise ValueError(f"--finetune_epochs must be >= 0, got {args.finetune_epochs}.")
-        if args.finetune_epochs and not args.dataset_name:
-            raise ValueError("--finetune_epochs needs --dataset_name (its train split).")
         repo_id = check_push(training_args, hub_api)
     except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
     out = Path(training_args.output_dir)
     if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
         raise SystemExit(f"error: {out} is not empty (another run?); pass --overwrite_output_dir to replace it.")
+    scratch = args.method in SCRATCH
 
     try:
-        model, processor = load_classifier(args.model_name_or_path)
-        check_supported(model.eval())
+        model, processor, trained = load_dense(args)
+        check_supported(model)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     image_size = (args.image_size, args.image_size) if args.image_size else processor_image_size(processor)
-    train = evaluation = None
+    train = evaluation = loader = None
     if args.dataset_name:
-        train, evaluation, _ = prepare_splits(
-            args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
-            None, args.eval_split, args.max_train_samples, args.max_eval_samples,
-            train_needs_labels=bool(args.finetune_epochs), seed=training_args.seed)
-
-    try:
-        small, run = prune_channels(model, image_size, args.method, pruning_ratio=args.pruning_ratio,
-                                    target_speedup=args.target_speedup, uncoupled_only=args.uncoupled_only,
-                                    seed=training_args.seed, speedup_batch_size=args.speedup_batch_size,
-                                    repeats=args.search_repeats, round_to=args.round_to,
-                                    normalize=args.normalize)
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-
-    results = {
-        "method": args.method, "uncoupled_only": args.uncoupled_only, "model": args.model_name_or_path,
-        "image_size": list(image_size), "removed_channels": run.removed, "prunable_channels": run.prunable,
-        "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": run.normalize,
-        "latency": {"device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
-                    "repeats": args.latency_repeats,
-                    "statistic": "median of one forward pass, dense and pruned taking turns"},
-        "group_widths": {name: list(w) for name, w in run.widths.items()},
-        "head_groups": run.units,
-        "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in run.search],
-    }
-    if evaluation is not None:
+        try:
+            train, evaluation, names = prepare_splits(
+                args.dataset_name, processor, model.config.num_channels, args.image_column_name,
+                args.label_column_name, None, args.eval_split, args.max_train_samples, args.max_eval_samples,
+                train_needs_labels=bool(args.finetune_epochs) or scratch, seed=training_args.seed)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from None
         loader = torch.utils.data.DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=collate,
                                              num_workers=training_args.dataloader_num_workers)
+        if scratch and names is not None and len(names) != model.config.num_labels:
+            logger.info("%s has %d classes, the config %d: the architecture is trained for the data's.",
+                        args.dataset_name, len(names), model.config.num_labels)
+            model.config.num_labels = len(names)
+            model.config.id2label, model.config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+            model, trained = AutoModelForImageClassification.from_config(model.config).eval(), False
+
+    try:
+        if scratch:
+            small, results = search_from_scratch(args, model, image_size, train, training_args)
+        else:
+            small, run = prune_channels(model, image_size, args.method, pruning_ratio=args.pruning_ratio,
+                                        target_speedup=args.target_speedup, uncoupled_only=args.uncoupled_only,
+                                        seed=training_args.seed, speedup_batch_size=args.speedup_batch_size,
+                                        repeats=args.search_repeats, round_to=args.round_to,
+                                        normalize=args.normalize, flops_ratio=args.flops_ratio)
+            results = {"removed_channels": run.removed, "prunable_channels": run.prunable,
+                       "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": run.normalize,
+                       "group_widths": {name: list(w) for name, w in run.widths.items()}, "head_groups": run.units,
+                       "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in run.search]}
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    results = {"method": args.method, "uncoupled_only": args.uncoupled_only, "model": args.model_name_or_path,
+               "image_size": list(image_size), **results,
+               "latency": {"device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
+                           "repeats": args.latency_repeats,
+                           "statistic": "median of one forward pass, dense and pruned taking turns"}}
+    if loader is not None and trained:
         results["accuracy_dense"] = evaluate_accuracy(model, loader)
+    if loader is not None and not scratch:
         results["accuracy_pruned"] = evaluate_accuracy(small, loader)
-    if args.finetune_epochs:
-        training_args.num_train_epochs = args.finetune_epochs
-        teacher = load_classifier(training_args.teacher_name_or_path)[0].eval() \
-            if training_args.distill and training_args.teacher_name_or_path else model
+    epochs = args.train_epochs / args.flops_ratio if args.budget_train else args.train_epochs or args.finetune_epochs
+    if epochs:
+        training_args.num_train_epochs = epochs
+        teacher = model if trained else None
+        if training_args.distill and training_args.teacher_name_or_path:
+            teacher = load_classifier(training_args.teacher_name_or_path)[0].eval()
+        training_args.distill = training_args.distill and teacher is not None
         small, metrics = fine_tune(small, teacher, training_args, train, evaluation)
-        results["accuracy_pruned_before_finetuning"] = results["accuracy_pruned"]
+        if not scratch:
+            results["accuracy_pruned_before_finetuning"] = results["accuracy_pruned"]
         results["accuracy_pruned"] = evaluate_accuracy(small, loader)
-        results["finetuning"] = {"epochs": args.finetune_epochs, "train_samples": len(train),
-                                 "distill": training_args.distill, "learning_rate": training_args.learning_rate,
-                                 "teacher": training_args.teacher_name_or_path or args.model_name_or_path,
-                                 "train_runtime_s": metrics.get("train_runtime")}
+        results["training" if scratch else "finetuning"] = {
+            "epochs": epochs, "train_samples": len(train), "distill": training_args.distill,
+            "learning_rate": training_args.learning_rate,
+            "teacher": (training_args.teacher_name_or_path or args.model_name_or_path) if training_args.distill else None,
+            "train_runtime_s": metrics.get("train_runtime")}
     results.update(compare_models(model, small, image_size, batch_sizes, args.latency_repeats))
 
     out.mkdir(parents=True, exist_ok=True)
@@ -156,10 +293,12 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     write_model_card(out, repo_id=repo_id)  # README.md from results.json, with the chart of channels kept per group
     line = ", ".join(f"batch {b}: {results['latency_ms_dense'][str(b)]:.2f} -> {results['latency_ms_pruned'][str(b)]:.2f} ms "
                      f"({results['speedup'][str(b)]:.2f}x)" for b in batch_sizes)
-    print(f"{args.method}: removed {run.removed}/{run.prunable} channels; params {results['params_dense']} -> "
-          f"{results['params_pruned']}, MACs {results['macs_dense']} -> {results['macs_pruned']}; {line}")
-    if evaluation is not None:
-        print(f"top-1 {results['accuracy_dense']:.2%} -> {results['accuracy_pruned']:.2%}; model in {out}")
+    what = f"MACs ratio {results['macs_pruned'] / results['macs_dense']:.3f}" if scratch else \
+        f"removed {results['removed_channels']}/{results['prunable_channels']} channels"
+    print(f"{args.method}: {what}; params {results['params_dense']} -> {results['params_pruned']}, MACs "
+          f"{results['macs_dense']} -> {results['macs_pruned']}; {line}")
+    if loader is not None:
+        print(f"top-1 {_pct(results.get('accuracy_dense'))} -> {_pct(results.get('accuracy_pruned'))}; model in {out}")
     if repo_id:
         try:
             info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,
@@ -169,6 +308,10 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                              f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}`.") from None
         print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
     return results
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
 
 
 if __name__ == "__main__":

@@ -3,14 +3,16 @@
 - groups.py: channel groups (coupled residual streams and uncoupled block channels) read off the model
   by Torch-Pruning's DependencyGraph; physical removal; export into cap_hf.modeling classes
 - dfpc.py: DFPC's data-free saliency (BGSC) and the L1 / random baselines; the global greedy order
-- channels.py: one run (a pruning ratio, or the fewest channels that reach a measured speed-up)
+- channels.py: one run (a pruning ratio, or the fewest channels that reach a FLOPs ratio or a measured speed-up)
 - measure.py: parameters, MACs and latency
 - shrink.py: keep given heads / neurons / block channels (explicit choices, no scores)
+- pfs.py: Pruning from Scratch (gates on an expanded random network, an architecture under a FLOPs target)
 """
 
+from cap_hf.structured import pfs
 from cap_hf.structured.channels import ChannelPruning, prune_channels
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, remove_channels
 from cap_hf.structured.shrink import shrink_resnet, shrink_vit
 
-__all__ = ["ChannelGraph", "ChannelGroup", "ChannelPruning", "prune_channels", "remove_channels", "shrink_resnet",
+__all__ = ["pfs", "ChannelGraph", "ChannelGroup", "ChannelPruning", "prune_channels", "remove_channels", "shrink_resnet",
            "shrink_vit"]

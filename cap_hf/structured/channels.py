@@ -1,5 +1,5 @@
 """One structured pruning run: groups -> scores (once) -> the global greedy order -> how many channels
-to remove (a ratio, or the fewest that reach a measured speed-up) -> a physically smaller model."""
+to remove (a ratio, or the fewest that reach a FLOPs ratio or a measured speed-up) -> a physically smaller model."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from cap_hf.structured.dfpc import (
     resolve_normalize,
 )
 from cap_hf.structured.groups import ChannelGraph, remove_channels
-from cap_hf.structured.measure import latencies_ms
+from cap_hf.structured.measure import count_macs, latencies_ms
 
 logger = logging.getLogger(__name__)
 
@@ -53,17 +53,27 @@ def _reachable_error(what: str, wanted: float, best: float, uncoupled_only: bool
                       f"reachable is {best:.3g}.")
 
 
+def fewest(enough, high: int) -> int:
+    """The smallest count in (0, high] for which enough(count) holds, by bisection; enough(high) is known to hold."""
+    low = 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return high
+
+
 def check_request(method: str, pruning_ratio: float | None, target_speedup: float | None, round_to: int = 1,
-                  normalize: str = "auto") -> None:
+                  normalize: str = "auto", flops_ratio: float | None = None) -> None:
     """ValueError for a request that cannot be run, before any work."""
     check_normalize(normalize)
     if round_to < 1:
         raise ValueError(f"round_to must be a positive number of channels, got {round_to}.")
     check_method(method)
-    if (pruning_ratio is None) == (target_speedup is None):
-        raise ValueError("Give exactly one of pruning_ratio and target_speedup.")
-    if pruning_ratio is not None and not 0 < pruning_ratio < 1:
-        raise ValueError(f"pruning_ratio must be in (0, 1), got {pruning_ratio}.")
+    if sum(target is not None for target in (pruning_ratio, target_speedup, flops_ratio)) != 1:
+        raise ValueError("Give exactly one of pruning_ratio, target_speedup and flops_ratio.")
+    for name, value in (("pruning_ratio", pruning_ratio), ("flops_ratio", flops_ratio)):
+        if value is not None and not 0 < value < 1:
+            raise ValueError(f"{name} must be in (0, 1), got {value}.")
     if target_speedup is not None and not target_speedup > 1:
         raise ValueError(f"target_speedup must be above 1, got {target_speedup}.")
 
@@ -81,10 +91,12 @@ def prune_channels(
     repeats: int = 10,
     round_to: int = 1,
     normalize: str = "auto",
+    flops_ratio: float | None = None,
 ) -> tuple[nn.Module, ChannelPruning]:
     """A physically smaller copy of `model` (eval mode) and what was removed.
 
-    Either `pruning_ratio` (the fraction of the prunable channels to remove) or `target_speedup` (the
+    One of `pruning_ratio` (the fraction of the prunable channels to remove), `flops_ratio` (the fewest
+    channels whose removal leaves at most this fraction of the dense model's MACs) and `target_speedup` (the
     measured latency of the dense model over the pruned one at `speedup_batch_size`, on this machine and
     thread count, at least this). `round_to` keeps every group's width a multiple of it (or whole);
     `normalize` is channel_scores' (each group's scores over their mean, raw as in the paper, or auto: the
@@ -95,7 +107,7 @@ def prune_channels(
     3 x `repeats` passes and, if that reading falls short (timing noise), moved along the order in steps
     of 2% of the removable channels until it holds.
     """
-    check_request(method, pruning_ratio, target_speedup, round_to, normalize)
+    check_request(method, pruning_ratio, target_speedup, round_to, normalize, flops_ratio)
     graph = ChannelGraph(model, image_size)
     normalize = resolve_normalize(graph, normalize)
     order = removal_order(graph.groups, channel_scores(graph, method, seed, normalize), uncoupled_only)
@@ -110,6 +122,17 @@ def prune_channels(
         count = round(pruning_ratio * prunable)
         if count > len(order):
             raise _reachable_error("pruning_ratio", pruning_ratio, len(order) / prunable, uncoupled_only)
+    elif flops_ratio is not None:
+        dense_macs = count_macs(model, image_size)
+
+        def macs_ratio(count: int) -> float:
+            return count_macs(remove_channels(model, graph, plan_for(count)), image_size) / dense_macs
+
+        lowest = macs_ratio(len(order))
+        if lowest > flops_ratio:
+            raise ValueError(f"flops_ratio {flops_ratio:g} cannot be reached without emptying a channel group; the "
+                             f"lowest reachable is {lowest:.3g}.")
+        count = fewest(lambda c: macs_ratio(c) <= flops_ratio, len(order))
     else:
         def speedup(count: int, passes: int = repeats) -> float:
             small = remove_channels(model, graph, plan_for(count))
@@ -123,14 +146,7 @@ def prune_channels(
         best = speedup(len(order))
         if best < target_speedup:
             raise _reachable_error("target_speedup", target_speedup, best, uncoupled_only)
-        low, high = 0, len(order)  # speedup(high) >= target; the answer is in (low, high]
-        while high - low > 1:
-            middle = (low + high) // 2
-            if speedup(middle) >= target_speedup:
-                high = middle
-            else:
-                low = middle
-        count = high
+        count = fewest(lambda c: speedup(c) >= target_speedup, len(order))
         # every reading above is one noisy measurement (a small model's pass takes milliseconds): re-measure
         # the answer with CONFIRM_PASSES x the passes, and follow the order further until that holds too
         step = max(1, len(order) // CONFIRM_STEPS)
