@@ -99,6 +99,7 @@ def main() -> None:
             folder_config = json.loads((ROOT / out / method / "config.json").read_text())
             keys = ("block_widths",) if args.arch == "resnet" else ("layer_num_heads", "layer_intermediate_sizes")
             widths.append(f"- {method}: " + "; ".join(f"{k} {folder_config[k]}" for k in keys))
+    samples = "/".join(sorted({str((r.get("training") or r["finetuning"])["train_samples"]) for r in records.values()}))
     section = f"## Pruning from Scratch: Fashion-MNIST {args.arch}"
     body = "\n".join([
         section, "",
@@ -106,7 +107,7 @@ def main() -> None:
         f"Machine: {machine()}", "",
         f"Model: {describe(config)}; dense top-1 {dense_metrics['eval_accuracy']:.2%} on the 10k test images after "
         f"`{' '.join(teacher_command[1:])}`.", "",
-        f"Every method at {args.flops_ratio} of the dense model's FLOPs, then {args.epochs:g} epochs on the 60k training "
+        f"Every method at {args.flops_ratio} of the dense model's FLOPs, then {args.epochs:g} epochs on {samples} training "
         f"images with distillation from the dense model (lr {args.learning_rate}); pfs/uniform train from fresh random "
         "weights, dfpc/l1 fine-tune the pruned weights. Latency: median of "
         f"{args.latency_repeats} passes, each model right after the dense one in the same process (the dense row: the "

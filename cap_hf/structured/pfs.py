@@ -204,9 +204,10 @@ def learn_gates(model: nn.Module, gates: ChannelGates, train_batches: Callable[[
     # epoch qualifies, the last epoch's gates
     eligible = [row for row in history if row["nonzero_fraction"] <= sparsity]
     if not eligible:
-        logger.warning("No epoch brought the fraction of non-zero gates down to %.2f (the paper's rule for the gates "
-                       "to keep); keeping the last epoch's. More --gate_epochs or a larger --gate_lambda would.",
-                       sparsity)
+        logger.warning("No epoch brought the fraction of non-zero gates down to r = %.2f (the paper's rule for the "
+                       "gates to keep; the last epoch has %.2f, mean gate %.2f: the regulariser pulls the mean to r, "
+                       "not the gates to 0); keeping the last epoch's gates, whose global ranking decides the widths.",
+                       sparsity, history[-1]["nonzero_fraction"], history[-1]["mean_gate"])
         eligible = history[-1:]
     row = max(eligible, key=lambda r: r.get("val_accuracy", 0.0))
     values = snapshots[row["epoch"] - 1]
