@@ -77,6 +77,11 @@ def expanded_config(config, ratio: float = EXPAND_RATIO, stream_ratio: float | N
     raise ValueError(f"Pruning from Scratch supports ViT and ResNet configs, got model_type {config.model_type!r}.")
 
 
+def original_macs(config, image_size: int | Sequence[int]) -> int:
+    """MACs per image of the original (unexpanded) model of `config`: what FLOPs targets are relative to."""
+    return count_macs(build_classifier(expanded_config(config, 1.0)).eval(), image_size)
+
+
 def build_classifier(config) -> nn.Module:
     """A randomly initialised classifier of a PrunedViT / PrunedResNet config (the architecture's own init)."""
     classes = {"pruned_vit": PrunedViTForImageClassification, "pruned_resnet": PrunedResNetForImageClassification}
@@ -134,10 +139,6 @@ class ChannelGates(nn.Module):
         for gate in self.values:
             gate.clamp_(0.0, 1.0)
 
-    @torch.no_grad()
-    def load(self, values: Sequence[torch.Tensor]) -> None:
-        for gate, value in zip(self.values, values, strict=True):
-            gate.copy_(value)
 
 
 @dataclass
@@ -320,8 +321,7 @@ def prune_from_scratch(config, image_size: int | Sequence[int], flops_ratio: flo
     check_gate_arguments(expand_ratio, gate_epochs, gate_lr, gate_lambda, gate_sparsity, stream_ratio)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    original = build_classifier(expanded_config(config, 1.0)).eval()
-    base_macs = count_macs(original, image_size)
+    base_macs = original_macs(config, image_size)
     expanded_cfg = expanded_config(config, expand_ratio, stream_ratio)
     expanded = build_classifier(expanded_cfg).to(device).eval()
     graph = ChannelGraph(expanded, image_size)
@@ -330,9 +330,9 @@ def prune_from_scratch(config, image_size: int | Sequence[int], flops_ratio: flo
     lowest = count_macs(remove_channels(expanded, graph, kept_plan(gates.groups, values, [], 0)), image_size) / base_macs
     if lowest > flops_ratio:
         raise unreachable_error(flops_ratio, lowest)
+    expanded_macs = count_macs(expanded, image_size)
     logger.info("Pruning from Scratch: %d gates in %d groups of the x%g network (%.2fx the original's FLOPs)",
-                sum(g.size for g in gates.groups), len(gates.groups), expand_ratio,
-                count_macs(expanded, image_size) / base_macs)
+                sum(g.size for g in gates.groups), len(gates.groups), expand_ratio, expanded_macs / base_macs)
     learning = learn_gates(expanded, gates, train_batches, val_batches, gate_epochs, gate_lr, gate_lambda,
                            gate_sparsity)
     collapsed = [g.name for g, v in zip(gates.groups, learning.values, strict=True) if not bool((v > 0).any())]
@@ -352,7 +352,7 @@ def prune_from_scratch(config, image_size: int | Sequence[int], flops_ratio: flo
     units = {g.name: g.unit for g in gates.groups if g.unit > 1}
     removed = sum(len(c) for c in found.removed.values())
     stream = 1.0 if expanded_cfg.model_type == "pruned_vit" else expand_ratio if stream_ratio is None else stream_ratio
-    result = ScratchPruning(expand_ratio, stream, flops_ratio, found.flops_ratio, base_macs, count_macs(expanded, image_size),
+    result = ScratchPruning(expand_ratio, stream, flops_ratio, found.flops_ratio, base_macs, expanded_macs,
                             widths, units, removed, sum(g.size for g in gates.groups), learning, found.steps, collapsed,
                             time.perf_counter() - start)
     return fresh, result
@@ -366,7 +366,7 @@ def uniform_architecture(config, image_size: int | Sequence[int], flops_ratio: f
     whose FLOPs stay within `flops_ratio` of the original's (bisection on the factor), with random weights.
     Returns the model and the FLOPs ratio it reached."""
     check_flops_ratio(flops_ratio)
-    base_macs = count_macs(build_classifier(expanded_config(config, 1.0)).eval(), image_size)
+    base_macs = original_macs(config, image_size)
     expanded = expanded_config(config, expand_ratio, stream_ratio)
 
     def ratio(factor: float) -> float:
