@@ -16,9 +16,13 @@ from pathlib import Path
 
 import yaml
 
+from cap_hf.features import POOLINGS
+from cap_hf.fisher import DAMP_ESTIMATE_ROWS
 from cap_hf.methods import METHODS, canonical_name, get_method
 
 logger = logging.getLogger(__name__)
+
+FISHER_OBJECTIVES = ("auto", "cross_entropy", "features")
 # Fields of earlier versions that recipes may still carry: why they are gone.
 REMOVED_FIELDS = {
     "trace_mode": "CAP now always keeps packed snapshots (B(B+1)/2 floats per block: less memory than either "
@@ -75,7 +79,15 @@ class PruningConfig:
         "help": "Mini-batch gradients for the empirical Fisher (m); shared out over processes."})
     grad_batch_size: int = field(default=32, metadata={"help": "Images per Fisher gradient."})
     fisher_block_size: int = field(default=192, metadata={"help": "Fisher block size B (paper: 192 for ViT)."})
-    damp: float = field(default=1e-7, metadata={"help": "Absolute dampening lambda added to the Fisher (CAP/OBS)."})
+    damp: float | None = field(default=None, metadata={
+        "help": "Absolute dampening lambda added to the Fisher diagonal (CAP/OBS), the paper's form (its ViT "
+                "recipes: 1e-8); its effect depends on the scale of the gradients. Give one of --damp and "
+                "--relative_damp; neither: the method's default (cap: --relative_damp 1e-2, obs: --damp 1e-7, "
+                "chosen by scripts/bench_damp.py, docs/benchmarks.md 'Dampening')."})
+    relative_damp: float | None = field(default=None, metadata={
+        "help": "CAP/OBS dampening as a fraction of each layer's mean Fisher diagonal over its kept weights, "
+                "estimated from the step's first gradients (grad_chunk_size of them, at most "
+                f"{DAMP_ESTIMATE_ROWS}): lambda = relative_damp * mean(diag F). See --damp for the defaults."})
     fastcap_damp: float = field(default=1e-2, metadata={
         "help": "FastCAP relative dampening, times the mean Fisher diagonal."})
     fastcap_column_block: int | None = field(default=None, metadata={
@@ -83,6 +95,15 @@ class PruningConfig:
     label_free_fisher: bool = field(default=False, metadata={
         "help": "Sample the Fisher's labels from the model's own predictions instead of using dataset labels "
                 "(unlabelled data, self-supervised backbones with a probe head)."})
+    fisher_objective: str = field(default="auto", metadata={
+        "help": "What the Fisher measures: 'cross_entropy' of the logits (with dataset labels, or sampled ones with "
+                "--label_free_fisher); 'features': the Gauss-Newton matrix of the backbone's output features "
+                "(--feature_pooling), from random projections, no labels and no head needed (cap_hf.features); "
+                "'auto': 'features' for a backbone without a head (ViTModel, Dinov2Model, ...), else cross_entropy."})
+    feature_pooling: str = field(default="cls", metadata={
+        "help": "The features of the 'features' objective (and of k-NN / cosine evaluation): 'cls' (the CLS token "
+                "of the last layer, DINO's k-NN feature), 'mean' (patch-token average, registers left out) or "
+                "'tokens' (CLS and every patch token, for dense tasks)."})
     fisher_accumulation: str = field(default="auto", metadata={
         "help": "CAP/OBS: 'inverse' updates F^-1 directly, 16 gradients at a time (Woodbury; as accurate as the "
                 "paper's one-at-a-time Sherman-Morrison); 'sum' accumulates outer products and inverts by Cholesky "
@@ -118,6 +139,13 @@ class PruningConfig:
                 f"sparsity must be in [0, 1) (a fraction of weights to zero), got {self.sparsity}. "
                 "Use e.g. 0.75 for 75%."
             )
+        if self.fisher_objective not in FISHER_OBJECTIVES:
+            raise ValueError(f"fisher_objective must be one of {FISHER_OBJECTIVES}, got {self.fisher_objective!r}.")
+        if self.feature_pooling not in POOLINGS:
+            raise ValueError(f"feature_pooling must be one of {POOLINGS}, got {self.feature_pooling!r}.")
+        if self.fisher_objective == "features" and self.label_free_fisher:
+            raise ValueError("label_free_fisher samples labels for the cross-entropy Fisher; the 'features' objective "
+                             "needs no labels at all. Give one of them.")
         if self.sparsity_distribution not in ("global", "uniform"):
             raise ValueError(f"sparsity_distribution must be 'global' or 'uniform', got {self.sparsity_distribution!r}.")
         nm = parse_structure(self.structure)
@@ -134,8 +162,13 @@ class PruningConfig:
             raise ValueError(
                 f"fisher_block_size {self.fisher_block_size} must be a multiple of M={nm[1]} for {self.structure}."
             )
-        if not self.damp > 0 or not self.fastcap_damp > 0:
-            raise ValueError("damp and fastcap_damp must be positive: they keep the Fisher invertible.")
+        for name in ("damp", "relative_damp", "fastcap_damp"):
+            value = getattr(self, name)
+            if value is not None and not (0 < float(value) < float("inf")):
+                raise ValueError(f"{name} must be a positive number (it keeps the Fisher invertible), got {value}.")
+        if self.damp is not None and self.relative_damp is not None:
+            raise ValueError(f"damp={self.damp} (absolute) and relative_damp={self.relative_damp} are both set; give "
+                             "one of them.")
         if self.max_memory_gb is not None and not (0 < float(self.max_memory_gb) < float("inf")):
             raise ValueError(f"max_memory_gb must be a positive number of GB (or None for no limit), "
                              f"got {self.max_memory_gb}.")
@@ -165,6 +198,28 @@ class PruningConfig:
 
         several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         return "sum" if several else "inverse"
+
+    @property
+    def dampening(self) -> dict[str, float | None]:
+        """The Fisher's dampening as collect_fisher takes it ({'damp': absolute} or {'relative_damp': r}, the
+        other None): the recipe's, else the method's default."""
+        if self.damp is not None:
+            return {"damp": float(self.damp), "relative_damp": None}
+        if self.relative_damp is not None:
+            return {"damp": None, "relative_damp": float(self.relative_damp)}
+        default = get_method(self.method).default_dampening
+        return {"damp": default.get("damp"), "relative_damp": default.get("relative_damp")}
+
+    def describe_dampening(self) -> str:
+        """The dampening in words (model cards, logs)."""
+        if self.method == "fastcap":
+            return f"{self.fastcap_damp:g} x the mean Fisher diagonal (FastCAP)"
+        if self.needs_fisher != "block":
+            return "none (no Fisher)"
+        damping = self.dampening
+        if damping["damp"] is not None:
+            return f"{damping['damp']:g} (absolute)"
+        return f"{damping['relative_damp']:g} x each layer's mean Fisher diagonal"
 
     @property
     def needs_fisher(self) -> str | None:

@@ -63,7 +63,8 @@ def check_columns(dataset: Dataset, image_column: str, label_column: str | None,
                          "Set --image_column_name.")
     if label_column is not None and label_column not in columns:
         raise ValueError(f"The {role} split has no label column {label_column!r}; its columns are {columns}. "
-                         "Set --label_column_name, or use --label_free_fisher for calibration without labels.")
+                         "Set --label_column_name; for calibration without labels use --fisher_objective features (a "
+                         "backbone's feature Fisher) or --label_free_fisher (labels sampled from a classifier).")
 
 
 def label_names(dataset: Dataset, label_column: str) -> list[str] | None:
@@ -181,10 +182,12 @@ def prepare_splits(
     seed: int = 0,
     train_augment=None,
     train_val_split: float | None = None,
+    eval_needs_labels: bool = True,
 ) -> tuple[Dataset, Dataset, list[str] | None]:
     """(train, eval, label names): train is the calibration/training split, eval is `validation` or
     else `test` (or a `train_val_split` fraction of train); both carry a transform giving
-    pixel_values (+ labels). Columns are checked up front. `train_augment` (PIL -> PIL) applies to train."""
+    pixel_values (+ labels, where the split has them: a split without them is refused when it
+    `needs_labels`). Columns are checked up front. `train_augment` (PIL -> PIL) applies to train."""
     dataset = dataset_name if isinstance(dataset_name, DatasetDict) else load_image_dataset(dataset_name)
     if train_val_split is not None and eval_split is None and not any(n in dataset for n in EVAL_SPLITS):
         if not 0 < train_val_split < 1:
@@ -196,7 +199,7 @@ def prepare_splits(
     eval_name = pick_split(dataset, eval_split, EVAL_SPLITS, "evaluation (--eval_split)")
     train, evaluation = dataset[train_name], dataset[eval_name]
     check_columns(train, image_column, label_column if train_needs_labels else None, train_name)
-    check_columns(evaluation, image_column, label_column, eval_name)
+    check_columns(evaluation, image_column, label_column if eval_needs_labels else None, eval_name)
     if max_train_samples is not None and max_train_samples < len(train):
         train = train.shuffle(seed=seed).select(range(max_train_samples))
     if max_eval_samples is not None and max_eval_samples < len(evaluation):
@@ -204,5 +207,6 @@ def prepare_splits(
     train_labels = label_column if label_column in train.column_names else None
     transform = ImageClassificationTransform(image_processor, image_column, train_labels, num_channels,
                                              augment=train_augment)
-    eval_transform = ImageClassificationTransform(image_processor, image_column, label_column, num_channels)
+    eval_labels = label_column if label_column in evaluation.column_names else None
+    eval_transform = ImageClassificationTransform(image_processor, image_column, eval_labels, num_channels)
     return train.with_transform(transform), evaluation.with_transform(eval_transform), label_names(evaluation, label_column)

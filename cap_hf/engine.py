@@ -24,6 +24,7 @@ from torch import nn
 
 from cap_hf.calibration import Replay, first_pass
 from cap_hf.config import PruningConfig
+from cap_hf.features import fisher_loss, is_backbone
 from cap_hf.fisher import check_enough_batches, choose_block_size, collect_fisher
 from cap_hf.masks import SparsityReport, current_masks, sparsity_report
 from cap_hf.memory import PhaseProfiler
@@ -64,14 +65,35 @@ class Pruner:
         self.targets = dict(targets) if targets is not None else find_targets(model, config.targets, config.ignore)
         self.block_sizes = {name: choose_block_size(m.weight.numel(), config.fisher_block_size, name)
                             for name, m in self.targets.items()}
-        self.loss_fn = loss_fn
+        self.loss_fn = loss_fn if loss_fn is not None else fisher_loss(config, model)
+        if self.loss_fn is None and is_backbone(model) and any(k.fisher for k in self.methods.values()):
+            raise ValueError(f"{type(model).__name__} has no classification head, so the cross-entropy Fisher has no "
+                             "logits. Use --fisher_objective features (or auto), or pass loss_fn(model, batch).")
         self.profiler = profiler if profiler is not None else PhaseProfiler(track_memory=False)
         self.max_group_bytes, self.forced_store = max_group_bytes, store
         self.device = torch.device(config.device) if config.device is not None else next(model.parameters()).device
         self.plan: MemoryPlan | None = None
         self.scores: dict[str, dict[str, torch.Tensor]] = {}
         self.num_grads = 0
+        self.damps: dict[str, float] = {}  # the dampening each layer's block Fisher got (absolute value)
+        self.dampening_config = self._dampening_config()
         self._store: Store | None = None
+
+    def _dampening_config(self) -> PruningConfig:
+        """The config whose dampening the shared block Fisher takes: the recipe's own method when it needs
+        one, else the first that does. Methods whose default dampenings differ share it (one gradient pass),
+        with a warning."""
+        block = [name for name, kernel in self.methods.items() if kernel.fisher == "block"]
+        if not block:
+            return self.config
+        block.sort(key=lambda name: name != self.config.method)
+        chosen = self.configs[block[0]]
+        others = [name for name in block[1:] if self.configs[name].dampening != chosen.dampening]
+        if others:
+            logger.warning("%s share one Fisher with %s, so they are compared at its dampening, %s, not at their "
+                           "own default; run them separately, or give --damp / --relative_damp to choose.",
+                           ", ".join(others), block[0], chosen.describe_dampening())
+        return chosen
 
     # ---- context manager: the store (a temporary folder on disk) is removed on close -------------------
     def __enter__(self) -> Pruner:
@@ -124,6 +146,7 @@ class Pruner:
             logger.info("Pruning step (%s): %s", ", ".join(self.methods), plan.describe())
         self._store = Store(plan.store, cfg.offload_dir)
         self.scores = {name: {} for name in self.methods}
+        self.damps = {}
         if not kinds:
             for name in self.targets:
                 self._prepare_layer(name, {})
@@ -134,7 +157,7 @@ class Pruner:
             fishers = collect_fisher(
                 self.model, group_targets, batches, cfg.num_grads, {name: self.block_sizes[name] for name in group},
                 kinds, grad_chunk_size=cfg.grad_chunk_size, device=self.device, accumulate=cfg.accumulation,
-                damp=cfg.damp, profiler=self.profiler, masks=current_masks(group_targets),
+                **self.dampening_config.dampening, profiler=self.profiler, masks=current_masks(group_targets),
                 label_free=cfg.label_free_fisher, loss_fn=self.loss_fn, seed=int(cfg.calibration_seed or 0),
                 progress=progress, on_batch=replay.check if replay is not None else None)
             self.num_grads = next(iter(fishers.values())).count
@@ -142,7 +165,8 @@ class Pruner:
                 stats = {}
                 with self._phase("inversion"):
                     if "block" in fishers:
-                        stats["block"] = fishers["block"].pop_inverse(name, cfg.damp)
+                        self.damps[name] = fishers["block"].damp_of(name)
+                        stats["block"] = fishers["block"].pop_inverse(name)
                     if "shared" in fishers:
                         stats["shared"] = fishers["shared"].mean(name)
                 self._prepare_layer(name, stats)
@@ -150,6 +174,10 @@ class Pruner:
             del fishers
             if len(plan.groups) > 1:
                 logger.info("Layer group %d/%d done (%d layers).", index + 1, len(plan.groups), len(group))
+        if self.damps:
+            low, high = min(self.damps, key=self.damps.get), max(self.damps, key=self.damps.get)
+            logger.info("Fisher dampening %s: from %.2e (%s) to %.2e (%s).", self.dampening_config.describe_dampening(),
+                        self.damps[low], low, self.damps[high], high)
         return plan
 
     def _layer(self, method: str, name: str, weights: torch.Tensor, fisher: Mapping) -> Layer:

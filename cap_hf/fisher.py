@@ -60,20 +60,25 @@ class BlockFisher:
     G = gradients/sqrt(m): the paper's Sherman-Morrison estimator, 16 updates at a time, with its
     accuracy (~3e-5 there) for about twice the arithmetic of "sum" and no inversion at the end. It needs
     `damp` and the final number of gradients `num_grads` up front.
+    `damp`: one value for all tensors or one per tensor (collect_fisher's relative dampening); kept in
+    `damps` and used by inverse() / pop_inverse() unless they are given another (sums only).
     """
 
     def __init__(self, numels: Mapping[str, int], block_size: int | Mapping[str, int], kind: str = "block",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *,
-                 accumulate: str = "sum", damp: float | None = None, num_grads: int | None = None):
+                 accumulate: str = "sum", damp: float | Mapping[str, float] | None = None,
+                 num_grads: int | None = None):
         if kind not in ("block", "shared"):
             raise ValueError(f"kind must be 'block' or 'shared', got {kind!r}")
         if accumulate not in ("sum", "inverse"):
             raise ValueError(f"accumulate must be 'sum' or 'inverse', got {accumulate!r}")
-        if accumulate == "inverse" and (kind != "block" or damp is None or not damp > 0 or not num_grads):
+        self.damps = None if damp is None else {
+            name: float(damp[name] if isinstance(damp, Mapping) else damp) for name in numels}
+        if accumulate == "inverse" and (kind != "block" or self.damps is None or not num_grads
+                                        or not all(v > 0 for v in self.damps.values())):
             raise ValueError("accumulate='inverse' needs kind='block', a positive damp and num_grads.")
         self.kind = kind
         self.accumulate = accumulate
-        self.damp = damp
         self.num_grads = num_grads
         if isinstance(block_size, Mapping):  # sizes already chosen (and reported) per tensor
             self.block_sizes = {name: int(block_size[name]) for name in numels}
@@ -86,7 +91,7 @@ class BlockFisher:
         for name, n in numels.items():
             b = self.block_sizes[name]
             if accumulate == "inverse":
-                eye = torch.eye(b, device=device, dtype=dtype) / damp
+                eye = torch.eye(b, device=device, dtype=dtype) / self.damps[name]
                 self.sums[name] = eye.expand(n // b, b, b).clone()
             else:
                 shape = (n // b, b, b) if kind == "block" else (b, b)
@@ -139,27 +144,37 @@ class BlockFisher:
             raise RuntimeError("The Fisher has no gradients yet; call add() first.")
         return self.sums[name] / self.count
 
-    def _check_inverse(self, damp: float) -> None:
+    def damp_of(self, name: str, damp: float | None = None) -> float:
+        """The dampening of one tensor: `damp` when given, else the one this Fisher was built with."""
+        if damp is None:
+            if self.damps is None:
+                raise ValueError("This Fisher was built without a damp; pass one.")
+            return self.damps[name]
+        if self.accumulate == "inverse" and damp != self.damps[name]:
+            raise ValueError(f"The inverse Fisher of {name} was built with damp={self.damps[name]}, not {damp}.")
+        return float(damp)
+
+    def _check_inverse(self) -> None:
         if self.count != self.num_grads:
             raise RuntimeError(f"The inverse Fisher was built for num_grads={self.num_grads} (its 1/m scaling) but "
                                f"received {self.count} gradients.")
-        if damp != self.damp:
-            raise ValueError(f"The inverse Fisher was built with damp={self.damp}, not {damp}.")
 
-    def inverse(self, name: str, damp: float) -> torch.Tensor:
-        """(damp*I + sum/m)^-1 for every block of one tensor (kind='block'). With accumulate='inverse'
-        this is the stored tensor itself (do not modify it)."""
+    def inverse(self, name: str, damp: float | None = None) -> torch.Tensor:
+        """(damp*I + sum/m)^-1 for every block of one tensor (kind='block'); damp: default, the Fisher's own.
+        With accumulate='inverse' this is the stored tensor itself (do not modify it)."""
+        damp = self.damp_of(name, damp)
         if self.accumulate == "inverse":
-            self._check_inverse(damp)
+            self._check_inverse()
             return self.sums[name]
         return invert_spd(self.mean(name), damp, name)
 
     @torch.no_grad()
-    def pop_inverse(self, name: str, damp: float, chunk_blocks: int = INVERSION_CHUNK) -> torch.Tensor:
+    def pop_inverse(self, name: str, damp: float | None = None, chunk_blocks: int = INVERSION_CHUNK) -> torch.Tensor:
         """Like inverse(), but turns the stored sum into the inverse in place, chunk by chunk, and drops it
         from this Fisher: no second d*B copy is ever made (what bounds the memory of a step)."""
+        damp = self.damp_of(name, damp)
         if self.accumulate == "inverse":
-            self._check_inverse(damp)
+            self._check_inverse()
             return self.sums.pop(name)
         if self.count == 0:
             raise RuntimeError("The Fisher has no gradients yet; call add() first.")
@@ -191,7 +206,7 @@ def woodbury_update(inverse: torch.Tensor, grads: torch.Tensor, num_grads: int) 
     chol, info = torch.linalg.cholesky_ex(k)
     if bool((info > 0).any()):
         raise FloatingPointError("The inverse Fisher lost positive definiteness during the chunked update; use a "
-                                 "larger damp or fisher_accumulation='sum'.")
+                                 "larger --relative_damp (or --damp), or --fisher_accumulation sum.")
     eye = torch.eye(k.shape[-1], dtype=k.dtype, device=k.device).expand_as(k)
     chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
     w = torch.bmm(v, chol_inv.transpose(1, 2).to(inverse.dtype))
@@ -224,7 +239,7 @@ def invert_spd(matrices: torch.Tensor, damp: float, name: str = "", max_tries: i
     else:
         if bool((info > 0).any()):
             raise FloatingPointError(f"Fisher of {name} is not positive definite even with damp {extra:.1e}; "
-                                     "check the gradients for overflow or use a larger --damp.")
+                                     "check the gradients for overflow or use a larger --relative_damp (or --damp).")
     return torch.cholesky_inverse(chol)
 
 
@@ -234,8 +249,9 @@ def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_free
     outputs = model(pixel_values=batch["pixel_values"])
     logits = getattr(outputs, "logits", None)
     if logits is None:
-        raise ValueError(f"{type(model).__name__} returns no logits, so the Fisher has no loss. Give the backbone "
-                         "a classification head (e.g. a linear probe), or pass loss_fn(model, batch).")
+        raise ValueError(f"{type(model).__name__} returns no logits, so the cross-entropy Fisher has no loss. Use "
+                         "--fisher_objective features (the Fisher of its output features, no labels needed), give it a "
+                         "classification head, or pass loss_fn(model, batch).")
     if label_free:
         probs = torch.softmax(logits.detach().float(), dim=-1)
         labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -356,6 +372,40 @@ def gradient_rows(grad_chunk_size: int, num_grads: int, accumulate: str = "sum",
     return min(rows, WOODBURY_RANK) if accumulate == "inverse" and "block" in kinds else rows
 
 
+# The first gradients of a step whose squares set a relative dampening (before any Fisher update: the
+# inverse accumulation starts from I/damp).
+DAMP_ESTIMATE_ROWS = 16
+
+
+def relative_dampening(grads: Mapping[str, torch.Tensor], fraction: float,
+                       masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """damp = fraction * the mean of each layer's Fisher diagonal over its weights still kept, estimated
+    from the first DAMP_ESTIMATE_ROWS rows of `grads` ({name: (c, numel)}, the step's first chunk of
+    gradients, already masked). The mean over kept weights keeps the dampening of a layer the same at any sparsity.
+    Distributed: the mean of the ranks' estimates, so every rank uses the same value."""
+    damps = {}
+    for name, rows in grads.items():
+        rows = rows[:DAMP_ESTIMATE_ROWS]
+        mask = masks.get(name) if masks else None
+        kept = rows.shape[1] if mask is None else int(mask.sum())
+        if kept == 0:  # every weight already pruned: nothing is scored, any dampening will do
+            damps[name] = 1.0
+            continue
+        mean = float(rows.double().square().sum()) / (rows.shape[0] * kept)
+        if not mean > 0:
+            raise ValueError(
+                f"Layer {name} got all-zero gradients in the first {rows.shape[0]} calibration batches, so a relative "
+                "dampening (a fraction of its Fisher diagonal) has no scale. If the loss does not depend on this "
+                "layer, exclude it with --ignore; otherwise give an absolute --damp.")
+        damps[name] = fraction * mean
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        device = next(iter(grads.values())).device
+        values = torch.tensor(list(damps.values()), dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(values)
+        damps = dict(zip(damps, (values / torch.distributed.get_world_size()).tolist(), strict=True))
+    return damps
+
+
 def collect_fisher(
     model: nn.Module,
     targets: Mapping[str, nn.Module],
@@ -368,21 +418,36 @@ def collect_fisher(
     device: torch.device | str | None = None,
     accumulate: str = "sum",
     damp: float | None = None,
+    relative_damp: float | None = None,
     profiler: PhaseProfiler | None = None,
     **gradient_options,
 ) -> dict[str, BlockFisher]:
     """The Fisher statistics of `kinds` ('block', 'shared') from `num_grads` gradients (iter_gradients,
     whose options pass through), `grad_chunk_size` at a time, summed over processes at the end.
-    accumulate='inverse' (with `damp`) builds the 'block' kind as its inverse directly (see BlockFisher);
-    `profiler` times the accumulation as "fisher"."""
+
+    The 'block' kind carries its dampening (BlockFisher.damps): `damp` (absolute), or `relative_damp`
+    times the mean Fisher diagonal of each layer, estimated from the first gradients (relative_dampening).
+    accumulate='inverse' builds the 'block' kind as its inverse directly (see BlockFisher), which is why
+    the dampening is fixed before the first update. `profiler` times the accumulation as "fisher"."""
+    if damp is not None and relative_damp is not None:
+        raise ValueError("Give damp (absolute) or relative_damp, not both.")
+    kinds = list(kinds)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     numels = {name: module.weight.numel() for name, module in targets.items()}
-    fishers = {kind: BlockFisher(numels, block_size, kind, device=device,
-                                 **({"accumulate": "inverse", "damp": damp, "num_grads": num_grads}
-                                    if accumulate == "inverse" and kind == "block" else {}))
-               for kind in kinds}
     chunk = gradient_rows(grad_chunk_size, num_grads, accumulate, kinds)
     buffers = {name: torch.empty(chunk, n, device=device) for name, n in numels.items()}
+    fishers: dict[str, BlockFisher] = {}
+
+    def create(first: Mapping[str, torch.Tensor]) -> None:  # once the first gradients are in
+        damps = damp
+        if relative_damp is not None and "block" in kinds:
+            masks = {name: m.reshape(-1) for name, m in (gradient_options.get("masks") or {}).items()}
+            damps = relative_dampening(first, relative_damp, masks)
+        for kind in kinds:
+            inverse = accumulate == "inverse" and kind == "block"
+            fishers[kind] = BlockFisher(numels, block_size, kind, device=device, damp=damps if kind == "block" else None,
+                                        **({"accumulate": "inverse", "num_grads": num_grads} if inverse else {}))
+
     row = 0
     for index, grads in enumerate(iter_gradients(model, targets, batches, num_grads, profiler=profiler,
                                                  **gradient_options)):
@@ -392,6 +457,8 @@ def collect_fisher(
         row += 1
         if row == chunk or index == num_grads - 1:
             with maybe_phase(profiler, "fisher"):
+                if not fishers:
+                    create({name: buf[:row] for name, buf in buffers.items()})
                 for fisher in fishers.values():
                     fisher.add({name: buf[:row] for name, buf in buffers.items()})
             row = 0

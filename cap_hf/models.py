@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoModelForImageClassification,
     ResNetConfig,
     ResNetForImageClassification,
@@ -85,6 +87,17 @@ def load_classifier(name_or_path: str):
     """(model, image processor) from a Hub id or a local folder written by save_pretrained."""
     processor = load_image_processor(name_or_path)
     return AutoModelForImageClassification.from_pretrained(name_or_path), processor
+
+
+def load_model(name_or_path: str):
+    """(model, image processor) as the checkpoint was saved: a classifier (its config's architectures name an
+    *ForImageClassification class) through AutoModelForImageClassification, a backbone (DINO's ViTModel,
+    Dinov2Model, ...) through AutoModel, with no head added."""
+    processor = load_image_processor(name_or_path)
+    architectures = AutoConfig.from_pretrained(name_or_path).architectures or []
+    if any(name.endswith("ForImageClassification") for name in architectures):
+        return AutoModelForImageClassification.from_pretrained(name_or_path), processor
+    return AutoModel.from_pretrained(name_or_path), processor
 
 
 def load_for_labels(name_or_path: str, label_names: list[str] | None):

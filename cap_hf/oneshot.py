@@ -39,13 +39,27 @@ def oneshot_prune(
         return pruner.apply()
 
 
+# what an evaluation reports: a classifier's top-1, or a backbone's (cap_hf.features.FeatureEvaluator)
+METRICS = ("accuracy", "knn_accuracy", "linear_probe_accuracy", "feature_cosine")
+
+
+def metrics(result: float | Mapping[str, float]) -> dict[str, float]:
+    """An evaluation's result as record fields: a number is the top-1 `accuracy`."""
+    return dict(result) if isinstance(result, Mapping) else {"accuracy": result}
+
+
+def main_metric(records: list[dict]) -> str:
+    """The first of METRICS the records have (what a plot shows)."""
+    return next(k for k in METRICS if any(k in r for r in records))
+
+
 def oneshot_sweep(
     model: nn.Module,
     config: PruningConfig,
     methods: Sequence[str],
     sparsities: Sequence[float],
     calibration_batches: Batches | None,
-    evaluate: Callable[[nn.Module], float],
+    evaluate: Callable[[nn.Module], float | Mapping[str, float]],
     loss_fn: Callable | None = None,
     progress: bool = False,
 ) -> list[dict]:
@@ -55,14 +69,14 @@ def oneshot_sweep(
     that needs one, and each method's sparsity-independent work is done once for all sparsities.
     `prune_seconds` counts what one such prune costs on its own: the shared Fisher (for methods that use
     it) + the method's preparation + one application. Records: method, sparsity, achieved_sparsity,
-    accuracy, timings; `dense` first.
+    what `evaluate` returns (a top-1 `accuracy`, or a dict of METRICS), timings; `dense` first.
     """
     methods = [canonical_name(m) for m in methods]
     levels = config.sparsity_levels(list(sparsities))
     for level in levels:  # every combination is checked before any work
         for method in methods:
             config.replace(method=method, sparsity=level)
-    records = [{"method": "dense", "sparsity": 0.0, "accuracy": evaluate(model), "prune_seconds": 0.0,
+    records = [{"method": "dense", "sparsity": 0.0, **metrics(evaluate(model)), "prune_seconds": 0.0,
                 "achieved_sparsity": None}]
     with Pruner(model, config.replace(sparsity=levels[0]), methods, loss_fn=loss_fn) as pruner:
         records[0]["achieved_sparsity"] = sparsity_report(pruner.targets).overall
@@ -78,12 +92,15 @@ def oneshot_sweep(
                 apply_seconds = time.perf_counter() - start
                 record = {
                     "method": method, "sparsity": sparsity, "achieved_sparsity": report.overall,
-                    "accuracy": evaluate(pruned), "prune_seconds": own_fisher + prepare_seconds + apply_seconds,
+                    **metrics(evaluate(pruned)), "prune_seconds": own_fisher + prepare_seconds + apply_seconds,
                     "fisher_seconds": own_fisher, "prepare_seconds": prepare_seconds, "apply_seconds": apply_seconds,
                     "structure": config.structure,
                 }
+                if pruner.methods[method].fisher == "block" and pruner.damps:  # the dampening each layer got
+                    record["damp_range"] = [min(pruner.damps.values()), max(pruner.damps.values())]
                 records.append(record)
-                logger.info("%s at %.2f: top-1 %.4f (prepare %.1f s, apply %.1f s)", method, sparsity,
-                            record["accuracy"], prepare_seconds, apply_seconds)
+                logger.info("%s at %.2f: %s (prepare %.1f s, apply %.1f s)", method, sparsity,
+                            ", ".join(f"{k} {record[k]:.4f}" for k in METRICS if k in record), prepare_seconds,
+                            apply_seconds)
                 del pruned
     return records

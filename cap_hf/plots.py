@@ -27,8 +27,9 @@ def _save(fig, ax, path: str | Path, title: str) -> Path:
 
 
 def plot_accuracy_lines(series: dict[str, list[tuple[float, float]]], path: str | Path, xlabel: str, title: str,
-                        dense: float | None = None) -> Path:
-    """One line of (x, top-1 %) points per label, and the dense model's accuracy as a dashed line."""
+                        dense: float | None = None, ylabel: str = "top-1 accuracy (%)") -> Path:
+    """One line of (x, y %) points per label (y: top-1 unless `ylabel` says), and the dense model's as a
+    dashed line."""
     fig, ax = _figure((6, 4))
     for label, points in series.items():
         points = sorted(points)
@@ -36,17 +37,19 @@ def plot_accuracy_lines(series: dict[str, list[tuple[float, float]]], path: str 
     if dense is not None:
         ax.axhline(dense, color="gray", linestyle="--", label="dense")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     return _save(fig, ax, path, title)
 
 
-def plot_accuracy_vs_sparsity(records: list[dict], path: str | Path, title: str = "One-shot pruning") -> Path:
+def plot_accuracy_vs_sparsity(records: list[dict], path: str | Path, title: str = "One-shot pruning",
+                              metric: str = "accuracy") -> Path:
+    """One line per method of `metric` (a fraction: top-1, k-NN top-1, feature cosine) x 100 vs sparsity."""
     dense = [r for r in records if r["method"] == "dense"]
-    series = {method: [(100 * r["sparsity"], 100 * r["accuracy"]) for r in records if r["method"] == method]
+    series = {method: [(100 * r["sparsity"], 100 * r[metric]) for r in records if r["method"] == method]
               for method in dict.fromkeys(r["method"] for r in records if r["method"] != "dense")}
     return plot_accuracy_lines(series, path, "sparsity of pruned layers (%)", title,
-                               100 * dense[0]["accuracy"] if dense else None)
+                               100 * dense[0][metric] if dense else None, ylabel=f"{metric} (%)")
 
 
 def plot_layer_sparsity(per_layer: dict[str, float], path: str | Path, title: str = "Sparsity per layer") -> Path:

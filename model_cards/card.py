@@ -13,6 +13,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
+from cap_hf.config import PruningConfig
 from cap_hf.plots import plot_layer_sparsity
 
 TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
@@ -100,6 +101,13 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _dampening(pruning: dict, method: str) -> str:
+    try:
+        return PruningConfig.from_dict({**pruning, "method": method}).describe_dampening()
+    except ValueError:  # a recipe of another version: show what it says
+        return str(pruning.get("fastcap_damp") if method == "fastcap" else pruning.get("damp"))
+
+
 def _procedure(record: dict, recipe: dict) -> list[str]:
     pruning = recipe.get("pruning", {})
     lines = [f"Method: {METHOD_NAMES.get(record['method'], record['method'])}, {record['structure']} sparsity, "
@@ -107,7 +115,7 @@ def _procedure(record: dict, recipe: dict) -> list[str]:
     if record["method"] in ("cap", "fastcap", "obs") and pruning:
         lines.append(f"Empirical Fisher from {pruning.get('num_grads')} gradients of {pruning.get('grad_batch_size')} "
                      f"images each, block size {pruning.get('fisher_block_size')}, dampening "
-                     f"{pruning.get('damp') if record['method'] != 'fastcap' else pruning.get('fastcap_damp')}"
+                     f"{_dampening(pruning, record['method'])}"
                      f"{', label-free' if pruning.get('label_free_fisher') else ''}.")
     schedule = recipe.get("schedule")
     if schedule:

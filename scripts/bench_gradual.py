@@ -3,8 +3,12 @@ epochs, on the Fashion-MNIST ViT of DeiT-Tiny width (the teacher of scripts/benc
 
   OMP_NUM_THREADS=2 python scripts/bench_gradual.py
 
-Runs scripts/prune.py once per (method, final sparsity) and writes the table, commands and machine to
-docs/benchmarks.md (section "Gradual pruning"). Flags that are not the benchmark's own go to scripts/prune.py.
+Runs scripts/prune.py once per (method, final sparsity, crop) and writes the table, commands and machine to
+docs/benchmarks.md (section "Gradual pruning", or --section). Flags that are not the benchmark's own go to
+scripts/prune.py. The augmentation default, measured:
+
+  OMP_NUM_THREADS=2 python scripts/bench_gradual.py --methods magnitude --sparsities 0.75 --crops 0.08,0.8,1 \
+      --section augmentation --output_root outputs/bench-gradual-crops
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ SECTION = "## Gradual pruning: Fashion-MNIST ViT (DeiT-Tiny width)"
 RECIPE = ["--num_pruning_steps", "4", "--num_grads", "256", "--grad_batch_size", "16", "--fisher_block_size", "192",
           "--damp", "1e-7", "--learning_rate", "5e-4", "--cyclic_lr", "true", "--min_learning_rate", "1e-5",
           "--weight_decay", "0.05", "--per_device_train_batch_size", "128", "--per_device_eval_batch_size", "256",
-          "--crop_scale_min", "0.8", "--hflip", "true", "--eval_strategy", "no", "--save_strategy", "no",
+          "--hflip", "true", "--eval_strategy", "no", "--save_strategy", "no",
           "--logging_steps", "50", "--report_to", "none", "--disable_tqdm", "true"]
 
 
@@ -33,6 +37,8 @@ class BenchGradual(FashionMnistBench):
     output_root: str = "outputs/bench-gradual"
     epochs: str = "2"
     max_train_samples: str = "20000"
+    crops: str = "0.8"  # --crop_scale_min of the runs (RandomResizedCrop's smallest area; 1 = no crop)
+    section: str = ""  # a name for a section of its own (e.g. "augmentation"); default: the main one
 
 
 def main() -> None:
@@ -40,24 +46,27 @@ def main() -> None:
     if not (ROOT / args.teacher_dir / "config.json").exists():
         raise SystemExit(f"No teacher in {args.teacher_dir}; run scripts/bench_oneshot.py first (it trains one).")
     rows, commands = [], []
+    crops = args.crops.split(",")
     for sparsity in args.sparsities.split(","):
         for method in args.methods.split(","):
-            out = f"{args.output_root}/{method}-{sparsity}"
-            cmd = [sys.executable, "scripts/prune.py", "--model_name_or_path", args.teacher_dir,
-                   "--dataset_name", args.data_dir, "--output_dir", out, "--overwrite_output_dir", "true",
-                   "--method", method, "--sparsity", sparsity, "--num_train_epochs", args.epochs,
-                   "--max_train_samples", args.max_train_samples, *RECIPE, *forwarded]
-            commands.append(" ".join(["python", *cmd[1:]]))
-            print("+", commands[-1], flush=True)
-            start = time.perf_counter()
-            subprocess.run(cmd, check=True, cwd=ROOT)
-            wall = time.perf_counter() - start
-            metrics = json.loads((ROOT / out / "all_results.json").read_text())
-            prune_s = sum(h["seconds"] for h in metrics["pruning_history"])
-            rows.append((method, float(sparsity), metrics, wall, prune_s))
-    dense = rows[0][2]["dense_accuracy"]
-    fisher = rows[0][2]["pruning_history"][0]["num_grads"]
-    lines = [SECTION, "",
+            for crop in crops:
+                out = f"{args.output_root}/{method}-{sparsity}" + (f"-crop{crop}" if len(crops) > 1 else "")
+                cmd = [sys.executable, "scripts/prune.py", "--model_name_or_path", args.teacher_dir,
+                       "--dataset_name", args.data_dir, "--output_dir", out, "--overwrite_output_dir", "true",
+                       "--method", method, "--sparsity", sparsity, "--num_train_epochs", args.epochs,
+                       "--max_train_samples", args.max_train_samples, "--crop_scale_min", crop, *RECIPE, *forwarded]
+                commands.append(" ".join(["python", *cmd[1:]]))
+                print("+", commands[-1], flush=True)
+                start = time.perf_counter()
+                subprocess.run(cmd, check=True, cwd=ROOT)
+                wall = time.perf_counter() - start
+                metrics = json.loads((ROOT / out / "all_results.json").read_text())
+                prune_s = sum(h["seconds"] for h in metrics["pruning_history"])
+                rows.append((method, float(sparsity), crop, metrics, wall, prune_s))
+    dense = rows[0][3]["dense_accuracy"]
+    fisher = rows[0][3]["pruning_history"][0]["num_grads"]
+    section = f"## Gradual pruning ({args.section}): Fashion-MNIST ViT" if args.section else SECTION
+    lines = [section, "",
              f"Command: `{command_line('bench_gradual.py')}`",
              "", f"Machine: {machine()}.", "",
              f"Starting point: the dense teacher `{args.teacher_dir}` (top-1 **{100 * dense:.2f}%** on the 10k test "
@@ -66,18 +75,18 @@ def main() -> None:
              "5e-4 -> 1e-5 restarting at each pruning step, AdamW wd 0.05, distillation from the dense model "
              f"(T=2, alpha=0.5) for both methods; Fisher: {fisher} gradients of 16 images, B=192 (the commands "
              "below have every flag).", "",
-             "| method | final sparsity | top-1 (%) | drop vs dense (points) | relative drop | "
+             "| method | final sparsity | crop_scale_min | top-1 (%) | drop vs dense (points) | relative drop | "
              "pruning steps (s, total) | run wall time (s) |",
-             "|---|---|---|---|---|---|---|"]
-    for method, _sparsity, metrics, wall, prune_s in rows:
+             "|---|---|---|---|---|---|---|---|"]
+    for method, _sparsity, crop, metrics, wall, prune_s in rows:
         acc = metrics["eval_accuracy"]
-        lines.append(f"| {method} | {100 * metrics['sparsity']:.1f}% | {100 * acc:.2f} | {100 * (dense - acc):.2f} | "
-                     f"{100 * (dense - acc) / dense:.2f}% | {prune_s:.0f} | {wall:.0f} |")
+        lines.append(f"| {method} | {100 * metrics['sparsity']:.1f}% | {crop} | {100 * acc:.2f} | "
+                     f"{100 * (dense - acc):.2f} | {100 * (dense - acc) / dense:.2f}% | {prune_s:.0f} | {wall:.0f} |")
     lines += ["", "Commands:", ""] + [f"- `{c}`" for c in commands] + [""]
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        write_section(body, SECTION)
+        write_section(body, section)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def run_reference(args, cfg: PruningConfig, device: torch.device) -> dict:
     exact = ({n: ref.RankOneFisherInverse(numels[n], blocks[n], n_grads, cfg.damp, torch.float64, device)
               for n in targets} if args.ref_fp64 else {})
     accumulate = cfg.accumulation
-    library = BlockFisher(numels, blocks, device=device, **(
-        {"accumulate": "inverse", "damp": cfg.damp, "num_grads": n_grads} if accumulate == "inverse" else {}))
+    library = BlockFisher(numels, blocks, device=device, damp=cfg.damp, **(
+        {"accumulate": "inverse", "num_grads": n_grads} if accumulate == "inverse" else {}))
     chunk = gradient_rows(cfg.grad_chunk_size, n_grads, accumulate)  # as the library buffers them
     buffers = {n: torch.empty(chunk, numels[n], device=device) for n in targets}
     original = {n: m.weight.detach().reshape(-1, blocks[n]).float().clone() for n, m in targets.items()}
@@ -163,7 +163,7 @@ def run_reference(args, cfg: PruningConfig, device: torch.device) -> dict:
         inverses = {}
         with profiler.phase("library inversion"):
             for n in targets:
-                inverses[n] = library.pop_inverse(n, cfg.damp)
+                inverses[n] = library.pop_inverse(n)
         diffs = {n: {"library": float((inverses[n] - exact[n].inverse).abs().max() / exact[n].inverse.abs().max()),
                      "reference": float((reference[n].inverse - exact[n].inverse).abs().max()
                                         / exact[n].inverse.abs().max())}
@@ -312,7 +312,7 @@ class BenchArguments:
 
 def main() -> None:
     # the pruning flags are PruningConfig's; one image per gradient keeps the gradient phase short on a CPU
-    args, config = parse_args((BenchArguments, PruningConfig), sys.argv[1:], defaults={"grad_batch_size": 1})
+    args, config = parse_args((BenchArguments, PruningConfig), sys.argv[1:], defaults={"grad_batch_size": 1, "damp": 1e-7})
     if args.arch not in ARCHS:
         raise SystemExit(f"--arch must be one of {list(ARCHS)}, got {args.arch!r}.")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -338,8 +338,7 @@ def main() -> None:
     if "step" in result:
         step = result["step"]
         plan = step["plan"]
-        damp_text = (f"fastcap_damp={config.fastcap_damp} (relative)" if config.method == "fastcap"
-                     else f"damp={config.damp}")
+        damp_text = f"damp {config.describe_dampening()}"
         lines += [f"Part 1, the whole step: {step['target_weights'] / 1e6:.2f} M target weights, {config.num_grads} "
                   f"gradients of {config.grad_batch_size} random image(s) each, B={config.fisher_block_size}, "
                   f"{damp_text}, sparsity {config.sparsity} (achieved {step['achieved_sparsity']:.4f}). "

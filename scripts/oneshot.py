@@ -8,10 +8,18 @@ Every PruningConfig field is a flag (--method, --sparsity, --damp, ...; or --rec
 collected once for all methods (one gradient pass per layer group) and each method prepares once for
 all sparsities. Writes OUTPUT_DIR/results.json (records: method, sparsity, achieved_sparsity, accuracy,
 prune_seconds, ...) and OUTPUT_DIR/accuracy_vs_sparsity.png.
+
+A backbone without a head (DINO's ViTModel, Dinov2Model: a checkpoint saved without
+*ForImageClassification) is pruned with the Fisher of its output features (no labels needed: the training
+split may have no label column) and judged as DINO users judge one: weighted k-NN top-1 (k=20, T=0.07,
+bank: --knn_bank_split), a linear probe, and the mean cosine of its features to the dense model's
+(records: knn_accuracy, linear_probe_accuracy, feature_cosine). Labels are used only there; without them
+in the evaluation split, feature cosine alone is reported.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -24,16 +32,19 @@ from cap_hf.calibration import calibration_loader, calibration_seed
 from cap_hf.cli import parse_args
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate, prepare_splits
+from cap_hf.features import FeatureEvaluator, fisher_loss, is_backbone
 from cap_hf.metrics import evaluate_accuracy
-from cap_hf.models import load_classifier
-from cap_hf.oneshot import oneshot_sweep
+from cap_hf.models import load_model
+from cap_hf.oneshot import METRICS, main_metric, oneshot_sweep
 from cap_hf.plan import MemoryBudgetError, check_budget
 from cap_hf.plots import plot_accuracy_vs_sparsity
+
+logger = logging.getLogger("cap_hf.oneshot")
 
 
 @dataclass
 class OneShotArguments:
-    model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier."})
+    model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier or a backbone."})
     dataset_name: str = field(metadata={"help": "Hub id, save_to_disk folder or imagefolder folder."})
     output_dir: str = field(metadata={"help": "Where results.json and the plot go."})
     methods: str | None = field(default=None, metadata={
@@ -45,6 +56,11 @@ class OneShotArguments:
     train_split: str | None = field(default=None, metadata={"help": "Calibration split (default: train)."})
     eval_split: str | None = field(default=None, metadata={"help": "Default: validation, else test."})
     max_eval_samples: int | None = field(default=None)
+    knn_bank_split: str | None = field(default=None, metadata={
+        "help": "Backbones: the labelled split whose features form the k-NN bank and train the linear probe "
+                "(default: the training split)."})
+    max_knn_bank_samples: int | None = field(default=None, metadata={
+        "help": "Backbones: a random subset of the bank split of this size (default: all of it, DINO's protocol)."})
     eval_batch_size: int = field(default=256)
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "Processes decoding the calibration and evaluation images (as in TrainingArguments)."})
@@ -80,47 +96,81 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if (out / "results.json").exists() and not args.overwrite_output_dir:
         raise SystemExit(f"{out / 'results.json'} exists; pass --overwrite_output_dir to replace it.")
 
-    model, processor = load_classifier(args.model_name_or_path)
+    model, processor = load_model(args.model_name_or_path)
+    backbone = is_backbone(model)
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
     try:  # a memory budget that can never be met fails before the data is prepared
         check_budget(model, config, methods)
     except MemoryBudgetError as err:
         raise SystemExit(f"error: {err}") from None
-    train, evaluation, _ = prepare_splits(
-        args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
-        args.train_split, args.eval_split, None, args.max_eval_samples,
-        train_needs_labels=not config.label_free_fisher, seed=args.seed)
+    needs_labels = fisher_loss(config, model) is None and not config.label_free_fisher
+    splits = dict(image_column=args.image_column_name, label_column=args.label_column_name, seed=args.seed)
+    try:
+        train, evaluation, _ = prepare_splits(
+            args.dataset_name, processor, model.config.num_channels, train_split=args.train_split,
+            eval_split=args.eval_split, max_eval_samples=args.max_eval_samples,
+            train_needs_labels=needs_labels and any(config.replace(method=m).needs_fisher for m in methods),
+            eval_needs_labels=not backbone, **splits)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if any(config.replace(method=m).needs_fisher for m in methods):
         available = len(train) // config.grad_batch_size
         if available < config.num_grads:
             raise SystemExit(f"error: --num_grads {config.num_grads} x --grad_batch_size {config.grad_batch_size} "
                              f"needs {config.num_grads * config.grad_batch_size} calibration images, the train split "
                              f"has {len(train)} ({available} batches). Lower one of them.")
-    labels = evaluation.with_format(None)[args.label_column_name]
-    if max(labels) >= model.config.num_labels:
-        raise SystemExit(f"error: the eval split has label {max(labels)} but the model has only "
-                         f"{model.config.num_labels} classes; is this the dataset the model was trained on?")
-    eval_loader = torch.utils.data.DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=collate,
-                                              num_workers=args.dataloader_num_workers)
+    loader = functools.partial(torch.utils.data.DataLoader, batch_size=args.eval_batch_size, collate_fn=collate,
+                               num_workers=args.dataloader_num_workers)
+    if backbone:
+        evaluate = backbone_evaluation(args, model, processor, evaluation, loader, splits, config.feature_pooling,
+                                       device)
+    else:
+        labels = evaluation.with_format(None)[args.label_column_name]
+        if max(labels) >= model.config.num_labels:
+            raise SystemExit(f"error: the eval split has label {max(labels)} but the model has only "
+                             f"{model.config.num_labels} classes; is this the dataset the model was trained on?")
+        eval_loader = loader(evaluation)
+        evaluate = lambda m: evaluate_accuracy(m, eval_loader, device)  # noqa: E731
 
     records = oneshot_sweep(
         model, config, methods, sparsities,
         calibration_batches=calibration_loader(train, config.grad_batch_size, calibration_seed(config.calibration_seed),
                                                num_workers=args.dataloader_num_workers),
-        evaluate=lambda m: evaluate_accuracy(m, eval_loader, device), progress=True)
+        evaluate=evaluate, progress=True)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(records, indent=2))
     (out / "oneshot_args.json").write_text(json.dumps({**asdict(args), "pruning": config.to_dict(),
                                                        "command": " ".join(sys.argv)}, indent=2))
-    plot_accuracy_vs_sparsity(records, out / "accuracy_vs_sparsity.png",
+    metric = main_metric(records)
+    plot_accuracy_vs_sparsity(records, out / "accuracy_vs_sparsity.png", metric=metric,
                               title=f"One-shot pruning of {Path(args.model_name_or_path).name}")
-    print(f"{'method':<10} {'sparsity':>8} {'achieved':>8} {'top-1':>7} {'seconds':>8}")
+    shown = [k for k in METRICS if k in records[0]]
+    print(f"{'method':<10} {'sparsity':>8} {'achieved':>8} " + " ".join(f"{k:>21}" for k in shown) + f" {'seconds':>8}")
     for r in records:
-        print(f"{r['method']:<10} {r['sparsity']:>8.2f} {r['achieved_sparsity']:>8.4f} {r['accuracy']:>7.4f} "
-              f"{r['prune_seconds']:>8.1f}")
+        print(f"{r['method']:<10} {r['sparsity']:>8.2f} {r['achieved_sparsity']:>8.4f} "
+              + " ".join(f"{r[k]:>21.4f}" for k in shown) + f" {r['prune_seconds']:>8.1f}")
     return records
+
+
+def backbone_evaluation(args: OneShotArguments, model, processor, evaluation, loader, splits: dict, pooling: str,
+                        device) -> FeatureEvaluator:
+    """DINO's evaluations of the backbone against its dense self (cap_hf.features.FeatureEvaluator): the bank
+    is --knn_bank_split (default: the training split), at most --max_knn_bank_samples of it."""
+    bank, _, _ = prepare_splits(args.dataset_name, processor, model.config.num_channels, train_split=args.knn_bank_split,
+                                eval_split=args.eval_split, max_train_samples=args.max_knn_bank_samples,
+                                train_needs_labels=False, eval_needs_labels=False, **splits)
+    if args.label_column_name not in evaluation.column_names:
+        logger.warning("The evaluation split has no label column %r: reporting feature cosine alone (k-NN and the "
+                       "linear probe need labels).", args.label_column_name)
+        bank = None
+    elif args.label_column_name not in bank.column_names:
+        logger.warning("The k-NN bank split has no label column %r: reporting feature cosine alone; name a labelled "
+                       "split with --knn_bank_split.", args.label_column_name)
+        bank = None
+    return FeatureEvaluator(model, loader(bank) if bank is not None else None, loader(evaluation), pooling,
+                            device=device)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,49 @@ def test_oneshot_with_a_memory_budget_gives_the_same_results(digits_model, digit
         assert (a["method"], a["sparsity"]) == (b["method"], b["sparsity"])
         assert a["achieved_sparsity"] == pytest.approx(b["achieved_sparsity"], abs=1e-6)
         assert a["accuracy"] == pytest.approx(b["accuracy"], abs=2e-3)
+
+
+@pytest.fixture(scope="module")
+def digits_backbone(digits_model, digits_dir, tmp_path_factory):
+    """The digits ViT with its head dropped (a ViTModel folder), and the digits data with an unlabelled
+    training split plus the labelled one under another name (the k-NN bank)."""
+    from datasets import DatasetDict, load_from_disk
+
+    from cap_hf.models import load_classifier
+
+    root = tmp_path_factory.mktemp("backbone")
+    model, processor = load_classifier(str(digits_model))
+    model.vit.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    data = load_from_disk(str(digits_dir))
+    DatasetDict({"train": data["train"].remove_columns("label"), "labelled": data["train"],
+                 "test": data["test"]}).save_to_disk(str(root / "data"))
+    return root / "model", root / "data"
+
+
+def test_oneshot_prunes_a_backbone_without_labels(digits_backbone, tmp_path):
+    from transformers import AutoModel
+
+    model_dir, data_dir = digits_backbone
+    assert type(AutoModel.from_pretrained(model_dir)).__name__ == "ViTModel"
+    common = ["--model_name_or_path", model_dir, "--dataset_name", data_dir, "--methods", "magnitude,cap",
+              "--sparsities", "0.5,0.9", "--num_grads", 48, "--grad_batch_size", 16, "--fisher_block_size", 32]
+    run_script("oneshot.py", *common, "--knn_bank_split", "labelled", "--output_dir", tmp_path / "knn")
+    records = json.loads((tmp_path / "knn" / "results.json").read_text())
+    for r in records:
+        assert set(r) >= {"knn_accuracy", "linear_probe_accuracy", "feature_cosine"} and "accuracy" not in r
+    by = {(r["method"], r["sparsity"]): r for r in records}
+    assert by[("dense", 0.0)]["feature_cosine"] == pytest.approx(1.0)
+    assert by[("dense", 0.0)]["knn_accuracy"] > 0.5  # features of a trained classifier: chance is 0.1
+    assert by[("cap", 0.9)]["feature_cosine"] > by[("magnitude", 0.9)]["feature_cosine"]
+    assert by[("cap", 0.5)]["feature_cosine"] > by[("cap", 0.9)]["feature_cosine"]
+    # the default bank is the training split, here without labels: feature cosine alone, and the log says why
+    result = run_script("oneshot.py", *common, "--output_dir", tmp_path / "cosine")
+    assert "feature cosine alone" in result.stderr
+    records = json.loads((tmp_path / "cosine" / "results.json").read_text())
+    assert all(set(r) & {"knn_accuracy", "linear_probe_accuracy", "accuracy"} == set() for r in records)
+    # the cross-entropy objective needs labels the training split does not have: said before any work
+    bad = run_script("oneshot.py", *common, "--fisher_objective", "cross_entropy", "--output_dir", tmp_path / "bad",
+                     check=False)
+    assert bad.returncode != 0 and "no label column" in bad.stderr and "--fisher_objective features" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -20,6 +20,7 @@ def obs_update(w: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) ->
 @register_method
 class OBS(PruningMethod):
     name = "obs"
+    default_dampening = {"damp": 1e-7}  # scripts/bench_damp.py: its summed updates want the absolute form
     aliases = ("woodfisher", "wf")
     fisher = "block"
 
