@@ -1,4 +1,5 @@
-"""Knowledge distillation from the dense model: (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)."""
+"""Knowledge distillation from the dense model: (1 - alpha) * CE + alpha * T^2 * KL(teacher || student) for a
+classifier; for a backbone without a head, distillation of its features (no labels)."""
 
 from __future__ import annotations
 
@@ -16,3 +17,20 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         return kd
     ce = F.cross_entropy(student_logits.float(), labels)
     return (1.0 - alpha) * ce + alpha * kd
+
+
+def feature_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """A backbone's loss without labels, from cap_hf.features.extract_features(..., 'tokens') of the student
+    and the frozen dense teacher: 1 - cosine of the CLS tokens (the feature of k-NN and linear probes) + the
+    mean squared error of the layer-normalised patch tokens (the features dense tasks use; normalised so that
+    their scale, which differs from layer to layer and model to model, does not set the weighting).
+    Convolutional backbones have one pooled feature per image (batch, dim): 1 - cosine alone."""
+    student, teacher = student.float(), teacher.float()
+    if student.dim() == 2:
+        return 1 - F.cosine_similarity(student, teacher, dim=-1).mean()
+    cls = 1 - F.cosine_similarity(student[:, 0], teacher[:, 0], dim=-1).mean()
+    if student.shape[1] == 1:
+        return cls
+    size = student.shape[-1:]
+    patches = F.mse_loss(F.layer_norm(student[:, 1:], size), F.layer_norm(teacher[:, 1:], size))
+    return cls + patches

@@ -13,14 +13,18 @@ Convolutional backbones have one feature per image whatever the pooling: the bas
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 POOLINGS = ("cls", "mean", "tokens")
+
+logger = logging.getLogger(__name__)
 
 
 def prefix_tokens(config) -> int:
@@ -50,7 +54,7 @@ def extract_features(model: nn.Module, pixel_values: torch.Tensor, pooling: str 
         return (pooled if pooled is not None else hidden.mean(dim=(2, 3))).flatten(1)
     if pooling == "cls":
         return hidden[:, 0]
-    patches = hidden[:, prefix_tokens(base.config):]
+    patches = hidden[:, prefix_tokens(getattr(base, "module", base).config):]  # (DDP keeps the model in .module)
     if pooling == "mean":
         return patches.mean(dim=1)
     return torch.cat([hidden[:, :1], patches], dim=1)
@@ -197,3 +201,42 @@ class FeatureEvaluator:
         if self.probe:
             metrics["linear_probe_accuracy"] = linear_probe_accuracy(bank, bank_labels, queries, labels)
         return metrics
+
+
+@dataclass
+class FeatureEvalArguments:
+    """The flags of a backbone's evaluation (scripts/oneshot.py, scripts/prune.py)."""
+
+    knn_bank_split: str | None = field(default=None, metadata={
+        "help": "Backbones: the labelled split whose features form the k-NN bank and train the linear probe "
+                "(default: the training split)."})
+    max_knn_bank_samples: int | None = field(default=None, metadata={
+        "help": "Backbones: a random subset of the bank split of this size (default: all of it, DINO's protocol)."})
+
+
+def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, args: FeatureEvalArguments, *,
+                       pooling: str = "cls", image_column: str = "image", label_column: str = "label",
+                       eval_split: str | None = None, seed: int = 0, batch_size: int = 256, num_workers: int = 0,
+                       device: torch.device | str | None = None) -> FeatureEvaluator:
+    """A FeatureEvaluator of `model` (dense, as it is now) on the prepared `evaluation` split, with the bank
+    from --knn_bank_split (default: the training split) of `dataset_name`. Without labels in the evaluation
+    split or the bank, feature cosine alone, and the log says why."""
+    from cap_hf.data import collate, prepare_splits
+
+    bank, _, _ = prepare_splits(dataset_name, processor, model.config.num_channels, image_column, label_column,
+                                args.knn_bank_split, eval_split, args.max_knn_bank_samples,
+                                train_needs_labels=False, eval_needs_labels=False, seed=seed)
+    if label_column not in evaluation.column_names:
+        logger.warning("The evaluation split has no label column %r: reporting feature cosine alone (k-NN and the "
+                       "linear probe need labels).", label_column)
+        bank = None
+    elif label_column not in bank.column_names:
+        logger.warning("The k-NN bank split has no label column %r: reporting feature cosine alone; name a labelled "
+                       "split with --knn_bank_split.", label_column)
+        bank = None
+
+    def loader(data):
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+
+    return FeatureEvaluator(model, loader(bank) if bank is not None else None, loader(evaluation), pooling,
+                            device=device)

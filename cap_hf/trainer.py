@@ -22,7 +22,8 @@ from transformers.trainer_utils import IntervalStrategy
 from cap_hf.calibration import calibration_loader, calibration_seed
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate
-from cap_hf.distill import distillation_loss
+from cap_hf.distill import distillation_loss, feature_distillation_loss
+from cap_hf.features import FeatureEvaluator, extract_features, is_backbone
 from cap_hf.metrics import compute_metrics
 from cap_hf.plan import check_budget
 from cap_hf.schedule import SparsitySchedule, build_schedule, check_schedule_values, cyclic_linear_factor
@@ -105,15 +106,19 @@ class DistillationTrainer(Trainer):
     """
 
     def __init__(self, model: nn.Module, args: DistillationArguments, *, teacher_model: nn.Module | None = None,
-                 **kwargs):
+                 feature_evaluator: FeatureEvaluator | None = None, **kwargs):
         if not isinstance(args, DistillationArguments):
             raise TypeError(f"{type(self).__name__} needs {DistillationArguments.__name__} or CAPTrainingArguments.")
+        if is_backbone(model) and not args.distill:
+            raise ValueError(f"{type(model).__name__} has no head: its only training loss is the distillation of the "
+                             "dense model's features. Keep --distill true (the default).")
+        self.feature_evaluator = feature_evaluator
         self.teacher = None
         if args.distill:
             self.teacher = teacher_model if teacher_model is not None else copy.deepcopy(model)
             self.teacher.eval().requires_grad_(False)
             self._check_teacher(model, self.teacher)
-        if kwargs.get("eval_dataset") is None and args.eval_strategy != IntervalStrategy.NO:
+        if kwargs.get("eval_dataset") is None and feature_evaluator is None and args.eval_strategy != IntervalStrategy.NO:
             logger.warning("No eval_dataset: evaluation during training is off (eval_strategy %s -> no).",
                            args.eval_strategy.value)
             args.eval_strategy = IntervalStrategy.NO
@@ -121,6 +126,18 @@ class DistillationTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         if self.teacher is not None:
             self.loss_is_scaled_for_ga = False  # distillation loss is a per-batch mean
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """With a feature_evaluator (a backbone): its metrics (knn_accuracy, linear_probe_accuracy,
+        feature_cosine against the dense model), prefixed, logged and passed to the callbacks like Trainer's;
+        otherwise Trainer.evaluate."""
+        if self.feature_evaluator is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in self.feature_evaluator(model).items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     @staticmethod
     def _check_teacher(student: nn.Module, teacher: nn.Module) -> None:
@@ -146,11 +163,16 @@ class DistillationTrainer(Trainer):
         if self.teacher is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.get("labels")
-        outputs = model(pixel_values=inputs["pixel_values"])
         teacher = self.teacher
         device = inputs["pixel_values"].device
         if next(teacher.parameters()).device != device:
             teacher.to(device)
+        if is_backbone(self.accelerator.unwrap_model(model)):  # no head, no labels: distil the features
+            with torch.no_grad():
+                target = extract_features(teacher, inputs["pixel_values"], "tokens")
+            loss = feature_distillation_loss(extract_features(model, inputs["pixel_values"], "tokens"), target)
+            return (loss, None) if return_outputs else loss
+        outputs = model(pixel_values=inputs["pixel_values"])
         with torch.no_grad():
             teacher_logits = teacher(pixel_values=inputs["pixel_values"]).logits
         loss = distillation_loss(outputs.logits, teacher_logits, labels, self.args.distill_temperature,

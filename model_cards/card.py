@@ -97,6 +97,10 @@ def base_model_license(base_model: str | None) -> str | None:
     return None
 
 
+FEATURE_METRICS = (("knn_accuracy", "weighted k-NN top-1 (k=20, T=0.07)"), ("linear_probe_accuracy", "linear probe top-1"),
+                   ("feature_cosine", "mean cosine of the features to the dense model's"))
+
+
 def _pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
@@ -108,12 +112,16 @@ def _dampening(pruning: dict, method: str) -> str:
         return str(pruning.get("fastcap_damp") if method == "fastcap" else pruning.get("damp"))
 
 
-def _procedure(record: dict, recipe: dict) -> list[str]:
+def _procedure(record: dict, recipe: dict, backbone: bool = False) -> list[str]:
     pruning = recipe.get("pruning", {})
+    on_features = pruning.get("fisher_objective") == "features" or \
+        (backbone and pruning.get("fisher_objective", "auto") == "auto")
     lines = [f"Method: {METHOD_NAMES.get(record['method'], record['method'])}, {record['structure']} sparsity, "
              f"{record.get('sparsity_distribution') or 'global'} distribution over the targets."]
     if record["method"] in ("cap", "fastcap", "obs") and pruning:
-        lines.append(f"Empirical Fisher from {pruning.get('num_grads')} gradients of {pruning.get('grad_batch_size')} "
+        kind = (f"Fisher of the output features ({pruning.get('feature_pooling', 'cls')}; random projections, no labels)"
+                if on_features else "Empirical Fisher")
+        lines.append(f"{kind} from {pruning.get('num_grads')} gradients of {pruning.get('grad_batch_size')} "
                      f"images each, block size {pruning.get('fisher_block_size')}, dampening "
                      f"{_dampening(pruning, record['method'])}"
                      f"{', label-free' if pruning.get('label_free_fisher') else ''}.")
@@ -125,7 +133,10 @@ def _procedure(record: dict, recipe: dict) -> list[str]:
     else:
         lines.append("One-shot pruning (no fine-tuning).")
     distill = recipe.get("distillation")
-    if distill:
+    if distill and backbone:
+        lines.append(f"Distillation of the features of {distill.get('teacher') or 'the dense model'} (1 - cosine of "
+                     "the CLS tokens + mean squared error of the layer-normalised patch tokens; no labels).")
+    elif distill:
         lines.append(f"Knowledge distillation from {distill.get('teacher') or 'the dense model'} "
                      f"(alpha {distill.get('alpha')}, temperature {distill.get('temperature')}).")
     training = recipe.get("training")
@@ -161,6 +172,12 @@ def build_model_card(
     license = license or base_model_license(base_model)
     repo_id = repo_id or folder.name
     sparse_acc, dense_acc = results.get("eval_accuracy"), results.get("dense_accuracy")
+    # a backbone's evaluation (cap_hf.features.FeatureEvaluator): k-NN, linear probe, feature cosine
+    features = [(label, _pct(results.get(f"dense_{key}")) if key != "feature_cosine" else "1 (itself)",
+                 _pct(results[f"eval_{key}"]) if key != "feature_cosine" else f"{results[f'eval_{key}']:.4f}")
+                for key, label in FEATURE_METRICS if f"eval_{key}" in results]
+    if sparse_acc is None and "eval_knn_accuracy" in results:  # k-NN top-1 is a backbone's headline accuracy
+        sparse_acc, dense_acc = results["eval_knn_accuracy"], results.get("dense_knn_accuracy")
 
     classifier = any(a.endswith("ForImageClassification") for a in config.get("architectures") or [])
     tags = ["sparse", "sparsity", "pruned", record["method"], "cap_hf", "vision",
@@ -170,7 +187,8 @@ def build_model_card(
         eval_results = [EvalResult(
             task_type="image-classification", dataset_type=dataset if is_hub_id(dataset) else (dataset or "custom"),
             dataset_name=dataset_name or dataset or "evaluation data", dataset_split=eval_split,
-            metric_type="accuracy", metric_name="Top-1 Accuracy", metric_value=round(float(sparse_acc), 6))]
+            metric_type="accuracy", metric_name="Top-1 Accuracy" if not features else "k-NN Top-1 Accuracy",
+            metric_value=round(float(sparse_acc), 6))]
     card_data = ModelCardData(
         base_model=base_model if is_hub_id(base_model) else None,
         base_model_relation="finetune" if is_hub_id(base_model) else None,
@@ -199,12 +217,13 @@ def build_model_card(
         summary=summary,
         base_model=base_model,
         eval_split=eval_split,
+        features=features,
         dense_accuracy=_pct(dense_acc),
         sparse_accuracy=_pct(sparse_acc),
         sparsity_pct=_pct(record["overall_sparsity"]),
         structure=record["structure"],
         recovery=recovery,
-        procedure=_procedure(record, recipe),
+        procedure=_procedure(record, recipe, backbone=not classifier),
         num_zeros=f"{record.get('num_zeros', 0):,}",
         num_weights=f"{record.get('num_weights', 0):,}",
         num_layers=len(record["per_layer"]),

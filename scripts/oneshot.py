@@ -19,7 +19,6 @@ in the evaluation split, feature cosine alone is reported.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -32,7 +31,7 @@ from cap_hf.calibration import calibration_loader, calibration_seed
 from cap_hf.cli import parse_args
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate, prepare_splits
-from cap_hf.features import FeatureEvaluator, fisher_loss, is_backbone
+from cap_hf.features import FeatureEvalArguments, backbone_evaluator, fisher_loss, is_backbone
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_model
 from cap_hf.oneshot import METRICS, main_metric, oneshot_sweep
@@ -56,11 +55,6 @@ class OneShotArguments:
     train_split: str | None = field(default=None, metadata={"help": "Calibration split (default: train)."})
     eval_split: str | None = field(default=None, metadata={"help": "Default: validation, else test."})
     max_eval_samples: int | None = field(default=None)
-    knn_bank_split: str | None = field(default=None, metadata={
-        "help": "Backbones: the labelled split whose features form the k-NN bank and train the linear probe "
-                "(default: the training split)."})
-    max_knn_bank_samples: int | None = field(default=None, metadata={
-        "help": "Backbones: a random subset of the bank split of this size (default: all of it, DINO's protocol)."})
     eval_batch_size: int = field(default=256)
     dataloader_num_workers: int = field(default=0, metadata={
         "help": "Processes decoding the calibration and evaluation images (as in TrainingArguments)."})
@@ -81,7 +75,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:  # every combination is checked before anything is loaded
-        args, config = parse_args((OneShotArguments, PruningConfig), argv)
+        args, feature_args, config = parse_args((OneShotArguments, FeatureEvalArguments, PruningConfig), argv)
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [config.method]
         sparsities = parse_floats(args.sparsities, "sparsities") if args.sparsities else [config.sparsity]
         if config.calibration_seed is None:
@@ -105,13 +99,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except MemoryBudgetError as err:
         raise SystemExit(f"error: {err}") from None
     needs_labels = fisher_loss(config, model) is None and not config.label_free_fisher
-    splits = dict(image_column=args.image_column_name, label_column=args.label_column_name, seed=args.seed)
     try:
         train, evaluation, _ = prepare_splits(
-            args.dataset_name, processor, model.config.num_channels, train_split=args.train_split,
-            eval_split=args.eval_split, max_eval_samples=args.max_eval_samples,
+            args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
+            args.train_split, args.eval_split, None, args.max_eval_samples,
             train_needs_labels=needs_labels and any(config.replace(method=m).needs_fisher for m in methods),
-            eval_needs_labels=not backbone, **splits)
+            eval_needs_labels=not backbone, seed=args.seed)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if any(config.replace(method=m).needs_fisher for m in methods):
@@ -120,17 +113,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise SystemExit(f"error: --num_grads {config.num_grads} x --grad_batch_size {config.grad_batch_size} "
                              f"needs {config.num_grads * config.grad_batch_size} calibration images, the train split "
                              f"has {len(train)} ({available} batches). Lower one of them.")
-    loader = functools.partial(torch.utils.data.DataLoader, batch_size=args.eval_batch_size, collate_fn=collate,
-                               num_workers=args.dataloader_num_workers)
     if backbone:
-        evaluate = backbone_evaluation(args, model, processor, evaluation, loader, splits, config.feature_pooling,
-                                       device)
+        evaluate = backbone_evaluator(model, processor, args.dataset_name, evaluation, feature_args,
+                                      pooling=config.feature_pooling, image_column=args.image_column_name,
+                                      label_column=args.label_column_name, eval_split=args.eval_split, seed=args.seed,
+                                      batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
+                                      device=device)
     else:
         labels = evaluation.with_format(None)[args.label_column_name]
         if max(labels) >= model.config.num_labels:
             raise SystemExit(f"error: the eval split has label {max(labels)} but the model has only "
                              f"{model.config.num_labels} classes; is this the dataset the model was trained on?")
-        eval_loader = loader(evaluation)
+        eval_loader = torch.utils.data.DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=collate,
+                                                  num_workers=args.dataloader_num_workers)
         evaluate = lambda m: evaluate_accuracy(m, eval_loader, device)  # noqa: E731
 
     records = oneshot_sweep(
@@ -152,25 +147,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['method']:<10} {r['sparsity']:>8.2f} {r['achieved_sparsity']:>8.4f} "
               + " ".join(f"{r[k]:>21.4f}" for k in shown) + f" {r['prune_seconds']:>8.1f}")
     return records
-
-
-def backbone_evaluation(args: OneShotArguments, model, processor, evaluation, loader, splits: dict, pooling: str,
-                        device) -> FeatureEvaluator:
-    """DINO's evaluations of the backbone against its dense self (cap_hf.features.FeatureEvaluator): the bank
-    is --knn_bank_split (default: the training split), at most --max_knn_bank_samples of it."""
-    bank, _, _ = prepare_splits(args.dataset_name, processor, model.config.num_channels, train_split=args.knn_bank_split,
-                                eval_split=args.eval_split, max_train_samples=args.max_knn_bank_samples,
-                                train_needs_labels=False, eval_needs_labels=False, **splits)
-    if args.label_column_name not in evaluation.column_names:
-        logger.warning("The evaluation split has no label column %r: reporting feature cosine alone (k-NN and the "
-                       "linear probe need labels).", args.label_column_name)
-        bank = None
-    elif args.label_column_name not in bank.column_names:
-        logger.warning("The k-NN bank split has no label column %r: reporting feature cosine alone; name a labelled "
-                       "split with --knn_bank_split.", args.label_column_name)
-        bank = None
-    return FeatureEvaluator(model, loader(bank) if bank is not None else None, loader(evaluation), pooling,
-                            device=device)
 
 
 if __name__ == "__main__":

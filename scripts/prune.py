@@ -11,6 +11,12 @@ processes train on the CPU with DDP over gloo. OUT is a pruned checkpoint: the m
 `from_pretrained`), sparsity_config.json, cap_recipe.yaml, eval_results.json, the model card
 (README.md + sparsity_per_layer.png) and all_results.json (accuracy, sparsity, pruning history).
 `--push_to_hub --hub_model_id NAME` publishes OUT when training is done (checked before it starts).
+
+A backbone without a head (DINO's ViTModel, Dinov2Model) is pruned without labels: the Fisher of its
+features, training by distillation of the dense model's features, evaluation by weighted k-NN, a linear
+probe and feature cosine (eval_knn_accuracy, eval_linear_probe_accuracy, eval_feature_cosine; labels only
+there, bank: --knn_bank_split); OUT loads with AutoModel. `--fisher_objective cross_entropy` instead gives
+it a linear probe on the labels first and prunes it as a classifier.
 """
 
 from __future__ import annotations
@@ -28,10 +34,12 @@ from cap_hf.checkpoint import CheckpointError
 from cap_hf.cli import parse_args
 from cap_hf.config import PruningConfig
 from cap_hf.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
+from cap_hf.features import FeatureEvalArguments, backbone_evaluator
 from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.masks import SparsityMismatchError
 from cap_hf.metrics import compute_metrics
-from cap_hf.models import load_classifier, load_for_labels, load_image_processor
+from cap_hf.models import load_classifier, load_for_labels, load_image_processor, load_model
+from cap_hf.oneshot import METRICS
 from cap_hf.probe import train_linear_probe
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
 from model_cards import write_model_card
@@ -41,10 +49,12 @@ logger = logging.getLogger("cap_hf.prune")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "Dense image classifier, or a backbone (DINO, DINOv2) that "
-                                                     "gets a linear probe first: Hub id or local folder."})
+    model_name_or_path: str = field(metadata={"help": "Dense image classifier, or a backbone (DINO, DINOv2), pruned "
+                                                     "without labels: Hub id or local folder."})
     probe_epochs: float = field(default=3.0, metadata={"help": "Epochs of the linear probe trained on frozen "
-                                                              "features when the model has no head for the labels."})
+                                                              "features when the model has no head for the labels "
+                                                              "(a classifier for other labels, or a backbone with "
+                                                              "--fisher_objective cross_entropy)."})
     probe_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of that probe."})
 
 
@@ -65,7 +75,8 @@ class DataArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
 
 
-def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, PruningConfig, CAPTrainingArguments]:
+def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig,
+                                   CAPTrainingArguments]:
     from cap_hf.demo import demo_arguments, ensure_digits_teacher
 
     if not argv:  # the offline demo
@@ -74,10 +85,10 @@ def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, PruningConfig
         with PartialState().main_process_first():
             ensure_digits_teacher()
         argv = demo_arguments()
-    model_args, data_args, config, training_args = parse_args(
-        (ModelArguments, DataArguments, PruningConfig, CAPTrainingArguments), argv)
+    model_args, data_args, feature_args, config, training_args = parse_args(
+        (ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig, CAPTrainingArguments), argv)
     training_args.check_pruning(config)
-    return model_args, data_args, config, training_args
+    return model_args, data_args, feature_args, config, training_args
 
 
 def check_output_dir(data_args: DataArguments, training_args: CAPTrainingArguments) -> None:
@@ -94,7 +105,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("trainer_plugins").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        model_args, data_args, config, training_args = parse(argv)
+        model_args, data_args, feature_args, config, training_args = parse(argv)
         repo_id = check_push(training_args, hub_api)
     except (ValueError, HubError) as err:  # bad recipe values, bad repo id, offline: before anything is loaded
         raise SystemExit(f"error: {err}") from None
@@ -102,20 +113,31 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
 
     try:
         processor = load_image_processor(model_args.model_name_or_path)
-        channels = getattr(AutoConfig.from_pretrained(model_args.model_name_or_path), "num_channels", 3)
+        model_config = AutoConfig.from_pretrained(model_args.model_name_or_path)
     except (OSError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
+    channels = getattr(model_config, "num_channels", 3)
+    # a backbone (no *ForImageClassification in its architectures) is pruned on its features, without labels
+    backbone = not any(a.endswith("ForImageClassification") for a in model_config.architectures or []) \
+        and config.fisher_objective != "cross_entropy"
+    if backbone and not training_args.distill:
+        raise SystemExit(f"error: {model_args.model_name_or_path} is a backbone without a head: its only training "
+                         "loss is the distillation of the dense model's features. Keep --distill true (the default).")
     augment = RandomResizedCropFlip(scale=(data_args.crop_scale_min, 1.0), hflip=data_args.hflip,
                                     seed=training_args.seed)
     try:
         train, evaluation, names = prepare_splits(
             data_args.dataset_name, processor, channels, data_args.image_column_name, data_args.label_column_name,
             data_args.train_split, data_args.eval_split, data_args.max_train_samples, data_args.max_eval_samples,
-            train_needs_labels=True, seed=training_args.seed, train_augment=augment,
-            train_val_split=data_args.train_val_split)
+            train_needs_labels=not backbone, seed=training_args.seed, train_augment=augment,
+            train_val_split=data_args.train_val_split, eval_needs_labels=not backbone)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    model, processor, fresh_head = load_for_labels(model_args.model_name_or_path, names)
+    if backbone:
+        model, processor = load_model(model_args.model_name_or_path)
+        fresh_head = False
+    else:
+        model, processor, fresh_head = load_for_labels(model_args.model_name_or_path, names)
     calibration = train.with_transform(ImageClassificationTransform(
         processor, data_args.image_column_name, data_args.label_column_name, channels))  # eval transforms
 
@@ -128,19 +150,25 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
 
     teacher = None
     if training_args.distill and training_args.teacher_name_or_path:
-        teacher, _ = load_classifier(training_args.teacher_name_or_path)
+        teacher = (load_model if backbone else load_classifier)(training_args.teacher_name_or_path)[0]
     try:
         trainer = CAPTrainer(model=model, args=training_args, pruning_config=config, train_dataset=train,
                              eval_dataset=evaluation, calibration_dataset=calibration, teacher_model=teacher,
-                             processing_class=processor, compute_metrics=compute_metrics)
+                             processing_class=processor, compute_metrics=None if backbone else compute_metrics)
     except ValueError as err:  # schedule does not fit, teacher with other labels, ...
         raise SystemExit(f"error: {err}") from None
+    if backbone:  # on the device the Trainer chose; the dense features are taken now, before any pruning
+        trainer.feature_evaluator = backbone_evaluator(
+            trainer.model, processor, data_args.dataset_name, evaluation, feature_args, pooling=config.feature_pooling,
+            image_column=data_args.image_column_name, label_column=data_args.label_column_name,
+            eval_split=data_args.eval_split, seed=training_args.seed,
+            batch_size=training_args.per_device_eval_batch_size, num_workers=training_args.dataloader_num_workers)
 
     dense_metrics = trainer.evaluate(metric_key_prefix="dense")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     metrics["sparsity"] = trainer.pruning_callback.sparsity
-    metrics["dense_accuracy"] = dense_metrics["dense_accuracy"]
+    metrics.update({f"dense_{k}": dense_metrics[f"dense_{k}"] for k in METRICS if f"dense_{k}" in dense_metrics})
     metrics["pruning_history"] = trainer.pruning_callback.history
     metrics["num_processes"] = trainer.args.world_size
     metrics["ranks_identical"] = trainer.pruning_callback.ranks_identical
@@ -158,8 +186,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             trainer.save_state()
             write_model_card(out, repo_id=repo_id or Path(out).name, base_model=model_args.model_name_or_path,
                              dataset=data_args.dataset_name, eval_split=eval_split, command=command)
-            print(f"dense top-1 {100 * metrics['dense_accuracy']:.2f}% -> sparse top-1 "
-                  f"{100 * metrics['eval_accuracy']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
+            name = next(k for k in ("accuracy", "knn_accuracy", "feature_cosine") if f"eval_{k}" in metrics)
+            print(f"dense {name} {100 * metrics[f'dense_{name}']:.2f}% -> sparse {name} "
+                  f"{100 * metrics[f'eval_{name}']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
                   f"({config.method}); model in {out}")
             if repo_id:
                 try:

@@ -16,6 +16,7 @@ from transformers import (
 )
 
 from cap_hf import Pruner, PruningConfig
+from cap_hf.distill import feature_distillation_loss
 from cap_hf.features import (
     FeatureEvaluator,
     FeatureFisherLoss,
@@ -187,3 +188,40 @@ def test_feature_evaluator_reports_what_the_labels_allow():
     assert set(FeatureEvaluator(backbone, labelled[:4], unlabelled)(backbone)) == {"feature_cosine"}
     tokens = FeatureEvaluator(backbone, labelled[:4], labelled[4:], pooling="tokens", probe=False)(backbone)
     assert set(tokens) == {"feature_cosine", "knn_accuracy"}
+
+
+def test_feature_distillation_loss():
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(4, 5, 8, generator=gen)
+    assert float(feature_distillation_loss(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    # the CLS term is a cosine (scale-free), the patch term compares layer-normalised tokens
+    assert float(feature_distillation_loss(3 * teacher, teacher)) == pytest.approx(0.0, abs=1e-5)
+    assert float(feature_distillation_loss(teacher + torch.randn(4, 5, 8, generator=gen), teacher)) > 0.1
+    pooled = torch.randn(4, 8, generator=gen)  # a convolutional backbone: one feature per image
+    assert float(feature_distillation_loss(-pooled, pooled)) == pytest.approx(2.0)
+
+
+def test_a_pruned_backbone_is_fine_tuned_by_feature_distillation_without_labels(tmp_path):
+    from cap_hf.trainer import DistillationArguments, DistillationTrainer
+
+    torch.manual_seed(0)
+    dense = ViTModel(tiny_vit_config(), add_pooling_layer=False).eval()
+    student = copy.deepcopy(dense)
+    unlabelled = [{"pixel_values": b["pixel_values"][i]} for b in random_batches(8) for i in range(4)]
+    with Pruner(student, PruningConfig(method="magnitude", sparsity=0.6)) as pruner:
+        pruner.prepare()
+        pruner.apply(0.6)
+    pixels = torch.stack([e["pixel_values"] for e in unlabelled])
+
+    def distance():
+        with torch.no_grad():
+            return float(feature_distillation_loss(extract_features(student, pixels, "tokens"),
+                                                   extract_features(dense, pixels, "tokens")))
+
+    before = distance()
+    args = DistillationArguments(output_dir=str(tmp_path), num_train_epochs=10, per_device_train_batch_size=8,
+                                 learning_rate=3e-3, report_to="none", save_strategy="no", use_cpu=True,
+                                 logging_strategy="no", disable_tqdm=True)
+    DistillationTrainer(model=student.train(), args=args, teacher_model=dense, train_dataset=unlabelled).train()
+    student.eval()
+    assert distance() < 0.5 * before, (distance(), before)

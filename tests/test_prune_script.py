@@ -135,10 +135,13 @@ def test_every_pruning_field_is_a_flag_and_recipes_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["dinov2", "dino-vit", "deit"])
-def test_prune_backbone_gets_a_linear_probe(tmp_path, family):
-    """DINO (ViTModel), DINOv2 and DeiT backbones have no head: a probe is trained on frozen features, then
-    the model is pruned and evaluated through it."""
+def test_prune_backbone_without_labels(tmp_path, family):
+    """DINO (ViTModel), DINOv2 and DeiT backbones have no head: pruned on the Fisher of their features,
+    trained by feature distillation, judged by k-NN, a linear probe and feature cosine; OUT loads with
+    AutoModel. With --fisher_objective cross_entropy, the path of before: a linear probe on the labels,
+    then pruned and evaluated through it as a classifier."""
     from transformers import (
+        AutoModel,
         AutoModelForImageClassification,
         DeiTConfig,
         DeiTModel,
@@ -164,15 +167,29 @@ def test_prune_backbone_gets_a_linear_probe(tmp_path, family):
     backbone.save_pretrained(backbone_dir)
     make_image_processor(8, 1).save_pretrained(backbone_dir)
     out = tmp_path / "pruned"
-    args = prune_args(backbone_dir, out, "--probe_epochs", 2, "--fisher_block_size", 32)
-    result = run([sys.executable, "scripts/prune.py", *args], threads="2")
+    result = run([sys.executable, "scripts/prune.py", *prune_args(backbone_dir, out, "--fisher_block_size", 32)],
+                 threads="2")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "linear probe" in result.stderr
+    assert "linear probe" not in result.stderr
     metrics = json.loads((out / "all_results.json").read_text())
     assert metrics["sparsity"] == pytest.approx(0.75, abs=1e-4)
-    model = AutoModelForImageClassification.from_pretrained(out)
-    assert model.config.num_labels == 10 and model.config.id2label[3] == "3"
-    expected = {"dinov2": "Dinov2ForImageClassification", "deit": "DeiTForImageClassification",
-                "dino-vit": "ViTForImageClassification"}[family]
-    assert type(model).__name__ == expected
+    for key in ("knn_accuracy", "linear_probe_accuracy", "feature_cosine"):
+        assert 0 <= metrics[f"eval_{key}"] <= 1 and f"dense_{key}" in metrics
+    assert metrics["dense_feature_cosine"] == pytest.approx(1.0) and metrics["eval_feature_cosine"] < 1
+    model = AutoModel.from_pretrained(out)
+    assert type(model).__name__ == type(backbone).__name__
     verify_sparsity(model, out)
+    card = (out / "README.md").read_text()
+    assert "weighted k-NN top-1" in card and "Fisher of the output features" in card
+    assert "Distillation of the features" in card and "image-feature-extraction" in card
+    if family != "dino-vit":
+        return
+    probe_out = tmp_path / "probe"
+    result = run([sys.executable, "scripts/prune.py", *prune_args(backbone_dir, probe_out, "--probe_epochs", 2,
+                                                                 "--fisher_block_size", 32, "--fisher_objective",
+                                                                 "cross_entropy")], threads="2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "linear probe" in result.stderr
+    model = AutoModelForImageClassification.from_pretrained(probe_out)
+    assert model.config.num_labels == 10 and type(model).__name__ == "ViTForImageClassification"
+    verify_sparsity(model, probe_out)
