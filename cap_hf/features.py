@@ -78,7 +78,8 @@ class FeatureFisherLoss:
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = extract_features(model, batch["pixel_values"], self.pooling).float()
         if self.generator is None or self.generator.device != features.device:
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            several = torch.distributed.is_available() and torch.distributed.is_initialized()
+            rank = torch.distributed.get_rank() if several else 0
             self.generator = torch.Generator(device=features.device).manual_seed(self.seed + rank)
         v = torch.randn(features.shape, generator=self.generator, device=features.device)
         scale = features.shape[0] * (features.shape[1] if features.dim() == 3 else 1)
