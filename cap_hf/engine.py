@@ -68,7 +68,8 @@ class Pruner:
         self.loss_fn = loss_fn if loss_fn is not None else fisher_loss(config, model)
         if self.loss_fn is None and is_backbone(model) and any(k.fisher for k in self.methods.values()):
             raise ValueError(f"{type(model).__name__} has no classification head, so the cross-entropy Fisher has no "
-                             "logits. Use --fisher_objective features (or auto), or pass loss_fn(model, batch).")
+                             "logits. Use --fisher_objective features (or auto, without --label_free_fisher), or "
+                             "pass loss_fn(model, batch).")
         self.profiler = profiler if profiler is not None else PhaseProfiler(track_memory=False)
         self.max_group_bytes, self.forced_store = max_group_bytes, store
         self.device = torch.device(config.device) if config.device is not None else next(model.parameters()).device

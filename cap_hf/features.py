@@ -91,7 +91,7 @@ def fisher_loss(config, model: nn.Module) -> FeatureFisherLoss | None:
     objective ('auto': for a backbone without a head), None for the default cross-entropy of the logits."""
     objective = config.fisher_objective
     if objective == "auto":
-        objective = "features" if is_backbone(model) else "cross_entropy"
+        objective = "features" if is_backbone(model) and not config.label_free_fisher else "cross_entropy"
     if objective != "features":
         return None
     return FeatureFisherLoss(config.feature_pooling, seed=int(config.calibration_seed or 0))

@@ -120,6 +120,11 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     # a backbone (no *ForImageClassification in its architectures) is pruned on its features, without labels
     backbone = not any(a.endswith("ForImageClassification") for a in model_config.architectures or []) \
         and config.fisher_objective != "cross_entropy"
+    if backbone and config.label_free_fisher:
+        raise SystemExit(f"error: --label_free_fisher samples labels from a classifier's predictions, and "
+                         f"{model_args.model_name_or_path} is a backbone without a head: it gets the Fisher of its "
+                         "features, no labels needed. Drop --label_free_fisher, or give --fisher_objective "
+                         "cross_entropy to train a linear probe first.")
     if backbone and not training_args.distill:
         raise SystemExit(f"error: {model_args.model_name_or_path} is a backbone without a head: its only training "
                          "loss is the distillation of the dense model's features. Keep --distill true (the default).")

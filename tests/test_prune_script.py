@@ -184,6 +184,11 @@ def test_prune_backbone_without_labels(tmp_path, family):
     assert "Distillation of the features" in card and "image-feature-extraction" in card
     if family != "dino-vit":
         return
+    for extra, message in ((["--distill", "false"], "Keep --distill true"),
+                           (["--label_free_fisher", "true"], "Drop --label_free_fisher")):
+        bad = run([sys.executable, "scripts/prune.py", *prune_args(backbone_dir, tmp_path / "bad", *extra)], threads="2")
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr[-2000:]
+        assert not (tmp_path / "bad").exists()
     probe_out = tmp_path / "probe"
     result = run([sys.executable, "scripts/prune.py", *prune_args(backbone_dir, probe_out, "--probe_epochs", 2,
                                                                  "--fisher_block_size", 32, "--fisher_objective",
