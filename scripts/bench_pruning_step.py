@@ -4,10 +4,13 @@
       --fisher_block_size 192 --max_memory_gb 8
 
 The model is ViTForImageClassification built from a DeiT config (image 224, patch 16, 12 layers, MLP 4x,
-1000 classes) with random weights. One gradient is one real backward pass over --grad_batch_size random
-images with random labels.
+1000 classes) with random weights, or (--arch dinov2-large) a Dinov2Model of DINOv2-L's size (24 layers,
+hidden 1024, patch 14 at 224: 257 tokens) without a head, whose Fisher is the label-free one of its
+features (cap_hf.features.FeatureFisherLoss). One gradient is one real backward pass over
+--grad_batch_size random images (with random labels for the classifiers). --layers prunes a slice of the
+transformer layers (each is the same size), to measure a model too large to prune whole here.
 
-Part 1 prunes all 72 target layers (q/k/v/o, fc1, fc2) to --sparsity with the engine (cap_hf.engine.Pruner,
+Part 1 prunes all target layers (q/k/v/o, fc1, fc2; 72 in a DeiT), or those of --layers, to --sparsity with the engine (cap_hf.engine.Pruner,
 within --max_memory_gb when given: layer groups when the step does not fit) and reports, per phase, the
 seconds and the peak memory (process RSS on the CPU; torch.cuda.max_memory_allocated on CUDA).
 
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import torch
 from benchlib import BENCHMARKS, ROOT, command_line, load_reference, machine, write_section
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassification
 
 from cap_hf import Pruner, PruningConfig, find_targets
 from cap_hf.cli import parse_args
@@ -42,7 +45,7 @@ from cap_hf.methods import Layer, get_method
 from cap_hf.selection import select_pruned
 from cap_hf.store import Store
 
-ARCHS = {"deit-tiny": (192, 3), "deit-small": (384, 6), "deit-base": (768, 12)}
+ARCHS = {"deit-tiny": (192, 3), "deit-small": (384, 6), "deit-base": (768, 12), "dinov2-large": (1024, 16)}
 PHASES = ["plan", "gradients", "fisher", "inversion", "prepare", "selection", "write-back"]
 PHASE_NOTES = {
     "plan": "memory plan (with a budget: one probe forward+backward to measure activations)",
@@ -58,12 +61,25 @@ PHASE_NOTES = {
 }
 
 
-def build_model(arch: str, seed: int) -> ViTForImageClassification:
+def build_model(arch: str, seed: int):
     hidden, heads = ARCHS[arch]
+    torch.manual_seed(seed)
+    if arch.startswith("dinov2"):
+        return Dinov2Model(Dinov2Config(hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=24,
+                                        image_size=224, patch_size=14, num_channels=3)).eval()
     config = ViTConfig(hidden_size=hidden, num_attention_heads=heads, intermediate_size=4 * hidden,
                        num_hidden_layers=12, image_size=224, patch_size=16, num_channels=3, num_labels=1000)
-    torch.manual_seed(seed)
     return ViTForImageClassification(config).eval()
+
+
+def slice_targets(model, layers: str | None) -> dict:
+    """The default targets, or those of the transformer layers listed in `layers` ("0,23")."""
+    targets = find_targets(model)
+    if not layers:
+        return targets
+    wanted = {int(i) for i in layers.split(",")}
+    return {n: m for n, m in targets.items() if int(n.split("layers." if "layers." in n else "layer.")[1].split(".")[0])
+            in wanted}
 
 
 class RandomImages:
@@ -85,7 +101,7 @@ class RandomImages:
 def run_step(args, cfg: PruningConfig, device: torch.device) -> dict:
     """Part 1: one pruning step of the whole model, per-phase seconds and peak memory."""
     model = build_model(args.arch, args.seed).to(device)
-    targets = find_targets(model)
+    targets = slice_targets(model, args.layers)
     numel = sum(m.weight.numel() for m in targets.values())
     batches = RandomImages(cfg.num_grads, cfg.grad_batch_size, args.seed)
     base = rss_bytes()
@@ -247,7 +263,8 @@ def fmt_table(phases: dict, order: list[str]) -> list[str]:
 
 
 def section_name(args, config: PruningConfig) -> str:
-    name = f"## Pruning step: {args.arch}, {config.method}, B={config.fisher_block_size}"
+    name = f"## Pruning step: {args.arch}{f' (layers {args.layers})' if args.layers else ''}, {config.method}, " \
+        f"B={config.fisher_block_size}"
     if config.fisher_accumulation != "auto":
         name += f", fisher_accumulation={config.fisher_accumulation}"
     return name + (" (reference comparison only)" if args.skip_step else "")
@@ -264,25 +281,25 @@ def write_summary(out_dir: Path) -> None:
     if SUMMARY in text:
         section = text[text.index(SUMMARY):].split("\n## ", 1)[0]
         for line in section.splitlines():
-            if line.startswith("| deit"):
+            if line.startswith(tuple(f"| {arch}" for arch in ARCHS)):
                 rows[tuple(c.strip() for c in line.split("|")[1:6])] = line
     for path in sorted(out_dir.glob("*.json")):
         r = json.loads(path.read_text())
         a, c, s = r["args"], r["pruning"], r["step"]
         sec = {k: s["phases"].get(k, {}).get("seconds", 0.0) for k in PHASES}
         plan, ref = s.get("plan") or {}, r.get("reference") or {}
-        key = (a["arch"], c["method"], f"{c['num_grads']} x {c['grad_batch_size']} img", str(c["fisher_block_size"]),
+        key = (a["arch"] + (f" (layers {a['layers']})" if a.get("layers") else ""), c["method"], f"{c['num_grads']} x {c['grad_batch_size']} img", str(c["fisher_block_size"]),
                str(c["max_memory_gb"]) if c["max_memory_gb"] is not None else "-")
         rows[key] = (f"| {' | '.join(key)} | {plan.get('groups', '-')} | {plan.get('store', '-')} "
                      f"| {sec['gradients']:.0f} | {sec['fisher']:.0f} | {sec['inversion']:.0f} | {sec['prepare']:.0f} "
                      f"| {sec['selection'] + sec['write-back']:.0f} | {s['total_seconds']:.0f} | **{s['peak_gb']:.2f}** "
                      + (f"| {ref['fisher_speedup']:.1f}x @N={ref['num_grads']} |" if ref else "| - |"))
     archs, methods = list(ARCHS), ["cap", "obs", "fastcap", "magnitude"]
-    order = sorted(rows, key=lambda k: (archs.index(k[0]), methods.index(k[1]), int(k[2].split()[0])))
+    order = sorted(rows, key=lambda k: (archs.index(k[0].split()[0]), k[0], methods.index(k[1]), int(k[2].split()[0])))
     body = "\n".join([
         SUMMARY, "",
-        "One pruning step of a DeiT-sized ViT (random weights, 224x224 random images), all 72 attention/MLP "
-        "layers, sparsity 0.5. Seconds per phase (summed over layer groups), peak = the process's peak RSS "
+        "One pruning step of a DeiT-sized ViT or DINOv2-L-sized backbone (random weights, 224x224 random images), "
+        "all attention/MLP layers (72 in a DeiT) or the transformer layers named in the arch column, sparsity 0.5. Seconds per phase (summed over layer groups), peak = the process's peak RSS "
         "during the step (model, libraries and everything). prepare = the method's kernel (CAP: greedy "
         "elimination and packing of the snapshots into the store); runs made before the engine (cap_hf 0.1) "
         "show their elimination there and the writes to the store under select+write. Fisher x = the rank-1 "
@@ -297,7 +314,10 @@ def write_summary(out_dir: Path) -> None:
 
 @dataclass
 class BenchArguments:
-    arch: str = field(default="deit-tiny", metadata={"help": "deit-tiny | deit-small | deit-base (random weights)."})
+    arch: str = field(default="deit-tiny", metadata={
+        "help": "deit-tiny | deit-small | deit-base | dinov2-large (random weights)."})
+    layers: str | None = field(default=None, metadata={
+        "help": "Prune only these transformer layers (comma-separated indices; default: all)."})
     ref_layers: str | None = field(default=None, metadata={
         "help": "Comma-separated layers for the reference comparison (default: the last block's q_proj and fc2)."})
     ref_num_grads: int | None = field(default=None, metadata={"help": "Default: --num_grads."})
@@ -311,8 +331,14 @@ class BenchArguments:
 
 
 def main() -> None:
-    # the pruning flags are PruningConfig's; one image per gradient keeps the gradient phase short on a CPU
-    args, config = parse_args((BenchArguments, PruningConfig), sys.argv[1:], defaults={"grad_batch_size": 1, "damp": 1e-7})
+    # the pruning flags are PruningConfig's; one image per gradient keeps the gradient phase short on a CPU; the
+    # reference needs an absolute dampening (1e-7 unless --relative_damp is given, then it is skipped)
+    relative = any(a.split("=")[0] == "--relative_damp" for a in sys.argv[1:])
+    args, config = parse_args((BenchArguments, PruningConfig), sys.argv[1:],
+                              defaults={"grad_batch_size": 1, **({} if relative else {"damp": 1e-7})})
+    if relative and not args.skip_reference:
+        print("--relative_damp: no reference comparison (the plain reference takes an absolute damp).")
+        args.skip_reference = True
     if args.arch not in ARCHS:
         raise SystemExit(f"--arch must be one of {list(ARCHS)}, got {args.arch!r}.")
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -328,7 +354,8 @@ def main() -> None:
         print(json.dumps(result["reference"], indent=1), flush=True)
     out = ROOT / args.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    name = (f"{args.arch}-{config.method}-B{config.fisher_block_size}-N{config.num_grads}-"
+    name = (f"{args.arch}{'-L' + args.layers.replace(',', '_') if args.layers else ''}-{config.method}-"
+            f"B{config.fisher_block_size}-N{config.num_grads}-"
             f"{config.fisher_accumulation}.json")
     if not args.skip_step:
         (out / name).write_text(json.dumps(result, indent=1))
