@@ -23,6 +23,11 @@ from cap_hf.methods import METHODS, canonical_name, get_method
 logger = logging.getLogger(__name__)
 
 FISHER_OBJECTIVES = ("auto", "cross_entropy", "features")
+# A default relative dampening is raised this much when num_grads < fisher_block_size: each block's empirical
+# Fisher then has rank <= num_grads, and the dampening alone fills the directions no gradient reached
+# (scripts/bench_damp.py: 1e-2 beat 1e-3 by 4.7 points on the ResNet with 128 gradients at B=192, while with
+# 512 or 1024 gradients 1e-3 was as good or better on both models).
+SINGULAR_DAMP_FACTOR = 10
 # Fields of earlier versions that recipes may still carry: why they are gone.
 REMOVED_FIELDS = {
     "trace_mode": "CAP now always keeps packed snapshots (B(B+1)/2 floats per block: less memory than either "
@@ -82,8 +87,9 @@ class PruningConfig:
     damp: float | None = field(default=None, metadata={
         "help": "Absolute dampening lambda added to the Fisher diagonal (CAP/OBS), the paper's form (its ViT "
                 "recipes: 1e-8); its effect depends on the scale of the gradients. Give one of --damp and "
-                "--relative_damp; neither: the method's default (cap: --relative_damp 1e-2, obs: --damp 1e-7, "
-                "chosen by scripts/bench_damp.py, docs/benchmarks.md 'Dampening')."})
+                "--relative_damp; neither: the method's default (cap: --relative_damp 1e-3, or 1e-2 with fewer "
+                "gradients than --fisher_block_size; obs: --damp 1e-7; chosen by scripts/bench_damp.py, README "
+                "'Defaults')."})
     relative_damp: float | None = field(default=None, metadata={
         "help": "CAP/OBS dampening as a fraction of each layer's mean Fisher diagonal over its kept weights, "
                 "estimated from the step's first gradients (grad_chunk_size of them, at most "
@@ -202,13 +208,18 @@ class PruningConfig:
     @property
     def dampening(self) -> dict[str, float | None]:
         """The Fisher's dampening as collect_fisher takes it ({'damp': absolute} or {'relative_damp': r}, the
-        other None): the recipe's, else the method's default."""
+        other None): the recipe's, else the method's default (a relative one x SINGULAR_DAMP_FACTOR when
+        num_grads < fisher_block_size). num_grads is the total over processes: a process's share of the
+        gradients must carry the dampening of the whole (see CAPPruningCallback)."""
         if self.damp is not None:
             return {"damp": float(self.damp), "relative_damp": None}
         if self.relative_damp is not None:
             return {"damp": None, "relative_damp": float(self.relative_damp)}
         default = get_method(self.method).default_dampening
-        return {"damp": default.get("damp"), "relative_damp": default.get("relative_damp")}
+        relative = default.get("relative_damp")
+        if relative is not None and self.num_grads < self.fisher_block_size:  # singular blocks: more dampening
+            relative *= SINGULAR_DAMP_FACTOR
+        return {"damp": default.get("damp"), "relative_damp": relative}
 
     def describe_dampening(self) -> str:
         """The dampening in words (model cards, logs)."""

@@ -34,7 +34,6 @@ from cap_hf.calibration import calibration_loader
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate, prepare_splits
 from cap_hf.engine import Pruner
-from cap_hf.methods import get_method
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier
 
@@ -76,10 +75,12 @@ def settings(args: BenchDamp) -> list[dict]:
             + [{"relative_damp": float(v)} for v in args.relative.split(",") if v])
 
 
-def label(setting: dict, methods: list[str]) -> str:
-    """'absolute 1e-07 (obs default)': the setting, and which methods take it when the recipe gives none."""
+def label(setting: dict, methods: list[str], num_grads: int, block_size: int) -> str:
+    """'absolute 1e-07 (obs default)': the setting, and which methods take it when the recipe gives none
+    (PruningConfig.dampening: the default depends on the number of gradients)."""
     text = f"absolute {setting['damp']:g}" if "damp" in setting else f"relative {setting['relative_damp']:g}"
-    default = [m for m in methods if get_method(m).default_dampening == setting]
+    default = [m for m in methods if {k: v for k, v in PruningConfig(
+        method=m, num_grads=num_grads, fisher_block_size=block_size).dampening.items() if v is not None} == setting]
     return text + (f" ({', '.join(default)} default)" if default else "")
 
 
@@ -108,7 +109,8 @@ def sweep_model(args: BenchDamp, arch: str, records: list[dict]) -> None:
         for setting in settings(args):
             config = PruningConfig(num_grads=num_grads, grad_batch_size=args.grad_batch_size,
                                    fisher_block_size=args.fisher_block_size, calibration_seed=0, **setting)
-            base = {"model": arch, "dense": dense, "num_grads": num_grads, "setting": label(setting, methods), **setting}
+            base = {"model": arch, "dense": dense, "num_grads": num_grads,
+                    "setting": label(setting, methods, num_grads, args.fisher_block_size), **setting}
             counter.count = 0
             start = time.perf_counter()
             try:
@@ -134,7 +136,7 @@ def sweep_model(args: BenchDamp, arch: str, records: list[dict]) -> None:
 def named(record: dict, args: BenchDamp) -> str:
     """A record's row label, from its dampening (labels of earlier runs are not trusted: defaults move)."""
     setting = {key: record[key] for key in ("damp", "relative_damp") if key in record}
-    return label(setting, args.methods.split(","))
+    return label(setting, args.methods.split(","), record["num_grads"], args.fisher_block_size)
 
 
 def render(args: BenchDamp, records: list[dict], wall: float | None, command: str) -> str:

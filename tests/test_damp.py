@@ -9,11 +9,12 @@ from conftest import load_script, random_batches, tiny_vit_config
 from transformers import ViTForImageClassification
 
 from cap_hf import Pruner, PruningConfig, find_targets
+from cap_hf.config import SINGULAR_DAMP_FACTOR
 from cap_hf.fisher import DAMP_ESTIMATE_ROWS, collect_fisher, iter_gradients
 from cap_hf.masks import current_masks
 from cap_hf.methods import get_method
 
-CAP_DEFAULT = get_method("cap").default_dampening["relative_damp"]
+CAP_DEFAULT = get_method("cap").default_dampening["relative_damp"]  # with at least as many gradients as B
 
 
 def model_and_batches(num=24, seed=1):
@@ -94,12 +95,17 @@ def test_each_method_has_its_default_and_a_shared_fisher_takes_the_recipes(caplo
     model, batches = model_and_batches()
     cfg = PruningConfig(sparsity=0.7, num_grads=16, grad_batch_size=4, fisher_block_size=16, grad_chunk_size=5)
     assert cfg.dampening == {"damp": None, "relative_damp": CAP_DEFAULT}  # cap: relative
+    # fewer gradients than the block size: singular Fisher blocks get SINGULAR_DAMP_FACTOR x the default
+    assert cfg.replace(num_grads=15).dampening == {"damp": None, "relative_damp": SINGULAR_DAMP_FACTOR * CAP_DEFAULT}
+    assert cfg.replace(num_grads=15, relative_damp=0.5).dampening["relative_damp"] == 0.5  # a given value stays
+    assert cfg.replace(num_grads=15, method="obs").dampening == {"damp": 1e-7, "relative_damp": None}
     assert cfg.replace(method="obs").dampening == {"damp": 1e-7, "relative_damp": None}  # obs: absolute
     pruned = copy.deepcopy(model)
     with Pruner(pruned, cfg, ["obs", "cap"]) as pruner:  # the recipe's method (cap) sets the shared Fisher's
         pruner.prepare(batches)
         pruner.apply(0.7, "cap")
-    assert "obs share one Fisher with cap, so they are compared at its dampening, 0.01 x each layer's" in caplog.text
+    assert f"obs share one Fisher with cap, so they are compared at its dampening, {CAP_DEFAULT:g} x each layer's" \
+        in caplog.text
     targets = find_targets(model)
     grads = first_gradients(model, targets, batches, 5)  # grad_chunk_size 5: the first chunk sets the scale
     for name, g in grads.items():

@@ -166,7 +166,7 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         share = self.config.num_grads // world + (1 if rank < self.config.num_grads % world else 0)
         if self.config.needs_fisher and share < 1:
             raise ValueError(f"num_grads={self.config.num_grads} is less than the {world} processes; raise num_grads.")
-        config = self.config.replace(sparsity=sparsity, num_grads=max(share, 1),
+        config = self.config.replace(sparsity=sparsity, num_grads=max(share, 1), **self.config.dampening,
                                      calibration_seed=calibration_seed(self.config.calibration_seed, step, rank))
         with Pruner(model, config, targets=self.targets, loss_fn=self.loss_fn) as pruner:
             batches = (lambda: self.calibration_batches(step, rank)) if config.needs_fisher else None

@@ -58,8 +58,9 @@ class PruningMethod:
     fisher: ClassVar[str | None] = None
     supports_n_m: ClassVar[bool] = False
     # the dampening of its block Fisher when the recipe gives none, as collect_fisher takes it:
-    # {"damp": absolute} or {"relative_damp": fraction of each layer's mean Fisher diagonal}
-    default_dampening: ClassVar[dict[str, float]] = {"relative_damp": 1e-2}
+    # {"damp": absolute} or {"relative_damp": fraction of each layer's mean Fisher diagonal; PruningConfig.dampening
+    # raises it SINGULAR_DAMP_FACTOR-fold when there are fewer gradients than the block size}
+    default_dampening: ClassVar[dict[str, float]] = {"relative_damp": 1e-3}
 
     def __init__(self, config):
         self.config = config  # a cap_hf.config.PruningConfig (which validates method names with this registry)
