@@ -225,3 +225,18 @@ def test_a_pruned_backbone_is_fine_tuned_by_feature_distillation_without_labels(
     DistillationTrainer(model=student.train(), args=args, teacher_model=dense, train_dataset=unlabelled).train()
     student.eval()
     assert distance() < 0.5 * before, (distance(), before)
+
+
+def test_a_model_without_features_is_refused_with_a_clear_message():
+    class Logits(torch.nn.Module):  # takes images, but returns no last_hidden_state
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, pixel_values):
+            return {"logits": self.scale * pixel_values.flatten(1)}
+
+    with pytest.raises(ValueError, match="returns no last_hidden_state, so it has no features"):
+        extract_features(Logits(), torch.randn(2, 1, 4, 4))
+    with pytest.raises(ValueError, match="no last_hidden_state"):
+        FeatureEvaluator(Logits(), None, [{"pixel_values": torch.randn(2, 1, 4, 4)}])
