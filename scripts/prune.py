@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             trainer.save_state()
             write_model_card(out, repo_id=repo_id or Path(out).name, base_model=model_args.model_name_or_path,
                              dataset=data_args.dataset_name, eval_split=eval_split, command=command)
-            name = next(k for k in ("accuracy", "knn_accuracy", "feature_cosine") if f"eval_{k}" in metrics)
-            print(f"dense {name} {100 * metrics[f'dense_{name}']:.2f}% -> sparse {name} "
-                  f"{100 * metrics[f'eval_{name}']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
+            key = next(k for k in ("accuracy", "knn_accuracy", "feature_cosine") if f"eval_{k}" in metrics)
+            name = {"accuracy": "top-1", "knn_accuracy": "k-NN top-1", "feature_cosine": "feature cosine"}[key]
+            print(f"dense {name} {100 * metrics[f'dense_{key}']:.2f}% -> sparse {name} "
+                  f"{100 * metrics[f'eval_{key}']:.2f}% at {100 * metrics['sparsity']:.1f}% sparsity "
                   f"({config.method}); model in {out}")
             if repo_id:
                 try:

@@ -121,7 +121,7 @@ def test_every_pruning_field_is_a_flag_and_recipes_are_checked(tmp_path):
 
     prune = load_script("prune")
     common = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path / "o")]
-    _, _, config, args = prune.parse([*common, "--ignore", ".*fc2", "--grad_chunk_size", "8", "--method", "fastcap",
+    _, _, _, config, args = prune.parse([*common, "--ignore", ".*fc2", "--grad_chunk_size", "8", "--method", "fastcap",
                                       "--elimination_chunk_size", "9", "--fastcap_column_block", "4"])
     assert (config.ignore, config.grad_chunk_size, config.elimination_chunk_size, config.fastcap_column_block) == (
         ".*fc2", 8, 9, 4)

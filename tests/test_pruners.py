@@ -71,12 +71,15 @@ def test_bad_config_values():
         PruningConfig(method="cap", structure="2:4", sparsity=0.75)
 
 
-def test_backbone_without_logits_needs_a_head_or_loss():
+def test_backbone_without_logits_gets_the_feature_fisher_or_a_clear_error():
     from transformers import ViTModel
 
     backbone = ViTModel(tiny_vit_config())
-    with pytest.raises(ValueError, match="returns no logits"):
-        oneshot_prune(backbone, small_config("cap", 0.5, num_grads=2), random_batches(2))
+    with pytest.raises(ValueError, match="has no classification head, so the cross-entropy Fisher has no logits"):
+        oneshot_prune(backbone, small_config("cap", 0.5, num_grads=2, fisher_objective="cross_entropy"),
+                      random_batches(2))
+    report = oneshot_prune(backbone, small_config("cap", 0.5, num_grads=2), random_batches(2))  # auto: features
+    assert abs(report.overall - 0.5) < 1e-3
 
 
 @pytest.mark.parametrize("method", METHODS)
