@@ -139,12 +139,14 @@ def gradual(args: BenchFeatures, model, processor, evaluator: FeatureEvaluator, 
 
 def render(args: BenchFeatures, records: list[dict], wall: float, levels: list[float]) -> str:
     dense = next(r for r in records if r["method"] == "dense")
+    damping = ", ".join(f"{m.upper()}: " + PruningConfig(method=m, num_grads=args.num_grads,
+                                                           fisher_block_size=args.fisher_block_size).describe_dampening()
+                        for m in ("cap", "obs"))
     lines = [SECTION, "", f"Command: `{command_line('bench_features.py')}`", "",
              f"Machine: {machine()}. Wall time: {wall:.0f} s.", "",
              f"The Fashion-MNIST ViT teacher (`{args.teacher_dir}`, 6x192) as a backbone: the CLS token of its "
              f"last layer. One-shot, no fine-tuning; Fisher: {args.num_grads} gradients of {args.grad_batch_size} "
-             f"training images, B={args.fisher_block_size}, the default dampening (CAP: relative 1e-2, OBS: absolute "
-             "1e-7); `features`: random projections of the CLS feature (no labels), `cross_entropy`: the labels "
+             f"training images, B={args.fisher_block_size}, the default dampening ({damping}); `features`: random projections of the CLS feature (no labels), `cross_entropy`: the labels "
              f"through the classifier's head (the labelled path of before). k-NN: weighted, k=20, T=0.07, bank = "
              f"{args.bank_samples} training images; probe: logistic regression on the bank's features; cosine: "
              f"pruned vs dense features; on {args.eval_samples} test images. Dense: k-NN "
