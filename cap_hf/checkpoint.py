@@ -162,9 +162,10 @@ def check_weights_present(folder: str | Path) -> None:
 
 def load_pruned_model(folder: str | Path, **kwargs) -> nn.Module:
     """from_pretrained with the right Auto class, refusing any missing, unexpected or resized weight."""
-    from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+    from transformers import AutoConfig
 
     import cap_hf.modeling  # noqa: F401  registers the physically smaller model classes
+    from cap_hf.models import from_pretrained_as_saved
 
     check_weights_present(folder)
     config = AutoConfig.from_pretrained(folder)
@@ -172,13 +173,7 @@ def load_pruned_model(folder: str | Path, **kwargs) -> nn.Module:
     if quant:
         raise CheckpointError(f"{folder}/config.json has a quantization_config ({dict(quant).get('quant_method')}); "
                               "cap_hf checkpoints are plain dense safetensors.")
-    classifier = any(a.endswith("ForImageClassification") for a in (config.architectures or []))
-    auto = AutoModelForImageClassification if classifier else AutoModel
-    model, info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
-    missing = info.get("missing_keys") or ()
-    if missing and all(k.split(".")[0] == "pooler" for k in missing) and "add_pooling_layer" not in kwargs:
-        # a backbone saved without its pooler (e.g. ViTModel(add_pooling_layer=False)): load it the same way
-        model, info = auto.from_pretrained(folder, output_loading_info=True, add_pooling_layer=False, **kwargs)
+    model, info = from_pretrained_as_saved(str(folder), **kwargs)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
         raise CheckpointError(f"{folder} does not load cleanly: {problems}.")

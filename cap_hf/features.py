@@ -86,13 +86,18 @@ class FeatureFisherLoss:
         return (features * v).sum() / math.sqrt(scale)
 
 
+def fisher_objective(config, model: nn.Module) -> str:
+    """The recipe's (a PruningConfig) objective for this model: 'auto' is 'features' for a backbone without a
+    head (unless label_free_fisher asks for sampled labels), else 'cross_entropy'."""
+    if config.fisher_objective != "auto":
+        return config.fisher_objective
+    return "features" if is_backbone(model) and not config.label_free_fisher else "cross_entropy"
+
+
 def fisher_loss(config, model: nn.Module) -> FeatureFisherLoss | None:
-    """The Fisher's loss_fn for a recipe (a PruningConfig) and model: FeatureFisherLoss for the 'features'
-    objective ('auto': for a backbone without a head), None for the default cross-entropy of the logits."""
-    objective = config.fisher_objective
-    if objective == "auto":
-        objective = "features" if is_backbone(model) and not config.label_free_fisher else "cross_entropy"
-    if objective != "features":
+    """The Fisher's loss_fn: FeatureFisherLoss for the 'features' objective, None for the default
+    cross-entropy of the logits (cap_hf.fisher.default_loss)."""
+    if fisher_objective(config, model) != "features":
         return None
     return FeatureFisherLoss(config.feature_pooling, seed=int(config.calibration_seed or 0))
 
@@ -224,14 +229,15 @@ def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, ar
     split or the bank, feature cosine alone, and the log says why."""
     from cap_hf.data import collate, prepare_splits
 
-    bank, _, _ = prepare_splits(dataset_name, processor, model.config.num_channels, image_column, label_column,
-                                args.knn_bank_split, eval_split, args.max_knn_bank_samples,
-                                train_needs_labels=False, eval_needs_labels=False, seed=seed)
+    bank = None
     if label_column not in evaluation.column_names:
         logger.warning("The evaluation split has no label column %r: reporting feature cosine alone (k-NN and the "
                        "linear probe need labels).", label_column)
-        bank = None
-    elif label_column not in bank.column_names:
+    else:
+        bank, _, _ = prepare_splits(dataset_name, processor, model.config.num_channels, image_column, label_column,
+                                    args.knn_bank_split, eval_split, args.max_knn_bank_samples,
+                                    train_needs_labels=False, eval_needs_labels=False, seed=seed)
+    if bank is not None and label_column not in bank.column_names:
         logger.warning("The k-NN bank split has no label column %r: reporting feature cosine alone; name a labelled "
                        "split with --knn_bank_split.", label_column)
         bank = None

@@ -89,15 +89,27 @@ def load_classifier(name_or_path: str):
     return AutoModelForImageClassification.from_pretrained(name_or_path), processor
 
 
+def saved_as_classifier(architectures: list[str] | None) -> bool:
+    """Whether a checkpoint's config `architectures` name an *ForImageClassification class (else: a backbone)."""
+    return any(name.endswith("ForImageClassification") for name in architectures or [])
+
+
+def from_pretrained_as_saved(name_or_path: str, **kwargs):
+    """(model, loading info) through the Auto class the checkpoint was saved as: a classifier through
+    AutoModelForImageClassification, a backbone (DINO's ViTModel, Dinov2Model, ...) through AutoModel with no
+    head added, and, when it was saved without its pooler (ViTModel(add_pooling_layer=False)), without one."""
+    classifier = saved_as_classifier(AutoConfig.from_pretrained(name_or_path).architectures)
+    auto = AutoModelForImageClassification if classifier else AutoModel
+    model, info = auto.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    missing = info.get("missing_keys") or ()
+    if missing and all(k.split(".")[0] == "pooler" for k in missing) and "add_pooling_layer" not in kwargs:
+        model, info = auto.from_pretrained(name_or_path, output_loading_info=True, add_pooling_layer=False, **kwargs)
+    return model, info
+
+
 def load_model(name_or_path: str):
-    """(model, image processor) as the checkpoint was saved: a classifier (its config's architectures name an
-    *ForImageClassification class) through AutoModelForImageClassification, a backbone (DINO's ViTModel,
-    Dinov2Model, ...) through AutoModel, with no head added."""
-    processor = load_image_processor(name_or_path)
-    architectures = AutoConfig.from_pretrained(name_or_path).architectures or []
-    if any(name.endswith("ForImageClassification") for name in architectures):
-        return AutoModelForImageClassification.from_pretrained(name_or_path), processor
-    return AutoModel.from_pretrained(name_or_path), processor
+    """(model, image processor) as the checkpoint was saved (from_pretrained_as_saved)."""
+    return from_pretrained_as_saved(name_or_path)[0], load_image_processor(name_or_path)
 
 
 def load_for_labels(name_or_path: str, label_names: list[str] | None):

@@ -14,6 +14,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
 from cap_hf.config import PruningConfig
+from cap_hf.models import saved_as_classifier
 from cap_hf.plots import plot_layer_sparsity
 
 TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
@@ -179,7 +180,7 @@ def build_model_card(
     if sparse_acc is None and "eval_knn_accuracy" in results:  # k-NN top-1 is a backbone's headline accuracy
         sparse_acc, dense_acc = results["eval_knn_accuracy"], results.get("dense_knn_accuracy")
 
-    classifier = any(a.endswith("ForImageClassification") for a in config.get("architectures") or [])
+    classifier = saved_as_classifier(config.get("architectures"))
     tags = ["sparse", "sparsity", "pruned", record["method"], "cap_hf", "vision",
             "unstructured-sparsity" if record["structure"] == "unstructured" else f"{record['structure']}-sparsity"]
     eval_results = None

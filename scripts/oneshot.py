@@ -31,7 +31,7 @@ from cap_hf.calibration import calibration_loader, calibration_seed
 from cap_hf.cli import parse_args
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate, prepare_splits
-from cap_hf.features import FeatureEvalArguments, backbone_evaluator, fisher_loss, is_backbone
+from cap_hf.features import FeatureEvalArguments, backbone_evaluator, fisher_objective, is_backbone
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_model
 from cap_hf.oneshot import METRICS, main_metric, oneshot_sweep
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         check_budget(model, config, methods)
     except MemoryBudgetError as err:
         raise SystemExit(f"error: {err}") from None
-    needs_labels = fisher_loss(config, model) is None and not config.label_free_fisher
+    needs_labels = fisher_objective(config, model) == "cross_entropy" and not config.label_free_fisher
     try:
         train, evaluation, _ = prepare_splits(
             args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,

@@ -38,7 +38,13 @@ from cap_hf.features import FeatureEvalArguments, backbone_evaluator
 from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.masks import SparsityMismatchError
 from cap_hf.metrics import compute_metrics
-from cap_hf.models import load_classifier, load_for_labels, load_image_processor, load_model
+from cap_hf.models import (
+    load_classifier,
+    load_for_labels,
+    load_image_processor,
+    load_model,
+    saved_as_classifier,
+)
 from cap_hf.oneshot import METRICS
 from cap_hf.probe import train_linear_probe
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
@@ -118,8 +124,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         raise SystemExit(f"error: {err}") from None
     channels = getattr(model_config, "num_channels", 3)
     # a backbone (no *ForImageClassification in its architectures) is pruned on its features, without labels
-    backbone = not any(a.endswith("ForImageClassification") for a in model_config.architectures or []) \
-        and config.fisher_objective != "cross_entropy"
+    backbone = not saved_as_classifier(model_config.architectures) and config.fisher_objective != "cross_entropy"
     if backbone and config.label_free_fisher:
         raise SystemExit(f"error: --label_free_fisher samples labels from a classifier's predictions, and "
                          f"{model_args.model_name_or_path} is a backbone without a head: it gets the Fisher of its "
