@@ -81,7 +81,7 @@ class PruningConfig:
                 "attention q/k/v/o and MLP weights; every Linear/Conv2d outside stem and head otherwise."})
     ignore: str | None = field(default=None, metadata={"help": "Regex of module names never to prune."})
     num_grads: int = field(default=1024, metadata={
-        "help": "Mini-batch gradients for the empirical Fisher (m); shared out over processes."})
+        "help": "Mini-batch gradients for the empirical Fisher (m), in all: each process computes its share."})
     grad_batch_size: int = field(default=32, metadata={"help": "Images per Fisher gradient."})
     fisher_block_size: int = field(default=192, metadata={"help": "Fisher block size B (paper: 192 for ViT)."})
     damp: float | None = field(default=None, metadata={
@@ -113,8 +113,9 @@ class PruningConfig:
     fisher_accumulation: str = field(default="auto", metadata={
         "help": "CAP/OBS: 'inverse' updates F^-1 directly, 16 gradients at a time (Woodbury; as accurate as the "
                 "paper's one-at-a-time Sherman-Morrison); 'sum' accumulates outer products and inverts by Cholesky "
-                "(the only one that sums across processes, but ~1e-3 relative error in F^-1 when damp is tiny next "
-                "to the gradients); 'auto': 'inverse' in one process, 'sum' under torch.distributed."})
+                "(~1e-3 relative error in F^-1 when damp is tiny next to the gradients); 'auto': 'inverse'. Under "
+                "several processes each layer's Fisher is built by one rank from every rank's gradients, so both "
+                "work there as in one process."})
     grad_chunk_size: int = field(default=32, metadata={
         "help": "Gradients buffered per batched Fisher update (at most 16, one Woodbury update, with 'inverse')."})
     elimination_chunk_size: int = field(default=64, metadata={
@@ -128,6 +129,11 @@ class PruningConfig:
     offload_dir: str | None = field(default=None, metadata={
         "help": "Folder for results that do not fit in memory under max_memory_gb (default: the system temp "
                 "folder). Always removed after the step."})
+    dist_timeout: float | None = field(default=None, metadata={
+        "help": "Under several processes: seconds a rank waits for the others in the pruning step's collectives "
+                "before it stops with an error naming the step's phase (a failed or stuck rank). Default: the "
+                "process group's own timeout (accelerate's, or --ddp_timeout: 30 min). Ranks wait for each other "
+                "between layer groups, so allow for the slowest rank's share of a group."})
     device: str | None = field(default=None, metadata={"help": "Device for the Fisher math (default: the model's)."})
     calibration_seed: int | None = field(default=None, metadata={
         "help": "Seed of the calibration batches' order and of label-free Fisher labels (with the pruning step and "
@@ -178,6 +184,8 @@ class PruningConfig:
         if self.max_memory_gb is not None and not (0 < float(self.max_memory_gb) < float("inf")):
             raise ValueError(f"max_memory_gb must be a positive number of GB (or None for no limit), "
                              f"got {self.max_memory_gb}.")
+        if self.dist_timeout is not None and not (0 < float(self.dist_timeout) < float("inf")):
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got {self.dist_timeout}.")
         if self.fisher_accumulation not in ("auto", "inverse", "sum"):
             raise ValueError(f"fisher_accumulation must be 'auto', 'inverse' or 'sum', got {self.fisher_accumulation!r}.")
 
@@ -197,20 +205,14 @@ class PruningConfig:
 
     @property
     def accumulation(self) -> str:
-        """fisher_accumulation with 'auto' resolved: 'sum' when several processes must add their shares."""
-        if self.fisher_accumulation != "auto":
-            return self.fisher_accumulation
-        import torch.distributed as dist
-
-        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        return "sum" if several else "inverse"
+        """fisher_accumulation with 'auto' resolved ('inverse')."""
+        return "inverse" if self.fisher_accumulation == "auto" else self.fisher_accumulation
 
     @property
     def dampening(self) -> dict[str, float | None]:
         """The Fisher's dampening as collect_fisher takes it ({'damp': absolute} or {'relative_damp': r}, the
         other None): the recipe's, else the method's default (a relative one x SINGULAR_DAMP_FACTOR when
-        num_grads < fisher_block_size). num_grads is the total over processes: a process's share of the
-        gradients must carry the dampening of the whole (see CAPPruningCallback)."""
+        num_grads < fisher_block_size). num_grads is the total over processes (each computes its share)."""
         if self.damp is not None:
             return {"damp": float(self.damp), "relative_damp": None}
         if self.relative_damp is not None:

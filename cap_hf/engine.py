@@ -30,6 +30,7 @@ from cap_hf.masks import SparsityReport, current_masks, sparsity_report
 from cap_hf.memory import PhaseProfiler
 from cap_hf.methods import Layer, canonical_name, get_method
 from cap_hf.plan import MemoryPlan, fisher_kinds, plan_step
+from cap_hf.ranks import Ranks
 from cap_hf.selection import select_pruned, weight_blocks, write_blocks
 from cap_hf.store import Store
 from cap_hf.targets import find_targets
@@ -79,6 +80,10 @@ class Pruner:
         self.damps: dict[str, float] = {}  # the dampening each layer's block Fisher got (absolute value)
         self.dampening_config = self._dampening_config()
         self._store: Store | None = None
+        self.ranks = Ranks.current(config.dist_timeout)  # one process, or the step shared out (cap_hf.ranks)
+        if self.ranks.distributed and any(k.fisher for k in self.methods.values()) and config.num_grads < self.ranks.world:
+            raise ValueError(f"num_grads={config.num_grads} is less than the {self.ranks.world} processes, so some would "
+                             "compute no gradient; raise num_grads.")
 
     def _dampening_config(self) -> PruningConfig:
         """The config whose dampening the shared block Fisher takes: the recipe's own method when it needs
@@ -104,9 +109,24 @@ class Pruner:
         self.close()
 
     def close(self) -> None:
+        self._close_store()
+        self.ranks.close()
+
+    def _close_store(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    def owns(self, name: str) -> bool:
+        """Whether this process prunes layer `name` (always, in one process)."""
+        return self.plan is None or self.plan.owners.get(name, 0) == self.ranks.rank
+
+    def _agreement(self) -> dict:
+        """What every rank must hold alike for the step to be shared out."""
+        local = ("device", "offload_dir", "calibration_seed")  # may differ between ranks
+        return {"targets": [(name, tuple(m.weight.shape), self.block_sizes[name]) for name, m in self.targets.items()],
+                "methods": list(self.methods),
+                "recipe": {k: v for k, v in sorted(self.config.to_dict().items()) if k not in local}}
 
     def _phase(self, name: str):
         return self.profiler.phase(name)
@@ -119,7 +139,7 @@ class Pruner:
         Fisher gradient; an iterable, or a callable returning one. When the plan has several layer groups
         the batches are read once per group and must be the same each time (a list, a DataLoader without
         random augmentation; checked)."""
-        self.close()
+        self._close_store()
         kernels = list(self.methods.values())
         kinds = fisher_kinds(kernels)
         if kinds and calibration_batches is None:
@@ -127,8 +147,11 @@ class Pruner:
             raise ValueError(f"Methods {needing} need calibration data for their Fisher: pass calibration_batches "
                              "(e.g. cap_hf.calibration.calibration_loader(...)).")
         cfg = self.config
+        ranks = self.ranks
+        ranks.agree(self._agreement(), "pruning step (targets and recipe)")
+        share = ranks.shares(cfg.num_grads)[ranks.rank]
         if kinds:
-            check_enough_batches(first_pass(calibration_batches), cfg.num_grads)
+            check_enough_batches(first_pass(calibration_batches), share)
         replay: Replay | None = None
 
         def replayed() -> Replay:  # only a step in several groups reads the batches more than once
@@ -139,18 +162,21 @@ class Pruner:
         with self._phase("plan"):
             self.plan = plan = plan_step(
                 self.model, self.targets, kernels, cfg, self.block_sizes, loss_fn=self.loss_fn, device=self.device,
-                max_group_bytes=self.max_group_bytes, store=self.forced_store,
+                max_group_bytes=self.max_group_bytes, store=self.forced_store, ranks=ranks,
                 probe=(lambda: _first_batch(replayed()())) if kinds else None)
+        ranks.agree({"groups": plan.groups, "owners": plan.owners, "store": plan.store}, "memory plan")
         if len(plan.groups) > 1:
             replayed()
-        if plan.budget_bytes is not None:
-            logger.info("Pruning step (%s): %s", ", ".join(self.methods), plan.describe())
+        if plan.budget_bytes is not None or ranks.distributed:
+            logger.info("Pruning step (%s)%s: %s", ", ".join(self.methods),
+                        f" on rank {ranks.rank}" if ranks.distributed else "", plan.describe())
         self._store = Store(plan.store, cfg.offload_dir)
         self.scores = {name: {} for name in self.methods}
         self.damps = {}
         if not kinds:
             for name in self.targets:
-                self._prepare_layer(name, {})
+                if self.owns(name):
+                    self._prepare_layer(name, {})
             return plan
         for index, group in enumerate(plan.groups):
             group_targets = {name: self.targets[name] for name in group}
@@ -160,9 +186,11 @@ class Pruner:
                 kinds, grad_chunk_size=cfg.grad_chunk_size, device=self.device, accumulate=cfg.accumulation,
                 **self.dampening_config.dampening, profiler=self.profiler, masks=current_masks(group_targets),
                 label_free=cfg.label_free_fisher, loss_fn=self.loss_fn, seed=int(cfg.calibration_seed or 0),
-                progress=progress, on_batch=replay.check if replay is not None else None)
-            self.num_grads = next(iter(fishers.values())).count
+                progress=progress, on_batch=replay.check if replay is not None else None,
+                owners=plan.owners, ranks=ranks)
             for name in group:
+                if not self.owns(name):
+                    continue
                 stats = {}
                 with self._phase("inversion"):
                     if "block" in fishers:
@@ -175,7 +203,10 @@ class Pruner:
             del fishers
             if len(plan.groups) > 1:
                 logger.info("Layer group %d/%d done (%d layers).", index + 1, len(plan.groups), len(group))
-        if self.damps:
+        self.num_grads = cfg.num_grads  # over all processes (iter_gradients checked each share)
+        if "block" in kinds:  # every rank knows every layer's dampening (records, model cards)
+            values = ranks.sum([self.damps.get(name, 0.0) for name in self.targets], "dampening of the layers")
+            self.damps = dict(zip(self.targets, values, strict=True))
             low, high = min(self.damps, key=self.damps.get), max(self.damps, key=self.damps.get)
             logger.info("Fisher dampening %s: from %.2e (%s) to %.2e (%s).", self.dampening_config.describe_dampening(),
                         self.damps[low], low, self.damps[high], high)
@@ -212,18 +243,30 @@ class Pruner:
         config = self.configs[method]
         config = config.replace(sparsity=config.sparsity if sparsity is None else float(sparsity))  # validates
         targets = self.targets if model is None else _same_modules(model, self.targets)
+        ranks = self.ranks
+        if ranks.distributed:
+            ranks.agree({"method": method, "sparsity": config.sparsity}, "pruning to apply")
+        kernel = self.methods[method]
         with self._phase("selection"):
             kept = self.scores[method]  # in model order, whatever the order of the groups (ties break alike)
             scores = {name: kept[name] for name in self.targets if name in kept}
-            pruned = select_pruned(scores, config.sparsity, config.sparsity_distribution) if scores else {}
-        kernel = self.methods[method]
+            scored = ranks.sum([len(scores)], "selection")[0] > 0  # a method scores on every rank or on none
+            sizes = {name: self.targets[name].weight.numel() for name in self.targets}
+            pruned = select_pruned(scores, config.sparsity, config.sparsity_distribution, sizes, ranks) if scored \
+                else {}
         for name, module in targets.items():
+            if not self.owns(name):
+                continue
             with self._phase("write-back"):
                 w = weight_blocks(module, self.block_sizes[name], self.device)
                 mask = pruned.get(name)
                 new = kernel.apply_layer(self._layer(method, name, w, {}),
                                          mask.to(w.device) if mask is not None else None, config.sparsity)
                 write_blocks(module, new)
+        if ranks.distributed:
+            with self._phase("broadcast"):  # every rank ends with every owner's weights
+                for name, module in targets.items():
+                    _broadcast_weight(module, self.plan.owners[name], ranks)
         return sparsity_report(targets)
 
     # ---- timings -------------------------------------------------------------------------------------------
@@ -235,6 +278,15 @@ class Pruner:
     def prepare_seconds(self, method: str) -> float:
         """Time of one method's kernels during prepare."""
         return self.profiler.seconds(f"prepare:{canonical_name(method)}")
+
+
+@torch.no_grad()
+def _broadcast_weight(module: nn.Module, owner: int, ranks: Ranks) -> None:
+    data = module.weight.data
+    buffer = data if data.is_contiguous() else data.contiguous()
+    ranks.broadcast(buffer, owner, f"broadcast of the new weights of a layer from rank {owner}")
+    if buffer is not data:
+        data.copy_(buffer)
 
 
 def _first_batch(batches: Iterable) -> Mapping:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cap_hf.memory import PhaseProfiler, maybe_phase
+from cap_hf.ranks import Ranks, interleave_index, rows_per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +54,10 @@ class BlockFisher:
     kind="shared": one (B, B) matrix per tensor, summed over its blocks (FastCAP).
 
     accumulate="sum" keeps the running sums of outer products and a count (one baddbmm per chunk of
-    gradients); they can be all-reduced across processes, and inverse() inverts by Cholesky. Forming F
+    gradients), and inverse() inverts by Cholesky. Forming F
     in fp32 costs accuracy when damp is tiny next to the gradients: at condition numbers ~1e5 (damp 1e-7,
     ViT gradients) the inverse is off by ~1e-3 relative, enough to change a few greedy choices.
-    accumulate="inverse" (kind "block", one process) keeps F^-1 itself, starting at I/damp and updated
+    accumulate="inverse" (kind "block") keeps F^-1 itself, starting at I/damp and updated
     per WOODBURY_RANK gradients with the Woodbury identity, Q <- Q - Q G^T (I + G Q G^T)^-1 G Q with
     G = gradients/sqrt(m): the paper's Sherman-Morrison estimator, 16 updates at a time, with its
     accuracy (~3e-5 there) for about twice the arithmetic of "sum" and no inversion at the end. It needs
@@ -121,21 +123,6 @@ class BlockFisher:
                 total.addmm_(rows.T, rows)
         if chunk is not None:
             self.count += chunk
-
-    def all_reduce(self) -> None:
-        """Sum the statistics over all processes of an initialised torch.distributed group."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        if self.accumulate == "inverse":
-            if torch.distributed.get_world_size() > 1:
-                raise ValueError("An inverse Fisher cannot be summed across processes; use "
-                                 "fisher_accumulation='sum' (or 'auto') with several processes.")
-            return
-        for total in self.sums.values():
-            torch.distributed.all_reduce(total)
-        count = torch.tensor([self.count], dtype=torch.float64, device=next(iter(self.sums.values())).device)
-        torch.distributed.all_reduce(count)
-        self.count = int(count.item())
 
     def mean(self, name: str) -> torch.Tensor:
         if self.accumulate == "inverse":
@@ -382,7 +369,7 @@ def relative_dampening(grads: Mapping[str, torch.Tensor], fraction: float,
     """damp = fraction * the mean of each layer's Fisher diagonal over its weights still kept, estimated
     from the first DAMP_ESTIMATE_ROWS rows of `grads` ({name: (c, numel)}, the step's first chunk of
     gradients, already masked). The mean over kept weights keeps the dampening of a layer the same at any sparsity.
-    Distributed: the mean of the ranks' estimates, so every rank uses the same value."""
+    Under several processes the owner of a layer estimates it from the same rows one process would use."""
     damps = {}
     for name, rows in grads.items():
         rows = rows[:DAMP_ESTIMATE_ROWS]
@@ -398,11 +385,6 @@ def relative_dampening(grads: Mapping[str, torch.Tensor], fraction: float,
                 "dampening (a fraction of its Fisher diagonal) has no scale. If the loss does not depend on this "
                 "layer, exclude it with --ignore; otherwise give an absolute --damp.")
         damps[name] = fraction * mean
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        device = next(iter(grads.values())).device
-        values = torch.tensor(list(damps.values()), dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(values)
-        damps = dict(zip(damps, (values / torch.distributed.get_world_size()).tolist(), strict=True))
     return damps
 
 
@@ -420,22 +402,45 @@ def collect_fisher(
     damp: float | None = None,
     relative_damp: float | None = None,
     profiler: PhaseProfiler | None = None,
+    owners: Mapping[str, int] | None = None,
+    ranks: Ranks | None = None,
     **gradient_options,
 ) -> dict[str, BlockFisher]:
-    """The Fisher statistics of `kinds` ('block', 'shared') from `num_grads` gradients (iter_gradients,
-    whose options pass through), `grad_chunk_size` at a time, summed over processes at the end.
+    """The Fisher statistics of `kinds` ('block', 'shared') from `num_grads` gradients in all (iter_gradients,
+    whose options pass through), `grad_chunk_size` at a time.
+
+    Several processes (`ranks`, cap_hf.ranks): each computes its share of the gradients from its own
+    `batches`, and every chunk's rows go to the owner of each layer (`owners`: {layer: rank}, all-to-all),
+    interleaved as one process reading batches[r::world] on rank r would meet them; the Fisher returned holds
+    only this rank's layers, built from every rank's gradients with the one-process math (the 'inverse'
+    accumulation included).
 
     The 'block' kind carries its dampening (BlockFisher.damps): `damp` (absolute), or `relative_damp`
     times the mean Fisher diagonal of each layer, estimated from the first gradients (relative_dampening).
     accumulate='inverse' builds the 'block' kind as its inverse directly (see BlockFisher), which is why
-    the dampening is fixed before the first update. `profiler` times the accumulation as "fisher"."""
+    the dampening is fixed before the first update. `profiler` times the accumulation as "fisher" and the
+    rows sent between ranks as "exchange"."""
     if damp is not None and relative_damp is not None:
         raise ValueError("Give damp (absolute) or relative_damp, not both.")
     kinds = list(kinds)
+    ranks = ranks or Ranks()
+    owners = {name: int((owners or {}).get(name, 0)) for name in targets}
     device = torch.device(device) if device is not None else next(model.parameters()).device
     numels = {name: module.weight.numel() for name, module in targets.items()}
-    chunk = gradient_rows(grad_chunk_size, num_grads, accumulate, kinds)
-    buffers = {name: torch.empty(chunk, n, device=device) for name, n in numels.items()}
+    mine = [name for name in targets if owners[name] == ranks.rank]
+    shares = ranks.shares(num_grads)
+    first_rows = gradient_rows(grad_chunk_size, num_grads, accumulate, kinds)  # one process's first chunk
+    per_rank = rows_per_rank(first_rows, ranks.world)
+    # one send buffer, one (per_rank, numel) slot per layer, laid out by owner: the all-to-all's segments
+    layout = sorted(targets, key=lambda name: owners[name])
+    send = torch.empty(per_rank * sum(numels.values()), device=device)
+    slots, offset = {}, 0
+    for name in layout:
+        slots[name] = send[offset:offset + per_rank * numels[name]].view(per_rank, numels[name])
+        offset += per_rank * numels[name]
+    send_sizes = [per_rank * sum(numels[n] for n in targets if owners[n] == r) for r in range(ranks.world)]
+    owned = sum(numels[name] for name in mine)
+    receive = torch.empty(ranks.world * per_rank * owned, device=device) if ranks.distributed else None
     fishers: dict[str, BlockFisher] = {}
 
     def create(first: Mapping[str, torch.Tensor]) -> None:  # once the first gradients are in
@@ -445,23 +450,39 @@ def collect_fisher(
             damps = relative_dampening(first, relative_damp, masks)
         for kind in kinds:
             inverse = accumulate == "inverse" and kind == "block"
-            fishers[kind] = BlockFisher(numels, block_size, kind, device=device, damp=damps if kind == "block" else None,
-                                        **({"accumulate": "inverse", "num_grads": num_grads} if inverse else {}))
+            fishers[kind] = BlockFisher({name: numels[name] for name in mine}, block_size if not isinstance(
+                block_size, Mapping) else {name: block_size[name] for name in mine}, kind, device=device,
+                damp=damps if kind == "block" else None,
+                **({"accumulate": "inverse", "num_grads": num_grads} if inverse else {}))
 
-    row = 0
-    for index, grads in enumerate(iter_gradients(model, targets, batches, num_grads, profiler=profiler,
-                                                 **gradient_options)):
-        for name, g in grads.items():
-            buffers[name][row].copy_(g)
-        del grads, g  # in the buffers now
-        row += 1
-        if row == chunk or index == num_grads - 1:
-            with maybe_phase(profiler, "fisher"):
-                if not fishers:
-                    create({name: buf[:row] for name, buf in buffers.items()})
-                for fisher in fishers.values():
-                    fisher.add({name: buf[:row] for name, buf in buffers.items()})
-            row = 0
-    for fisher in fishers.values():
-        fisher.all_reduce()
+    gradients = iter_gradients(model, targets, batches, shares[ranks.rank], profiler=profiler, **gradient_options)
+    for exchange in range(math.ceil(max(shares) / per_rank)):
+        counts = [max(0, min(per_rank, share - exchange * per_rank)) for share in shares]
+        for row in range(counts[ranks.rank]):
+            grads = next(gradients)
+            for name, g in grads.items():
+                slots[name][row].copy_(g)
+            del grads, g  # in the send buffer now
+        if ranks.distributed:
+            with maybe_phase(profiler, "exchange"):
+                ranks.exchange(send, send_sizes, receive, [per_rank * owned] * ranks.world,
+                               f"exchange of gradient rows {exchange}")
+                index = interleave_index(counts, per_rank, device)
+                stacked = receive.view(ranks.world, per_rank * owned)
+                rows, offset = {}, 0
+                for name in layout:
+                    if owners[name] == ranks.rank:
+                        part = stacked[:, offset:offset + per_rank * numels[name]]
+                        rows[name] = part.reshape(ranks.world * per_rank, numels[name]).index_select(0, index)
+                        offset += per_rank * numels[name]
+        else:
+            rows = {name: slots[name][:counts[0]] for name in mine}
+        with maybe_phase(profiler, "fisher"):
+            if not fishers:
+                create({name: r[:first_rows] for name, r in rows.items()})
+            for fisher in fishers.values():
+                fisher.add(rows)
+        del rows
+    for _ in gradients:  # runs iter_gradients' own end-of-data check
+        pass
     return fishers

@@ -32,6 +32,7 @@ from cap_hf.fisher import (
 )
 from cap_hf.memory import GB, device_memory_bytes, hwm_bytes, reset_hwm, rss_bytes
 from cap_hf.methods import PruningMethod, get_method
+from cap_hf.ranks import Ranks, assign_owners, rows_per_rank
 from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class MemoryPlan:
     group_bytes: list[int] = field(default_factory=list)
     store_bytes: int = 0
     adjusted: dict[str, int] = field(default_factory=dict)  # layers whose block size is not B
+    owners: dict[str, int] = field(default_factory=dict)  # the rank that builds each layer's Fisher and prunes it
+    world: int = 1
 
     def describe(self) -> str:
         if self.budget_bytes is None:
@@ -70,6 +73,9 @@ class MemoryPlan:
                      f"{len(self.groups)} layer group(s), Fisher + working memory per group (GB): "
                      + ", ".join(f"{b / GB:.2f}" for b in self.group_bytes),
                      f"results kept in {self.store} ({self.store_bytes / GB:.2f} GB)"]
+        if self.world > 1:
+            lines.append(f"{self.world} ranks, sizes per rank (the busiest), layers per rank: "
+                         + ", ".join(str(sum(1 for o in self.owners.values() if o == r)) for r in range(self.world)))
         if self.adjusted:
             lines.append("block size adjusted to divide the layer: "
                          + ", ".join(f"{n} -> {b}" for n, b in self.adjusted.items()))
@@ -80,20 +86,45 @@ def fisher_kinds(methods: Sequence[PruningMethod]) -> list[str]:
     return sorted({m.fisher for m in methods if m.fisher})
 
 
-def layer_bytes(numel: int, block: int, kinds: Sequence[str], config) -> int:
-    """Peak bytes one layer adds to its group: its Fisher blocks (turned into the inverse in place), the
-    gradient buffers and autograd's gradient; then the inverse with the kernels' weights and scores."""
-    chunk = gradient_rows(config.grad_chunk_size, config.num_grads, config.accumulation, kinds)
+@dataclass(frozen=True)
+class LayerCost:
+    """Bytes one layer adds to a group: on every rank during the gradient pass (its gradient rows, autograd's
+    gradient), on its owner during the pass (its Fisher blocks, and with several ranks the rows received for
+    it), and on its owner afterwards (the inverse with the kernels' weights and scores)."""
+
+    every: int
+    owner: int
+    prepare: int
+
+
+def layer_cost(numel: int, block: int, kinds: Sequence[str], config, world: int = 1) -> LayerCost:
+    rows = gradient_rows(config.grad_chunk_size, config.num_grads, config.accumulation, kinds)
     fisher = block if "block" in kinds else 0
-    gradients = numel * FLOAT * (fisher + chunk + 1)
-    prepare = numel * FLOAT * fisher + numel * (FLOAT + FLOAT + 8)
-    return max(gradients, prepare)
+    return LayerCost(every=numel * FLOAT * (rows_per_rank(rows, world) + 1),
+                     owner=numel * FLOAT * (fisher + (rows if world > 1 else 0)),
+                     prepare=numel * FLOAT * fisher + numel * (FLOAT + FLOAT + 8))
+
+
+def balance_cost(numels: Mapping[str, int], blocks: Mapping[str, int]) -> dict[str, int]:
+    """What the owners are balanced on: each layer's Fisher size (memory, accumulation and elimination all grow
+    with it)."""
+    return {name: numels[name] * blocks[name] for name in numels}
+
+
+def rank_bytes(group: Sequence[str], owners: Mapping[str, int], costs: Mapping[str, LayerCost], world: int) -> list[int]:
+    """Peak bytes of a group on each rank: every layer's gradient rows plus the owned layers' Fisher during the
+    pass, or the owned layers' inverses and kernels after it."""
+    every = sum(costs[name].every for name in group)
+    return [max(every + sum(costs[n].owner for n in group if owners[n] == r),
+                sum(costs[n].prepare for n in group if owners[n] == r)) for r in range(world)]
 
 
 def overhead_bytes(numels: Mapping[str, int], blocks: Mapping[str, int], methods: Sequence[PruningMethod],
-                   config) -> int:
-    """The largest chunk's working memory: inversion, Woodbury update, the kernels' own chunks."""
+                   config, world: int = 1) -> int:
+    """The largest chunk's working memory: inversion, Woodbury update, the kernels' own chunks, and with several
+    ranks one layer's received rows put in order."""
     kinds = fisher_kinds(methods)
+    rows = gradient_rows(config.grad_chunk_size, config.num_grads, config.accumulation, kinds)
     worst = 0
     for name, numel in numels.items():
         block = blocks[name]
@@ -101,13 +132,19 @@ def overhead_bytes(numels: Mapping[str, int], blocks: Mapping[str, int], methods
         if "block" in kinds:
             worst = max(worst, min(count, INVERSION_CHUNK) * block * block * FLOAT * 4,
                         min(count, WOODBURY_BLOCKS) * block * WOODBURY_RANK * FLOAT * 6)
+        if world > 1 and kinds:
+            worst = max(worst, rows_per_rank(rows, world) * world * numel * FLOAT)
         worst = max(worst, *(m.work_bytes(numel, block) for m in methods))
     return worst
 
 
-def kept_bytes(total: int, methods: Sequence[PruningMethod]) -> int:
-    """Scores and the like for the whole step, and the global threshold at apply time."""
-    return int(total * (sum(m.kept_bytes_per_weight() for m in methods) + SELECTION_PER_WEIGHT)) + MARGIN_BYTES
+def kept_bytes(numels: Mapping[str, int], methods: Sequence[PruningMethod], world: int = 1) -> int:
+    """Scores and the like of the layers a rank owns, and the global threshold at apply time: at most a
+    rank's even share plus the largest layer (the balance of assign_owners)."""
+    total = sum(numels.values())
+    share = total if world == 1 else -(-total // world) + max(numels.values(), default=0)
+    return int(min(total, share) * (sum(m.kept_bytes_per_weight() for m in methods) + SELECTION_PER_WEIGHT)) + \
+        MARGIN_BYTES
 
 
 def store_bytes(numels: Mapping[str, int], blocks: Mapping[str, int], methods: Sequence[PruningMethod]) -> dict:
@@ -115,15 +152,22 @@ def store_bytes(numels: Mapping[str, int], blocks: Mapping[str, int], methods: S
             for name, numel in numels.items()}
 
 
+def per_rank(values: Mapping[str, int], owners: Mapping[str, int], world: int) -> list[int]:
+    return [sum(v for name, v in values.items() if owners[name] == r) for r in range(world)]
+
+
 def all_at_once_bytes(numels: Mapping[str, int], blocks: Mapping[str, int], methods: Sequence[PruningMethod],
-                      config) -> int:
-    """Estimated peak of a one-group step on top of what the process holds: every layer's Fisher and
-    gradient buffers at once (or, when larger, all the kernels' results), scores and working memory."""
+                      config, world: int = 1) -> int:
+    """Estimated peak of a one-group step on the busiest rank, on top of what the process holds: every
+    layer's gradient rows and its own layers' Fisher at once (or, when larger, its kernels' results), scores
+    and working memory."""
     kinds = fisher_kinds(methods)
-    fishers = sum(layer_bytes(numels[n], blocks[n], kinds, config) for n in numels) if kinds else 0
-    results = sum(store_bytes(numels, blocks, methods).values())
-    return max(fishers, results) + kept_bytes(sum(numels.values()), methods) + \
-        overhead_bytes(numels, blocks, methods, config)
+    owners = assign_owners(balance_cost(numels, blocks), world)
+    costs = {n: layer_cost(numels[n], blocks[n], kinds, config, world) for n in numels}
+    fishers = rank_bytes(list(numels), owners, costs, world) if kinds else [0] * world
+    results = per_rank(store_bytes(numels, blocks, methods), owners, world)
+    return max(max(f, r) for f, r in zip(fishers, results, strict=True)) + kept_bytes(numels, methods, world) + \
+        overhead_bytes(numels, blocks, methods, config, world)
 
 
 def available_bytes(device: torch.device) -> int:
@@ -143,28 +187,32 @@ def _agree(values: list[int], op: str, device: torch.device) -> list[int]:
     return [int(v) for v in shared.tolist()]
 
 
-def _partition(order: list[str], sizes: Mapping[str, int], group_limit: int, total_limit: int | None = None,
-               extra: Mapping[str, int] | None = None) -> tuple[list[list[str]], list[int]] | None:
-    """Consecutive groups (in the given order) of at most `group_limit` bytes. With `extra`, bytes kept
-    after each layer (results in memory) are carried into every later group, and a group plus what is
-    carried must stay within `total_limit`. None when a layer cannot fit."""
+def _partition(order: list[str], group_bytes: Callable[[list[str]], list[int]], group_limit: int,
+               total_limit: int | None = None, carried_bytes: Callable[[list[str]], list[int]] | None = None,
+               world: int = 1) -> tuple[list[list[str]], list[int]] | None:
+    """Consecutive groups (in the given order) of at most `group_limit` bytes on any rank (`group_bytes(group)`:
+    one number per rank). With `carried_bytes`, what each rank keeps after a group (results in memory) is
+    carried into every later group, and a group plus what is carried must stay within `total_limit` on every
+    rank. None when a layer cannot fit."""
     total_limit = group_limit if total_limit is None else total_limit
-    groups, totals, current, total, carried = [], [], [], 0, 0
+
+    def fits(group: list[str], carried: list[int]) -> bool:
+        cost = group_bytes(group)
+        return max(cost) <= group_limit and all(c + x <= total_limit for c, x in zip(carried, cost, strict=True))
+
+    groups, current, carried = [], [], [0] * world
     for name in order:
-        need = sizes[name]
-        if current and (total + need > group_limit or carried + total + need > total_limit):
+        if current and not fits(current + [name], carried):
             groups.append(current)
-            totals.append(total)
-            carried += sum(extra[n] for n in current) if extra else 0
-            current, total = [], 0
-        if need > group_limit or carried + need > total_limit:
+            if carried_bytes is not None:
+                carried = [c + x for c, x in zip(carried, carried_bytes(current), strict=True)]
+            current = []
+        if not fits([name], carried):
             return None
         current.append(name)
-        total += need
     if current:
         groups.append(current)
-        totals.append(total)
-    return groups, totals
+    return groups, [max(group_bytes(g)) for g in groups]
 
 
 def _probe_activation_bytes(model: nn.Module, target: nn.Module, batch: Mapping, loss_fn: Callable | None,
@@ -200,12 +248,17 @@ def plan_step(
     device: torch.device | None = None,
     max_group_bytes: int | None = None,
     store: str | None = None,
+    ranks: Ranks | None = None,
 ) -> MemoryPlan:
     """One group when the step fits (`config.max_memory_gb`, or else the memory available now); otherwise
     groups within the budget (90% of what this process holds plus what is available, when none was
     given, with a warning). `probe()` gives a calibration batch to measure a backward pass (needed for
     several groups). `max_group_bytes` caps a group's Fisher further and `store` forces where results go
-    (tests and experiments: more groups, other stores, the same result)."""
+    (tests and experiments: more groups, other stores, the same result). Under several processes (`ranks`)
+    each layer of a group gets an owner rank (assign_owners) and the memory counted is the busiest rank's:
+    the budget applies per rank."""
+    ranks = ranks or Ranks()
+    world = ranks.world
     device = device or next(model.parameters()).device
     numels = {name: module.weight.numel() for name, module in targets.items()}
     blocks = dict(block_sizes)
@@ -214,13 +267,15 @@ def plan_step(
     results = store_bytes(numels, blocks, methods)
     budget = None if config.max_memory_gb is None else int(config.max_memory_gb * GB)
     if budget is None or not kinds:
-        need = all_at_once_bytes(numels, blocks, methods, config)
+        need = all_at_once_bytes(numels, blocks, methods, config, world)
         if not kinds or max_group_bytes is None:
             base, free = _agree([device_memory_bytes(device)], "MAX", device)[0], \
                 _agree([available_bytes(device)], "MIN", device)[0]
             if not kinds or need <= free:
+                owners = assign_owners(balance_cost(numels, blocks), world)
                 return MemoryPlan(groups=[list(targets)], store=store or "device", block_sizes=blocks,
-                                  group_bytes=[need], store_bytes=sum(results.values()), adjusted=adjusted)
+                                  group_bytes=[need], store_bytes=max(per_rank(results, owners, world)),
+                                  adjusted=adjusted, owners=owners, world=world)
             budget = int(0.9 * (base + free))
             logger.warning("The pruning step needs about %.1f GB at once but %.1f GB are available on %s: pruning "
                            "the layers in groups within max_memory_gb=%.1f (same result; set max_memory_gb to "
@@ -229,32 +284,45 @@ def plan_step(
             budget = device_memory_bytes(device) + available_bytes(device)
     plan = [model, targets, methods, config, blocks, adjusted, numels, results, budget]
     if probe is not None:  # what cannot fit fails before any batch is read
-        _plan_groups(*plan, None, loss_fn, device, max_group_bytes, store)
-    return _plan_groups(*plan, probe, loss_fn, device, max_group_bytes, store)
+        _plan_groups(*plan, None, loss_fn, device, max_group_bytes, store, world)
+    return _plan_groups(*plan, probe, loss_fn, device, max_group_bytes, store, world)
 
 
 def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, results, budget, probe, loss_fn, device,
-                 max_group_bytes, store) -> MemoryPlan:
+                 max_group_bytes, store, world) -> MemoryPlan:
     budget_gb = f"{budget / GB:.3g}"
     total = sum(numels.values())
     base = device_memory_bytes(device)
-    kept = kept_bytes(total, methods)
+    kept = kept_bytes(numels, methods, world)
     where = "GPU memory" if device.type == "cuda" else "host memory (RSS)"
     if base + kept > budget:
         raise MemoryBudgetError(
             f"max_memory_gb={budget_gb} cannot be met: this process already holds {base / GB:.2f} GB of {where} "
-            f"(model, data, libraries) and the scores of the {total / 1e6:.1f} M target weights and their global "
-            f"threshold need {kept / GB:.2f} GB more. Raise max_memory_gb to at least {(base + kept) / GB + 1:.1f}.")
+            f"(model, data, libraries) and the scores of the {total / 1e6:.1f} M target weights "
+            f"{'' if world == 1 else f'(its share of {world} ranks) '}and their global threshold need "
+            f"{kept / GB:.2f} GB more. Raise max_memory_gb to at least {(base + kept) / GB + 1:.1f}.")
     activation = 0
     if probe is not None:
         first = next(iter(targets))
         activation = _probe_activation_bytes(model, targets[first], probe(), loss_fn, config.label_free_fisher,
                                              device)
     base, activation = _agree([base, activation], "MAX", device)
-    overhead = overhead_bytes(numels, blocks, methods, config)
+    overhead = overhead_bytes(numels, blocks, methods, config, world)
     available = budget - base - kept - activation - overhead
     kinds = fisher_kinds(methods)
-    sizes = {name: layer_bytes(numels[name], blocks[name], kinds, config) for name in targets}
+    costs = {name: layer_cost(numels[name], blocks[name], kinds, config, world) for name in targets}
+    balance = balance_cost(numels, blocks)
+
+    def owners_of(group: list[str]) -> dict[str, int]:
+        return assign_owners({name: balance[name] for name in group}, world)
+
+    def group_bytes(group: list[str]) -> list[int]:
+        return rank_bytes(group, owners_of(group), costs, world)
+
+    def carried(group: list[str]) -> list[int]:
+        return per_rank({name: results[name] for name in group}, owners_of(group), world)
+
+    sizes = {name: max(group_bytes([name])) for name in targets}
     biggest = max(sizes, key=sizes.get)
     if sizes[biggest] > available:
         chunk = gradient_rows(config.grad_chunk_size, config.num_grads, config.accumulation, kinds)
@@ -270,33 +338,38 @@ def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, resu
             f"{(budget - available + sizes[biggest]) / GB + 0.5:.1f}, or lower grad_chunk_size.")
     group_limit = available if max_group_bytes is None else min(available, max(int(max_group_bytes), sizes[biggest]))
     order = list(reversed(list(targets)))  # output first: those groups backpropagate the least
-    groups, totals = _partition(order, sizes, group_limit)
-    in_memory = _partition(order, sizes, group_limit, available, results)  # results carried group to group
+    groups, totals = _partition(order, group_bytes, group_limit, world=world)
+    in_memory = _partition(order, group_bytes, group_limit, available, carried, world)  # results carried along
     fits = in_memory is not None and len(in_memory[0]) == len(groups)  # costs no extra gradient pass
-    store_total = sum(results.values())
     if store is None:
         if fits:
             store = "device"
-        elif device.type == "cuda" and available_bytes(torch.device("cpu")) > 1.1 * store_total:
+        elif device.type == "cuda" and available_bytes(torch.device("cpu")) > 1.1 * max(per_rank(
+                results, {n: o for g in groups for n, o in owners_of(g).items()}, world)) * \
+                int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
             store = "host"
         else:
             store = "disk"
     if store in ("device", "host") and (device.type != "cuda" or store == "device"):
         if in_memory is None:
-            raise MemoryBudgetError(f"The results ({store_total / GB:.2f} GB) do not fit in memory next to the "
-                                    "Fisher groups; let them go to disk (store='disk').")
+            raise MemoryBudgetError(f"The results ({sum(results.values()) / GB:.2f} GB in all) do not fit in memory "
+                                    "next to the Fisher groups; let them go to disk (store='disk').")
         groups, totals = in_memory
+    owners = {name: owner for group in groups for name, owner in owners_of(group).items()}
+    owners = {name: owners[name] for name in targets}
+    store_total = max(per_rank(results, owners, world))
     if store == "disk":
         folder = config.offload_dir or tempfile.gettempdir()
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(folder).free // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         if free < store_total * 1.05:
             raise MemoryBudgetError(
-                f"The budget needs {len(groups)} layer groups and {store_total / GB:.1f} GB of results on disk, but "
-                f"{folder} has {free / GB:.1f} GB free. Point offload_dir to a larger disk, raise max_memory_gb, "
-                "or lower fisher_block_size.")
+                f"The budget needs {len(groups)} layer groups and {store_total / GB:.1f} GB of results on disk "
+                f"{'' if world == 1 else 'per rank '}, but {folder} has {free / GB:.1f} GB free"
+                f"{'' if world == 1 else ' per rank on this node'}. Point offload_dir to a larger disk, raise "
+                "max_memory_gb, or lower fisher_block_size.")
     return MemoryPlan(groups=groups, store=store, block_sizes=blocks, budget_bytes=budget, base_bytes=base,
                       activation_bytes=activation, kept_bytes=kept + overhead, available_bytes=available,
-                      group_bytes=totals, store_bytes=store_total, adjusted=adjusted)
+                      group_bytes=totals, store_bytes=store_total, adjusted=adjusted, owners=owners, world=world)
 
 
 def check_budget(model: nn.Module, config, methods: Sequence[str] | None = None,
@@ -310,4 +383,4 @@ def check_budget(model: nn.Module, config, methods: Sequence[str] | None = None,
         return
     targets = targets if targets is not None else find_targets(model, config.targets, config.ignore)
     blocks = {name: divisor_block_size(m.weight.numel(), config.fisher_block_size) for name, m in targets.items()}
-    plan_step(model, targets, kernels, config, blocks)
+    plan_step(model, targets, kernels, config, blocks, ranks=Ranks.current())

@@ -9,28 +9,75 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from cap_hf.ranks import Ranks
+
 logger = logging.getLogger(__name__)
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """int32 keys in the order of the float32 scores (-0.0 counted as 0.0, as comparisons do)."""
+    bits = (scores.detach().reshape(-1).to(torch.float32) + 0.0).view(torch.int32).long()
+    return torch.where(bits >= 0, bits, -bits - 2 ** 31 - 1).to(torch.int32)
+
+
+def lowest_k_masks(scores: Mapping[str, torch.Tensor], k: int, sizes: Mapping[str, int] | None = None,
+                   ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
+    """Boolean masks of exactly k entries with the lowest scores over all tensors at once, ties broken by
+    position in the concatenation of the tensors in `sizes`' order (default: `scores`' order).
+
+    With `ranks` (cap_hf.ranks) each process holds the scores of its own layers and `sizes` names every
+    layer of every rank: the k-th value is found by bisection over the scores' int32 order keys (32 sums
+    over the ranks) and the ties by their counts per layer, so no rank ever holds the other ranks' scores."""
+    ranks = ranks or Ranks()
+    sizes = dict(sizes) if sizes is not None else {name: t.numel() for name, t in scores.items()}
+    k = int(min(max(k, 0), sum(sizes.values())))
+    keys = {name: _order_keys(t) for name, t in scores.items()}
+
+    def count(test) -> int:
+        local = sum(int(test(key).sum()) for key in keys.values())
+        return int(ranks.sum([local], "global threshold", torch.int64)[0])
+
+    low, high = -2 ** 31, 2 ** 31 - 1  # the smallest key t with at least k keys <= t
+    while low < high:
+        middle = (low + high) // 2
+        if count(lambda key, t=middle: key <= t) >= k:
+            high = middle
+        else:
+            low = middle + 1
+    below = count(lambda key: key < low) if k else 0
+    order = list(sizes)
+    ties = [0] * len(order)
+    for index, name in enumerate(order):
+        if name in keys and k:
+            ties[index] = int((keys[name] == low).sum())
+    ties = [int(t) for t in ranks.sum(ties, "ties of the global threshold", torch.int64)]
+    need, masks = k - below, {}
+    for index, name in enumerate(order):
+        if name not in keys:
+            continue
+        key = keys[name]
+        if k == 0:
+            masks[name] = torch.zeros(scores[name].shape, dtype=torch.bool, device=scores[name].device)
+            continue
+        take = min(max(need - sum(ties[:index]), 0), ties[index])  # ties go to the earliest positions
+        tie = key == low
+        mask = (key < low) | (tie & (torch.cumsum(tie, 0) <= take))
+        masks[name] = mask.reshape(scores[name].shape)
+    return masks
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of exactly k entries with the lowest scores (ties broken by position)."""
-    flat = scores.reshape(-1)
-    k = int(min(max(k, 0), flat.numel()))
-    if k == 0:
-        return torch.zeros_like(flat, dtype=torch.bool).reshape(scores.shape)
-    threshold = torch.kthvalue(flat, k).values
-    below = flat < threshold
-    ties = flat == threshold
-    need = k - int(below.sum())
-    mask = below | (ties & (torch.cumsum(ties, 0) <= need))
-    return mask.reshape(scores.shape)
+    return lowest_k_masks({"": scores}, k)[""]
 
 
-def select_pruned(scores: Mapping[str, torch.Tensor], sparsity: float, distribution: str) -> dict[str, torch.Tensor]:
+def select_pruned(scores: Mapping[str, torch.Tensor], sparsity: float, distribution: str,
+                  sizes: Mapping[str, int] | None = None, ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
     """Pick the weights to prune: the lowest scores, over all layers at once ('global') or per layer ('uniform').
 
     Already-pruned weights must carry -inf so they stay pruned. A target below the current sparsity
-    keeps what is already pruned (pruning never revives weights).
+    keeps what is already pruned (pruning never revives weights). Under several processes (`ranks`), each
+    passes the scores of its own layers and `sizes` of every layer in model order (see lowest_k_masks).
     """
     if distribution == "uniform":
         result = {}
@@ -38,21 +85,18 @@ def select_pruned(scores: Mapping[str, torch.Tensor], sparsity: float, distribut
             k = max(round(sparsity * s.numel()), int(torch.isneginf(s).sum()))
             result[name] = lowest_k_mask(s, k)
         return result
-    names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).to("cpu", torch.float32) for n in names])
-    already = int(torch.isneginf(flat).sum())
-    k = round(sparsity * flat.numel())
+    ranks = ranks or Ranks()
+    sizes = dict(sizes) if sizes is not None else {name: t.numel() for name, t in scores.items()}
+    total = sum(sizes.values())
+    already = int(ranks.sum([sum(int(torch.isneginf(s).sum()) for s in scores.values())], "current sparsity",
+                            torch.int64)[0])
+    k = round(sparsity * total)
     if k < already:
-        logger.warning("Target sparsity %.4f is below the current %.4f; keeping the current masks.",
-                       sparsity, already / flat.numel())
+        if ranks.rank == 0:
+            logger.warning("Target sparsity %.4f is below the current %.4f; keeping the current masks.",
+                           sparsity, already / total)
         k = already
-    mask = lowest_k_mask(flat, k)
-    result, offset = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        result[n] = mask[offset:offset + size].reshape(scores[n].shape).to(scores[n].device)
-        offset += size
-    return result
+    return lowest_k_masks(scores, k, sizes, ranks)
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -4,6 +4,10 @@
       --methods magnitude,obs,cap,fastcap --sparsities 0.5,0.75,0.9 --num_grads 1024 --grad_batch_size 16 \
       --fisher_block_size 192 --damp 1e-7 --output_dir outputs/oneshot
 
+Under `accelerate launch --num_processes N` (add --multi_gpu; on CPUs the processes use gloo) the step is shared
+out: each process computes num_grads / N gradients and builds the Fisher of, and prunes, its share of the layers
+(memory and time per process divided by about N); rank 0 writes the results.
+
 Every PruningConfig field is a flag (--method, --sparsity, --damp, ...; or --recipe FILE). The Fisher is
 collected once for all methods (one gradient pass per layer group) and each method prepares once for
 all sparsities. Writes OUTPUT_DIR/results.json (records: method, sparsity, achieved_sparsity, accuracy,
@@ -26,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
 from cap_hf.calibration import calibration_loader, calibration_seed
 from cap_hf.cli import parse_args
@@ -90,9 +95,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if (out / "results.json").exists() and not args.overwrite_output_dir:
         raise SystemExit(f"{out / 'results.json'} exists; pass --overwrite_output_dir to replace it.")
 
+    # under `accelerate launch --num_processes N` the pruning step is shared out over the N processes (each
+    # computes its share of the gradients and prunes the layers it owns; cap_hf.ranks); rank 0 writes the results
+    state = PartialState(cpu=not torch.cuda.is_available())
+    rank = state.process_index
     model, processor = load_model(args.model_name_or_path)
     backbone = is_backbone(model)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(config.device) if config.device else state.device
     model.to(device).eval()
     try:  # a memory budget that can never be met fails before the data is prepared
         check_budget(model, config, methods)
@@ -130,13 +139,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     records = oneshot_sweep(
         model, config, methods, sparsities,
-        calibration_batches=calibration_loader(train, config.grad_batch_size, calibration_seed(config.calibration_seed),
+        calibration_batches=calibration_loader(train, config.grad_batch_size,
+                                               calibration_seed(config.calibration_seed, 0, rank),
                                                num_workers=args.dataloader_num_workers),
-        evaluate=evaluate, progress=True)
+        evaluate=evaluate, progress=state.is_main_process)  # every rank evaluates the same weights
+    if not state.is_main_process:
+        return records
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(records, indent=2))
     (out / "oneshot_args.json").write_text(json.dumps({**asdict(args), "pruning": config.to_dict(),
+                                                       "num_processes": state.num_processes,
                                                        "command": " ".join(sys.argv)}, indent=2))
     metric = main_metric(records)
     plot_accuracy_vs_sparsity(records, out / "accuracy_vs_sparsity.png", metric=metric,

@@ -548,37 +548,3 @@ def test_trainer_carries_the_budget_but_not_the_offload_folder(tmp_path):
         CAPTrainer(fresh_model(), args, pruning_config=PruningConfig(max_memory_gb=0.01))
 
 
-def _two_process_worker(rank, world, init_file, out_dir):
-    """One process of a gloo group: its own share of the gradients, several layer groups."""
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = fresh_model()
-        cfg = config(num_grads=12 // world, fisher_accumulation="auto", max_memory_gb=64)
-        assert cfg.accumulation == "sum"  # only sums can be all-reduced
-        targets = find_targets(model)
-        with Pruner(model, cfg, max_group_bytes=1) as pruner:
-            plan = pruner.prepare(random_batches(12)[rank::world])
-            pruner.apply()
-        torch.save({"weights": {n: m.weight.detach() for n, m in targets.items()}, "groups": plan.groups,
-                    "num_grads": pruner.num_grads}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_groups_across_two_processes_equal_one_process(tmp_path):
-    """Under torch.distributed (gloo) every process takes its share of the gradients, the Fisher sums are
-    all-reduced per layer group, and every process ends with the weights one process gets from all."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_two_process_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    assert ranks[0]["groups"] == ranks[1]["groups"] and len(ranks[0]["groups"]) > 1  # one plan everywhere
-    assert ranks[0]["num_grads"] == 12  # the count summed over processes
-    for name, w in ranks[0]["weights"].items():
-        assert torch.equal(w, ranks[1]["weights"][name]), name
-    single, _ = prune_copy(fresh_model(), config(fisher_accumulation="sum"), random_batches(12))
-    for name, module in single.items():
-        w = ranks[0]["weights"][name]
-        assert torch.equal(w == 0, module.weight == 0), f"masks differ in {name}"
-        torch.testing.assert_close(w, module.weight.detach(), rtol=1e-4, atol=1e-5)

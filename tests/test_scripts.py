@@ -1,9 +1,11 @@
 """End to end: scripts/train_dense.py and scripts/oneshot.py on real data (scikit-learn digits)."""
 
 import json
+import shutil
+import subprocess
 
 import pytest
-from conftest import run_script
+from conftest import ENV, ROOT, run_script
 
 
 def test_train_dense_writes_a_loadable_classifier(digits_model):
@@ -125,3 +127,28 @@ def test_oneshot_prunes_a_backbone_without_labels(digits_backbone, tmp_path):
                      check=False)
     assert bad.returncode != 0 and "no label column" in bad.stderr and "--fisher_objective features" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not on PATH")
+def test_oneshot_under_accelerate_launch_shares_the_step(digits_model, digits_dir, tmp_path):
+    """`accelerate launch --num_processes 2 scripts/oneshot.py`: the step is shared out over two gloo processes
+    (each its share of the gradients and of the layers), rank 0 writes the results; with a memory budget
+    (layer groups, per rank) the pruned models and their accuracies are the same."""
+    common = ["--model_name_or_path", digits_model, "--dataset_name", digits_dir, "--methods", "obs,cap",
+              "--sparsities", "0.7", "--num_grads", 24, "--grad_batch_size", 16, "--fisher_block_size", 32]
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "scripts" / "oneshot.py")]
+    runs = {}
+    for name, extra in (("plain", []), ("budget", ["--max_memory_gb", "64"])):
+        out = tmp_path / name
+        result = subprocess.run([*launch, *map(str, common), "--output_dir", str(out), *extra], env=ENV,
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "on rank 1" in result.stderr and "2 ranks" in result.stderr  # the plan, per rank
+        assert json.loads((out / "oneshot_args.json").read_text())["num_processes"] == 2
+        runs[name] = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["sparsity"]) for r in runs["plain"]] == [("dense", 0.0), ("obs", 0.7), ("cap", 0.7)]
+    for a, b in zip(runs["plain"], runs["budget"], strict=True):
+        assert a["achieved_sparsity"] == pytest.approx(0.7 if a["method"] != "dense" else 0.0, abs=1e-3)
+        assert a["accuracy"] == pytest.approx(b["accuracy"], abs=2e-3)
+    assert runs["plain"][2]["accuracy"] > 0.5  # 10 classes: CAP at 70% keeps the digits model well above chance

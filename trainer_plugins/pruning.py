@@ -1,8 +1,9 @@
 """CAPPruningCallback: gradual pruning for any `transformers.Trainer`.
 
-- On scheduled optimizer steps it runs one step of the pruning engine (cap_hf.engine.Pruner): each
-  process computes its share of the Fisher gradients, the statistics are summed across processes, and
-  every process ends with rank 0's weights.
+- On scheduled optimizer steps it runs one step of the pruning engine (cap_hf.engine.Pruner), shared out
+  over the processes (cap_hf.ranks): each computes its share of the Fisher gradients, builds the Fisher of
+  the layers it owns from every process's gradients and prunes them, and every process ends with the same
+  weights (checked by a checksum at the end of training).
 - Between pruning steps it keeps the masks exact: gradient hooks zero the gradients of pruned
   weights during backward (before clipping, accumulation and the all-reduce), and the weights are
   re-masked after every optimizer step (AdamW momentum and weight decay would revive them otherwise).
@@ -49,7 +50,7 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         schedule: pruning steps (optimizer steps) and their sparsities, or a callable
             `total_steps -> SparsitySchedule` resolved when training starts.
         calibration_batches: `(step, rank) -> iterable of batches` for the Fisher; each batch is one
-            gradient. Needed by every method with a Fisher. Use cap_hf.calibration.calibration_seed(seed,
+            gradient, and a rank reads its share of config.num_grads. Needed by every method with a Fisher. Use cap_hf.calibration.calibration_seed(seed,
             step, rank) to seed them.
         loss_fn: optional `loss_fn(model, batch)` for the Fisher (default: cross-entropy of the logits).
     """
@@ -163,19 +164,13 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         start = time.perf_counter()
         rank, world = _dist()
         (sparsity,) = self.config.sparsity_levels([sparsity])
-        share = self.config.num_grads // world + (1 if rank < self.config.num_grads % world else 0)
-        if self.config.needs_fisher and share < 1:
-            raise ValueError(f"num_grads={self.config.num_grads} is less than the {world} processes; raise num_grads.")
-        config = self.config.replace(sparsity=sparsity, num_grads=max(share, 1), **self.config.dampening,
+        config = self.config.replace(sparsity=sparsity,
                                      calibration_seed=calibration_seed(self.config.calibration_seed, step, rank))
-        with Pruner(model, config, targets=self.targets, loss_fn=self.loss_fn) as pruner:
+        with Pruner(model, config, targets=self.targets, loss_fn=self.loss_fn) as pruner:  # shared out over ranks
             batches = (lambda: self.calibration_batches(step, rank)) if config.needs_fisher else None
             pruner.prepare(batches)
-            pruner.apply()
-            num_grads = pruner.num_grads  # summed over processes
-        if world > 1:  # the math is deterministic, but make sure every rank holds rank 0's weights
-            for module in self.targets.values():
-                torch.distributed.broadcast(module.weight.data, src=0)
+            pruner.apply()  # every rank ends with every owner's new weights
+            num_grads = pruner.num_grads
         self.masks = current_masks(self.targets)
         seconds = time.perf_counter() - start
         achieved = self.sparsity
