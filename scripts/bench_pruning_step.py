@@ -83,49 +83,202 @@ def slice_targets(model, layers: str | None) -> dict:
 
 
 class RandomImages:
-    """num batches of random 224x224 RGB images and labels; the same batches every time it is iterated."""
+    """num batches of random 224x224 RGB images and labels; the same batches every time it is iterated. With
+    (rank, world): batches rank, rank + world, ... (a process's share; together the same batches in one
+    process's order)."""
 
-    def __init__(self, num: int, batch_size: int, seed: int):
-        self.num, self.batch_size, self.seed = num, batch_size, seed
+    def __init__(self, num: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+        self.num, self.batch_size, self.seed, self.rank, self.world = num, batch_size, seed, rank, world
 
     def __len__(self) -> int:
-        return self.num
+        return len(range(self.rank, self.num, self.world))
 
     def __iter__(self):
-        for i in range(self.num):
+        for i in range(self.rank, self.num, self.world):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
             yield {"pixel_values": torch.randn(self.batch_size, 3, 224, 224, generator=gen),
                    "labels": torch.randint(0, 1000, (self.batch_size,), generator=gen)}
 
 
-def run_step(args, cfg: PruningConfig, device: torch.device) -> dict:
-    """Part 1: one pruning step of the whole model, per-phase seconds and peak memory."""
+def run_step(args, cfg: PruningConfig, device: torch.device, rank: int = 0, world: int = 1,
+             save_weights: str | None = None) -> dict:
+    """Part 1: one pruning step of the whole model, per-phase seconds and peak memory (of this process: one
+    rank of `world` when the step is shared out, reading its share of the batches)."""
     model = build_model(args.arch, args.seed).to(device)
     targets = slice_targets(model, args.layers)
     numel = sum(m.weight.numel() for m in targets.values())
-    batches = RandomImages(cfg.num_grads, cfg.grad_batch_size, args.seed)
+    batches = RandomImages(cfg.num_grads, cfg.grad_batch_size, args.seed, rank, world)
     base = rss_bytes()
     profiler = PhaseProfiler(device=str(device))
     start = time.perf_counter()
     try:
         with Pruner(model, cfg, targets=targets, profiler=profiler) as pruner:
-            plan = pruner.prepare(batches, progress=args.progress)
+            plan = pruner.prepare(batches, progress=args.progress and rank == 0)
             pruner.apply()
+            owned = [name for name in targets if pruner.owns(name)]
         total = time.perf_counter() - start
         peak = profiler.overall_peak_bytes
     finally:
         profiler.close()
     phases = {("prepare" if name.startswith("prepare:") else name): stats
               for name, stats in profiler.summary().items()}
+    fisher = cfg.needs_fisher == "block"
     result = {"phases": phases, "total_seconds": total, "peak_gb": peak / GB, "base_rss_gb": base / GB,
-              "target_weights": numel, "achieved_sparsity": sparsity_report(targets).overall}
+              "target_weights": numel, "achieved_sparsity": sparsity_report(targets).overall, "rank": rank,
+              "world": world, "owned_layers": len(owned), "owned_weights": sum(targets[n].weight.numel() for n in owned),
+              "fisher_gb": sum(targets[n].weight.numel() * plan.block_sizes[n] * 4 for n in owned) / GB if fisher
+              else 0.0}
     if device.type == "cuda":
         result["cuda_peak_gb"] = max(s["peak_gb"] for s in result["phases"].values())
     result["plan"] = {"groups": len(plan.groups), "layers_per_group": [len(g) for g in plan.groups],
                       "store": plan.store, "store_gb": plan.store_bytes / GB, "describe": plan.describe(),
                       "activation_gb": plan.activation_bytes / GB, "adjusted_block_sizes": plan.adjusted}
+    if save_weights:
+        torch.save({n: m.weight.detach() for n, m in targets.items()}, save_weights)
     del model, targets
     return result
+
+
+def _rank_entry(rank: int, world: int, folder: str, args, cfg: PruningConfig, device: str) -> None:
+    """One process of a shared-out step (gloo), or the one process: its result into folder/rank<r>.json."""
+    torch.set_num_threads(args.threads)
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank,
+                                             world_size=world)
+    try:
+        result = run_step(args, cfg, torch.device(device), rank, world,
+                          save_weights=f"{folder}/weights.pt" if rank == 0 else None)
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def run_processes(args, cfg: PruningConfig, device: torch.device, world: int, folder: Path) -> list[dict]:
+    """The step in `world` fresh processes (1 included: a fresh process for a fair peak memory), each with
+    args.threads threads; every rank's result."""
+    import multiprocessing
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*"):
+        old.unlink()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_entry, args=(r, world, str(folder), args, cfg, str(device)))
+             for r in range(world)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    failed = [r for r, proc in enumerate(procs) if proc.exitcode != 0]
+    if failed:
+        raise SystemExit(f"ranks {failed} of the {world}-process step failed (see above).")
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+PROCESS_PHASES = ["plan", "gradients", "exchange", "fisher", "inversion", "prepare", "selection", "write-back",
+                  "broadcast"]
+
+
+def compare_processes(args, cfg: PruningConfig, device: torch.device, out: Path) -> tuple[dict, list[str]]:
+    """The same step with 1, 2, ... processes of args.threads threads each, one after the other on this machine:
+    per phase the slowest rank's seconds, each rank's peak memory and the Fisher it held, and how far the
+    pruned weights are from one process's (every rank reads batches r::N, so together they read the batches
+    one process reads, in its order)."""
+    counts = [int(x) for x in args.num_processes.split(",")]
+    runs, weights = {}, {}
+    for world in counts:
+        folder = out / f"processes-{world}"
+        runs[world] = run_processes(args, cfg, device, world, folder)
+        weights[world] = torch.load(folder / "weights.pt")
+        print(json.dumps(runs[world], indent=1), flush=True)
+    first = counts[0]
+    lines = [f"Threads per process: {args.threads}. Each column is one run of the step in that many fresh processes "
+             "(gloo on this CPU), started one after the other; seconds per phase are the slowest rank's (the others "
+             "wait for it at the next collective), memory is each rank's peak RSS (model, libraries and all).", "",
+             "| phase | " + " | ".join(f"{w} process{'es' if w > 1 else ''} (s)" for w in counts) + " | speed-up |",
+             "|---|" + "---|" * (len(counts) + 1)]
+    for phase in PROCESS_PHASES:
+        values = [max(r["phases"].get(phase, {}).get("seconds", 0.0) for r in runs[w]) for w in counts]
+        if any(values):
+            speed = f"{values[0] / values[-1]:.2f}x" if values[-1] > 0 and values[0] > 0 else "-"
+            lines.append(f"| {phase} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {speed} |")
+    key = ["fisher", "inversion", "prepare"]
+    sums = [max(sum(r["phases"].get(p, {}).get("seconds", 0.0) for p in key) for r in runs[w]) for w in counts]
+    lines.append("| **Fisher + elimination** (fisher, inversion, prepare) | " + " | ".join(f"**{v:.1f}**" for v in sums)
+                 + f" | **{sums[0] / sums[-1]:.2f}x** |")
+    totals = [max(r["total_seconds"] for r in runs[w]) for w in counts]
+    lines.append("| total step | " + " | ".join(f"{v:.1f}" for v in totals) + f" | {totals[0] / totals[-1]:.2f}x |")
+    lines += ["", "| processes | rank | layers owned | weights owned (M) | Fisher held (GB) | peak RSS (GB) | plan |",
+              "|---|---|---|---|---|---|---|"]
+    for w in counts:
+        for r in runs[w]:
+            lines.append(f"| {w} | {r['rank']} | {r['owned_layers']} | {r['owned_weights'] / 1e6:.2f} | "
+                         f"{r['fisher_gb']:.2f} | {r['peak_gb']:.2f} | {r['plan']['groups']} group(s), results in "
+                         f"{r['plan']['store']} |")
+    lines.append("")
+    for w in counts[1:]:
+        diffs = [float((weights[w][n] - weights[first][n]).abs().max()) for n in weights[first]]
+        masks = sum(int(((weights[w][n] == 0) != (weights[first][n] == 0)).sum()) for n in weights[first])
+        lines.append(f"{w} processes vs {first}: max abs weight difference {max(diffs):.1e}, {masks} weights pruned "
+                     "in one and kept in the other.")
+    return {str(w): runs[w] for w in counts}, lines
+
+
+def plan_for_processes(args, cfg: PruningConfig, rates_file: Path) -> list[str]:
+    """The step planned for args.plan_world processes with args.plan_gb each, by the library's own plan
+    (cap_hf.plan with a Ranks of that world; nothing is run but one timed backward pass per image), and the
+    time per phase per rank from the rates measured by a --num_processes run (rates_file, its 1-process
+    column) at this machine's speed."""
+    from cap_hf.fisher import divisor_block_size
+    from cap_hf.plan import plan_step
+    from cap_hf.ranks import Ranks
+
+    world = args.plan_world
+    model = build_model(args.arch, args.seed)
+    targets = slice_targets(model, args.layers)
+    kernel = get_method(cfg.method)(cfg)
+    blocks = {n: divisor_block_size(m.weight.numel(), cfg.fisher_block_size) for n, m in targets.items()}
+    planned = cfg.replace(max_memory_gb=args.plan_gb)
+    plan = plan_step(model, targets, [kernel], planned, blocks, ranks=Ranks(0, world))
+    numels = {n: m.weight.numel() for n, m in targets.items()}
+    owned = [sum(numels[n] for n in targets if plan.owners[n] == r) for r in range(world)]
+    busiest = max(owned)
+    fisher_gb = [sum(numels[n] * blocks[n] * 4 for n in targets if plan.owners[n] == r) / GB for r in range(world)]
+    batches = RandomImages(2, 1, args.seed)
+    start = time.perf_counter()
+    for _ in iter_gradients(model, targets, batches, 2):
+        pass
+    per_image = (time.perf_counter() - start) / 2
+    measured = json.loads(rates_file.read_text())
+    one = measured["processes"]["1"][0]
+    weights, grads = one["target_weights"], measured["pruning"]["num_grads"]
+    fisher_rate = one["phases"]["fisher"]["seconds"] / (weights * grads)  # s per weight per gradient at this B
+    elim_rate = one["phases"]["prepare"]["seconds"] / weights  # s per weight (CAP at this B)
+    n, images = cfg.num_grads, cfg.grad_batch_size
+    passes = len(plan.groups)
+    lines = [f"Plan for {world} processes of {args.plan_gb:g} GB each: {args.arch}"
+             f"{f' (layers {args.layers})' if args.layers else ''}, {sum(numels.values()) / 1e6:.1f} M target weights, "
+             f"{cfg.method}, B={cfg.fisher_block_size}, N={n} x {images} images; the library's plan "
+             f"(cap_hf.plan with {world} ranks): {plan.describe()}.", "",
+             "| per rank | value |", "|---|---|",
+             f"| layers owned (fewest-most) | {min(list(plan.owners.values()).count(r) for r in range(world))}-"
+             f"{max(list(plan.owners.values()).count(r) for r in range(world))} |",
+             f"| weights owned, busiest rank (M) | {busiest / 1e6:.1f} |",
+             f"| Fisher held, busiest rank (GB) | {max(fisher_gb):.1f} (one process: "
+             f"{sum(numels[k] * blocks[k] * 4 for k in numels) / GB:.1f}) |",
+             f"| results kept, busiest rank (GB) | {plan.store_bytes / GB:.1f} ({plan.store}) |",
+             f"| layer groups (gradient passes) | {passes} |",
+             f"| gradients: {n // world} per rank x {images} images x {passes} pass(es), at {per_image:.2f} s per "
+             f"image measured here (h) | {per_image * images * (n / world) * passes / 3600:.1f} |",
+             f"| Fisher build: busiest rank's weights x N x {fisher_rate:.2e} s (h) | "
+             f"{busiest * n * fisher_rate / 3600:.1f} |",
+             f"| elimination: busiest rank's weights x {elim_rate:.2e} s (h) | {busiest * elim_rate / 3600:.1f} |",
+             "", f"Rates: Fisher and elimination from the 1-process column of `{rates_file.name}` (this CPU, "
+             f"{one['target_weights'] / 1e6:.2f} M weights, {grads} gradients, 1 thread); gradients: one full backward "
+             "pass per image of this model, timed here. They are CPU rates: a GPU does each phase many times "
+             "faster (not measured); what carries over is the split: each rank's Fisher, results and elimination are "
+             f"1/{world} of one process's (plus at most one layer), the gradients 1/{world} per pass."]
+    return lines
 
 
 def default_ref_layers(arch: str) -> list[str]:
@@ -328,6 +481,15 @@ class BenchArguments:
     output_dir: str = field(default="outputs/bench-pruning-step")
     progress: bool = field(default=False)
     no_write: bool = field(default=False, metadata={"help": "Do not touch docs/benchmarks.md."})
+    num_processes: str | None = field(default=None, metadata={
+        "help": "Compare the step shared out over these numbers of processes (e.g. '1,2'; gloo, one after the "
+                "other, each process --threads threads) instead of Part 1 and 2."})
+    threads: int = field(default=1, metadata={"help": "torch threads per process with --num_processes."})
+    plan_world: int | None = field(default=None, metadata={
+        "help": "Only plan the step for this many processes (--plan_gb each) and estimate each rank's time per "
+                "phase from --rates_file (a --num_processes result)."})
+    plan_gb: float = field(default=80.0, metadata={"help": "Memory per process for --plan_world (GB)."})
+    rates_file: str | None = field(default=None, metadata={"help": "A processes/*.json result of --num_processes."})
 
 
 def main() -> None:
@@ -346,6 +508,37 @@ def main() -> None:
     print(f"command: {command}\nmachine: {machine()}\ndevice: {device}", flush=True)
     result = {"args": vars(args), "pruning": config.to_dict(), "command": command, "machine": machine(),
               "device": str(device)}
+    if args.plan_world:
+        if not args.rates_file:
+            raise SystemExit("--plan_world needs --rates_file (a --num_processes result).")
+        title = f"## Pruning step planned for {args.plan_world} processes: {args.arch}, {config.method}"
+        body = "\n".join([title, "", f"Command: `{command}`", "", f"Machine: {result['machine']}.", "",
+                          *plan_for_processes(args, config, Path(args.rates_file)), ""])
+        print(body)
+        if not args.no_write:
+            write_section(body, title)
+        return
+    if args.num_processes:
+        out = ROOT / args.output_dir
+        result["processes"], table = compare_processes(args, config, device, out)
+        stem = (f"{args.arch}{'-L' + args.layers.replace(',', '_') if args.layers else ''}-{config.method}-"
+                f"B{config.fisher_block_size}-N{config.num_grads}-P{args.num_processes.replace(',', '_')}")
+        (out / "processes").mkdir(parents=True, exist_ok=True)
+        (out / "processes" / f"{stem}.json").write_text(json.dumps(result, indent=1))
+        title = (f"## Pruning step shared out over processes: {args.arch}"
+                 f"{f' (layers {args.layers})' if args.layers else ''}, {config.method}, B={config.fisher_block_size}, "
+                 f"N={config.num_grads}" + (f", budget {config.max_memory_gb} GB per rank" if config.max_memory_gb
+                                             else ""))
+        body = "\n".join([title, "", f"Command: `{command}`", "", f"Machine: {result['machine']}; device {device}.", "",
+                          f"One pruning step ({config.describe_dampening()} dampening, sparsity {config.sparsity}) "
+                          f"with {config.num_grads} gradients of {config.grad_batch_size} random image(s), shared out "
+                          "over processes (cap_hf.ranks): each computes its share of the gradients, the rows go to "
+                          "the layers' owners, each owner builds and inverts its layers' Fisher and eliminates them.",
+                          "", *table, ""])
+        print(body)
+        if not args.no_write:
+            write_section(body, title)
+        return
     if not args.skip_step:
         result["step"] = step = run_step(args, config, device)
         print(json.dumps(step, indent=1), flush=True)
