@@ -431,16 +431,38 @@ def collect_fisher(
     shares = ranks.shares(num_grads)
     first_rows = gradient_rows(grad_chunk_size, num_grads, accumulate, kinds)  # one process's first chunk
     per_rank = rows_per_rank(first_rows, ranks.world)
-    # one send buffer, one (per_rank, numel) slot per layer, laid out by owner: the all-to-all's segments
+    # a send buffer with one (per_rank, numel) slot per layer, laid out by owner (the all-to-all's segments);
+    # with several ranks two of each buffer, so that a chunk's exchange runs while the next gradients are taken
     layout = sorted(targets, key=lambda name: owners[name])
-    send = torch.empty(per_rank * sum(numels.values()), device=device)
-    slots, offset = {}, 0
-    for name in layout:
-        slots[name] = send[offset:offset + per_rank * numels[name]].view(per_rank, numels[name])
-        offset += per_rank * numels[name]
+    copies = 2 if ranks.distributed else 1
+    sends = [torch.empty(per_rank * sum(numels.values()), device=device) for _ in range(copies)]
+    slots = [{} for _ in range(copies)]
+    for send, slot in zip(sends, slots, strict=True):
+        offset = 0
+        for name in layout:
+            slot[name] = send[offset:offset + per_rank * numels[name]].view(per_rank, numels[name])
+            offset += per_rank * numels[name]
     send_sizes = [per_rank * sum(numels[n] for n in targets if owners[n] == r) for r in range(ranks.world)]
     owned = sum(numels[name] for name in mine)
-    receive = torch.empty(ranks.world * per_rank * owned, device=device) if ranks.distributed else None
+    receives = [torch.empty(ranks.world * per_rank * owned, device=device) for _ in range(copies)] \
+        if ranks.distributed else []
+
+    def arrived(pending) -> dict[str, torch.Tensor]:  # an exchange's rows of this rank's layers, in order
+        handle, receive, counts = pending
+        with maybe_phase(profiler, "exchange"):
+            handle.wait()
+            index = interleave_index(counts, per_rank, device)
+            stacked = receive.view(ranks.world, per_rank * owned)
+            rows, offset = {}, 0
+            for name in layout:
+                if owners[name] == ranks.rank:
+                    part = stacked[:, offset:offset + per_rank * numels[name]].view(ranks.world, per_rank, numels[name])
+                    rows[name] = part.transpose(0, 1).reshape(-1, numels[name])  # one copy, row j of every rank
+                    if index is not None:
+                        rows[name] = rows[name].index_select(0, index)
+                    offset += per_rank * numels[name]
+        return rows
+
     fishers: dict[str, BlockFisher] = {}
 
     def create(first: Mapping[str, torch.Tensor]) -> None:  # once the first gradients are in
@@ -455,34 +477,34 @@ def collect_fisher(
                 damp=damps if kind == "block" else None,
                 **({"accumulate": "inverse", "num_grads": num_grads} if inverse else {}))
 
-    gradients = iter_gradients(model, targets, batches, shares[ranks.rank], profiler=profiler, **gradient_options)
-    for exchange in range(math.ceil(max(shares) / per_rank)):
-        counts = [max(0, min(per_rank, share - exchange * per_rank)) for share in shares]
-        for row in range(counts[ranks.rank]):
-            grads = next(gradients)
-            for name, g in grads.items():
-                slots[name][row].copy_(g)
-            del grads, g  # in the send buffer now
-        if ranks.distributed:
-            with maybe_phase(profiler, "exchange"):
-                ranks.exchange(send, send_sizes, receive, [per_rank * owned] * ranks.world,
-                               f"exchange of gradient rows {exchange}")
-                index = interleave_index(counts, per_rank, device)
-                stacked = receive.view(ranks.world, per_rank * owned)
-                rows, offset = {}, 0
-                for name in layout:
-                    if owners[name] == ranks.rank:
-                        part = stacked[:, offset:offset + per_rank * numels[name]]
-                        rows[name] = part.reshape(ranks.world * per_rank, numels[name]).index_select(0, index)
-                        offset += per_rank * numels[name]
-        else:
-            rows = {name: slots[name][:counts[0]] for name in mine}
+    def add(rows: Mapping[str, torch.Tensor]) -> None:
         with maybe_phase(profiler, "fisher"):
             if not fishers:
                 create({name: r[:first_rows] for name, r in rows.items()})
             for fisher in fishers.values():
                 fisher.add(rows)
-        del rows
+
+    gradients = iter_gradients(model, targets, batches, shares[ranks.rank], profiler=profiler, **gradient_options)
+    pending = None  # the exchange in flight: (handle, receive buffer, rows per rank)
+    for exchange in range(math.ceil(max(shares) / per_rank)):
+        counts = [max(0, min(per_rank, share - exchange * per_rank)) for share in shares]
+        slot = slots[exchange % copies]
+        for row in range(counts[ranks.rank]):
+            grads = next(gradients)
+            for name, g in grads.items():
+                slot[name][row].copy_(g)
+            del grads, g  # in the send buffer now
+        if not ranks.distributed:
+            add({name: slot[name][:counts[0]] for name in mine})
+            continue
+        receive = receives[exchange % copies]
+        handle = ranks.exchange(sends[exchange % copies], send_sizes, receive, [per_rank * owned] * ranks.world,
+                                f"exchange of gradient rows {exchange}")
+        if pending is not None:
+            add(arrived(pending))  # while this exchange runs
+        pending = (handle, receive, counts)
+    if pending is not None:
+        add(arrived(pending))
     for _ in gradients:  # runs iter_gradients' own end-of-data check
         pass
     return fishers

@@ -100,8 +100,9 @@ class LayerCost:
 def layer_cost(numel: int, block: int, kinds: Sequence[str], config, world: int = 1) -> LayerCost:
     rows = gradient_rows(config.grad_chunk_size, config.num_grads, config.accumulation, kinds)
     fisher = block if "block" in kinds else 0
-    return LayerCost(every=numel * FLOAT * (rows_per_rank(rows, world) + 1),
-                     owner=numel * FLOAT * (fisher + (rows if world > 1 else 0)),
+    copies = 2 if world > 1 else 1  # two buffers of each under several processes: exchanges overlap the work
+    return LayerCost(every=numel * FLOAT * (copies * rows_per_rank(rows, world) + 1),
+                     owner=numel * FLOAT * (fisher + (copies * rows_per_rank(rows, world) * world if world > 1 else 0)),
                      prepare=numel * FLOAT * fisher + numel * (FLOAT + FLOAT + 8))
 
 

@@ -142,12 +142,28 @@ class Ranks:
                                      "each rank reads).")
 
     def exchange(self, send: torch.Tensor, send_sizes: Sequence[int], receive: torch.Tensor,
-                 receive_sizes: Sequence[int], what: str) -> None:
-        """all_to_all_single: send[segment r] goes to rank r; receive[segment s] comes from rank s."""
+                 receive_sizes: Sequence[int], what: str) -> _Pending:
+        """all_to_all_single, started: send[segment r] goes to rank r, receive[segment s] comes from rank s once
+        the returned handle's wait() is done (the caller works meanwhile)."""
         try:
-            torch.distributed.all_to_all_single(receive, send, list(receive_sizes), list(send_sizes), group=self.group)
+            work = torch.distributed.all_to_all_single(receive, send, list(receive_sizes), list(send_sizes),
+                                                       group=self.group, async_op=True)
         except (RuntimeError, ValueError) as err:
             raise self._failed(what, err) from err
+        return _Pending(self, work, what)
+
+
+@dataclass
+class _Pending:
+    ranks: Ranks
+    work: object
+    what: str
+
+    def wait(self) -> None:
+        try:
+            self.work.wait()
+        except (RuntimeError, ValueError) as err:
+            raise self.ranks._failed(self.what, err) from err
 
 
 def _short(theirs, mine) -> str:
@@ -166,9 +182,12 @@ def rows_per_rank(rows: int, world: int) -> int:
     return math.ceil(rows / world)
 
 
-def interleave_index(counts: Sequence[int], per_rank: int, device: torch.device) -> torch.Tensor:
-    """Positions in a (world * per_rank) stack of received rows (rank-major) in the order one process would
-    have met them: row j of every rank before row j + 1 (rank r's j-th gradient is batch j * world + r when
-    each rank reads batches[r::world]). `counts[r]` rows of rank r are valid."""
-    index = [r * per_rank + j for j in range(per_rank) for r in range(len(counts)) if j < counts[r]]
+def interleave_index(counts: Sequence[int], per_rank: int, device: torch.device) -> torch.Tensor | None:
+    """Received rows are put in the order one process would have met them: row j of every rank before row
+    j + 1 (rank r's j-th gradient is batch j * world + r when each rank reads batches[r::world]), position
+    j * world + r. `counts[r]` rows of rank r are valid: the positions to keep, or None when all are."""
+    world = len(counts)
+    if all(c == per_rank for c in counts):
+        return None
+    index = [j * world + r for j in range(per_rank) for r in range(world) if j < counts[r]]
     return torch.tensor(index, dtype=torch.long, device=device)

@@ -207,8 +207,10 @@ def test_owners_balance_and_interleaving():
     assert loads == [6, 6] and list(owners) == list("abcdef")
     assert assign_owners({"a": 1}, 3) == {"a": 0}
     assert [share_of(13, r, 2) for r in range(2)] == [7, 6]
-    # rank 0 sent 3 rows, rank 1 two, of 3 slots each: one process's order is r0j0, r1j0, r0j1, r1j1, r0j2
-    assert interleave_index([3, 2], 3, torch.device("cpu")).tolist() == [0, 3, 1, 4, 2]
+    # rows j-major (j * world + r); rank 0 sent 3 rows, rank 1 two: r0j0, r1j0, r0j1, r1j1, r0j2 are kept
+    assert interleave_index([3, 2], 3, torch.device("cpu")).tolist() == [0, 1, 2, 3, 4]
+    assert interleave_index([2, 1, 1], 2, torch.device("cpu")).tolist() == [0, 1, 2, 3]
+    assert interleave_index([2, 2], 2, torch.device("cpu")) is None
 
 
 def test_lowest_k_over_several_tensors_breaks_ties_by_position():
