@@ -77,8 +77,10 @@ class MemoryPlan:
             lines.append(f"{self.world} ranks, sizes per rank (the busiest), layers per rank: "
                          + ", ".join(str(sum(1 for o in self.owners.values() if o == r)) for r in range(self.world)))
         if self.adjusted:
-            lines.append("block size adjusted to divide the layer: "
-                         + ", ".join(f"{n} -> {b}" for n, b in self.adjusted.items()))
+            shown = ", ".join(f"{n} -> {b}" for n, b in list(self.adjusted.items())[:3])
+            more = len(self.adjusted) - 3
+            lines.append("block size adjusted to divide the layer: " + shown + (
+                f" and {more} more (-> {', '.join(map(str, sorted(set(self.adjusted.values()))))})" if more > 0 else ""))
         return "; ".join(lines)
 
 

@@ -38,6 +38,7 @@ from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassi
 
 from cap_hf import Pruner, PruningConfig, find_targets
 from cap_hf.cli import parse_args
+from cap_hf.features import fisher_loss
 from cap_hf.fisher import BlockFisher, choose_block_size, gradient_rows, iter_gradients
 from cap_hf.masks import sparsity_report
 from cap_hf.memory import GB, PhaseProfiler, rss_bytes
@@ -246,7 +247,7 @@ def plan_for_processes(args, cfg: PruningConfig, rates_file: Path) -> list[str]:
     fisher_gb = [sum(numels[n] * blocks[n] * 4 for n in targets if plan.owners[n] == r) / GB for r in range(world)]
     batches = RandomImages(2, 1, args.seed)
     start = time.perf_counter()
-    for _ in iter_gradients(model, targets, batches, 2):
+    for _ in iter_gradients(model, targets, batches, 2, loss_fn=fisher_loss(cfg, model)):
         pass
     per_image = (time.perf_counter() - start) / 2
     measured = json.loads(rates_file.read_text())
@@ -254,6 +255,15 @@ def plan_for_processes(args, cfg: PruningConfig, rates_file: Path) -> list[str]:
     weights, grads = one["target_weights"], measured["pruning"]["num_grads"]
     fisher_rate = one["phases"]["fisher"]["seconds"] / (weights * grads)  # s per weight per gradient at this B
     elim_rate = one["phases"]["prepare"]["seconds"] / weights  # s per weight (CAP at this B)
+    measured_b = measured["pruning"]["fisher_block_size"]
+    # per weight, a Woodbury update costs O(B) per gradient and the greedy elimination O(B^2): scaled to each
+    # layer's block size
+    work = [[0.0, 0.0] for _ in range(world)]
+    for name in targets:
+        ratio = blocks[name] / measured_b
+        work[plan.owners[name]][0] += numels[name] * cfg.num_grads * fisher_rate * ratio
+        work[plan.owners[name]][1] += numels[name] * elim_rate * ratio ** 2
+    fisher_s, elim_s = max(w[0] for w in work), max(w[1] for w in work)
     n, images = cfg.num_grads, cfg.grad_batch_size
     passes = len(plan.groups)
     lines = [f"Plan for {world} processes of {args.plan_gb:g} GB each: {args.arch}"
@@ -269,13 +279,17 @@ def plan_for_processes(args, cfg: PruningConfig, rates_file: Path) -> list[str]:
              f"| results kept, busiest rank (GB) | {plan.store_bytes / GB:.1f} ({plan.store}) |",
              f"| layer groups (gradient passes) | {passes} |",
              f"| gradients: {n // world} per rank x {images} images x {passes} pass(es), at {per_image:.2f} s per "
-             f"image measured here (h) | {per_image * images * (n / world) * passes / 3600:.1f} |",
-             f"| Fisher build: busiest rank's weights x N x {fisher_rate:.2e} s (h) | "
-             f"{busiest * n * fisher_rate / 3600:.1f} |",
-             f"| elimination: busiest rank's weights x {elim_rate:.2e} s (h) | {busiest * elim_rate / 3600:.1f} |",
+             f"image measured here (min) | {per_image * images * (n / world) * passes / 60:.1f} |",
+             f"| Fisher build: owned weights x N x {fisher_rate:.2e} s x B/{measured_b}, slowest rank (min) | "
+             f"{fisher_s / 60:.1f} |",
+             f"| elimination: owned weights x {elim_rate:.2e} s x (B/{measured_b})^2, slowest rank (min) | "
+             f"{elim_s / 60:.1f} |",
+             f"| one process, for comparison: Fisher build + elimination (min) | "
+             f"{sum(sum(w) for w in work) / 60:.1f} |",
              "", f"Rates: Fisher and elimination from the 1-process column of `{rates_file.name}` (this CPU, "
              f"{one['target_weights'] / 1e6:.2f} M weights, {grads} gradients, 1 thread); gradients: one full backward "
-             "pass per image of this model, timed here. They are CPU rates: a GPU does each phase many times "
+             "pass per image of this model, timed here. The plan leaves out the activations of a backward pass (a "
+             "real run measures them first, with one batch) and the exchange of gradient rows. These are CPU rates: a GPU does each phase many times "
              "faster (not measured); what carries over is the split: each rank's Fisher, results and elimination are "
              f"1/{world} of one process's (plus at most one layer), the gradients 1/{world} per pass."]
     return lines

@@ -86,9 +86,12 @@ def test_prune_one_process(teacher, tmp_path, capsys, caplog):
 def test_prune_two_processes_gloo(teacher, tmp_path):
     out = tmp_path / "ddp"
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/prune.py", *prune_args(teacher, out)]
+           "--mixed_precision", "no", "--dynamo_backend", "no", "scripts/prune.py",
+           *prune_args(teacher, out, "--max_memory_gb", 64)]
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
+    # each step is shared out: a plan per rank within the budget, each rank owning its share of the layers
+    assert "on rank 1: memory budget 64.00 GB" in result.stderr and "2 ranks, sizes per rank" in result.stderr
     metrics = json.loads((out / "all_results.json").read_text())
     assert metrics["num_processes"] == 2 and metrics["ranks_identical"] is True
     assert metrics["sparsity"] == pytest.approx(0.75, abs=1e-4)
