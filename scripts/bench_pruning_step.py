@@ -209,7 +209,7 @@ def compare_processes(args, cfg: PruningConfig, device: torch.device, out: Path)
                  + f" | **{sums[0] / sums[-1]:.2f}x** |")
     totals = [max(r["total_seconds"] for r in runs[w]) for w in counts]
     lines.append("| total step | " + " | ".join(f"{v:.1f}" for v in totals) + f" | {totals[0] / totals[-1]:.2f}x |")
-    lines += ["", "| processes | rank | layers owned | weights owned (M) | Fisher held (GB) | peak RSS (GB) | plan |",
+    lines += ["", "| processes | rank | layers owned | weights owned (M) | Fisher of its layers (GB, all groups) | peak RSS (GB) | plan |",
               "|---|---|---|---|---|---|---|"]
     for w in counts:
         for r in runs[w]:
