@@ -140,15 +140,17 @@ def test_more_processes_than_layers(tmp_path):
 
 def prune_disagreeing(rank, world, what):
     model = fresh_model()
-    cfg = config(sparsity=0.7 if rank == 0 or what != "sparsity" else 0.8)
+    cfg = config(sparsity=0.7 if rank == 0 or what != "sparsity" else 0.8, max_memory_gb=64)
     targets = find_targets(model, r".*fc\d" if rank == 1 and what == "targets" else None)
-    with Pruner(model, cfg, targets=targets) as pruner:
+    groups = 1 if rank == 1 and what == "plan" else None  # e.g. a rank that measured another budget
+    with Pruner(model, cfg, targets=targets, max_group_bytes=groups) as pruner:
         pruner.prepare(random_batches(12)[rank::world])
 
 
 @pytest.mark.parametrize(("what", "message"), [
     ("targets", "Rank 1 disagrees with rank 0 on the pruning step (targets and recipe): its targets is different"),
     ("sparsity", "its recipe is"),
+    ("plan", "Rank 1 disagrees with rank 0 on the memory plan: its groups is different"),
 ])
 def test_ranks_that_disagree_stop_before_any_work(tmp_path, what, message):
     results = run_ranks(tmp_path, prune_disagreeing, what=what)
@@ -227,3 +229,28 @@ def test_lowest_k_over_several_tensors_breaks_ties_by_position():
         expected = torch.zeros(n, dtype=torch.bool)
         expected[sorted(range(n), key=lambda i: (float(x[i]), i))[:k]] = True
         assert torch.equal(got, expected), (x, k)
+
+
+def test_the_plan_counts_one_rank_share():
+    """The memory plan of a rank counts every layer's gradient rows but only its own layers' Fisher: with two
+    ranks a budget holds more layers per group, and the all-at-once estimate nearly halves."""
+    from cap_hf.fisher import divisor_block_size
+    from cap_hf.methods import get_method
+    from cap_hf.plan import all_at_once_bytes, layer_cost, plan_step
+    from cap_hf.ranks import Ranks
+
+    model, cfg = fresh_model(), config(max_memory_gb=64, fisher_block_size=64)  # the Fisher outweighs the rows
+    targets = find_targets(model)
+    blocks = {n: divisor_block_size(m.weight.numel(), 64) for n, m in targets.items()}
+    numels = {n: m.weight.numel() for n, m in targets.items()}
+    kernels = [get_method("cap")(cfg)]
+    limit = 3 * max(layer_cost(numels[n], blocks[n], ["block"], cfg).owner for n in targets)
+    one = plan_step(model, targets, kernels, cfg, blocks, max_group_bytes=limit)
+    two = plan_step(model, targets, kernels, cfg, blocks, max_group_bytes=limit, ranks=Ranks(0, 2))
+    assert len(two.groups) < len(one.groups) and set(one.owners.values()) == {0} and set(two.owners.values()) == {0, 1}
+    for group in two.groups:  # each group's layers are split between the ranks by Fisher size
+        loads = [sum(numels[n] for n in group if two.owners[n] == r) for r in range(2)]
+        assert max(loads) <= sum(loads) / 2 + max(numels[n] for n in group)
+    alone, shared = (all_at_once_bytes(numels, blocks, kernels, cfg, w) for w in (1, 2))
+    fisher = sum(numels[n] * blocks[n] * 4 for n in targets)
+    assert shared < alone - 0.4 * fisher
