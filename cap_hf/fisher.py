@@ -1,9 +1,10 @@
 """Gradients of the calibration batches and the block-diagonal empirical Fisher built from them.
 
 F = damp * I + (1/m) sum_i g_i g_i^T, kept only on B x B diagonal blocks of each flattened weight:
-either as a *sum* of outer products plus a count (ranks can all-reduce it; inverted in batch by
-Cholesky), or as its inverse, updated 16 gradients at a time with the Woodbury identity. Both are built
-with batched matrix products over chunks of gradients instead of one update per gradient.
+either as a *sum* of outer products plus a count (inverted in batch by Cholesky), or as its inverse,
+updated 16 gradients at a time with the Woodbury identity. Both are built with batched matrix products
+over chunks of gradients instead of one update per gradient. Under several processes each layer's Fisher
+is built by its owner rank from every rank's gradient rows (collect_fisher, cap_hf.ranks).
 `iter_gradients` is the one loop of backward passes (the engine, the benchmarks and the tests use it).
 """
 

@@ -181,13 +181,13 @@ def available_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-def _agree(values: list[int], op: str, device: torch.device) -> list[int]:
-    """The same numbers on every process (MIN or MAX over ranks), so that every rank makes the same plan."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+def _agree(values: list[int], op: str, ranks: Ranks) -> list[int]:
+    """The same numbers on every process (MIN or MAX over ranks), so that every rank makes the same plan. (A plan
+    made for ranks without a process group, as a what-if, takes this process's numbers.)"""
+    if not (ranks.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
-    shared = torch.tensor(values, dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(shared, op=getattr(torch.distributed.ReduceOp, op))
-    return [int(v) for v in shared.tolist()]
+    shared = torch.tensor(values, dtype=torch.float64, device=ranks.device)
+    return [int(v) for v in ranks.all_reduce(shared, "memory plan", op).tolist()]
 
 
 def _partition(order: list[str], group_bytes: Callable[[list[str]], list[int]], group_limit: int,
@@ -272,8 +272,8 @@ def plan_step(
     if budget is None or not kinds:
         need = all_at_once_bytes(numels, blocks, methods, config, world)
         if not kinds or max_group_bytes is None:
-            base, free = _agree([device_memory_bytes(device)], "MAX", device)[0], \
-                _agree([available_bytes(device)], "MIN", device)[0]
+            base, free = _agree([device_memory_bytes(device)], "MAX", ranks)[0], \
+                _agree([available_bytes(device)], "MIN", ranks)[0]
             if not kinds or need <= free:
                 owners = assign_owners(balance_cost(numels, blocks), world)
                 return MemoryPlan(groups=[list(targets)], store=store or "device", block_sizes=blocks,
@@ -287,12 +287,13 @@ def plan_step(
             budget = device_memory_bytes(device) + available_bytes(device)
     plan = [model, targets, methods, config, blocks, adjusted, numels, results, budget]
     if probe is not None:  # what cannot fit fails before any batch is read
-        _plan_groups(*plan, None, loss_fn, device, max_group_bytes, store, world)
-    return _plan_groups(*plan, probe, loss_fn, device, max_group_bytes, store, world)
+        _plan_groups(*plan, None, loss_fn, device, max_group_bytes, store, ranks)
+    return _plan_groups(*plan, probe, loss_fn, device, max_group_bytes, store, ranks)
 
 
 def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, results, budget, probe, loss_fn, device,
-                 max_group_bytes, store, world) -> MemoryPlan:
+                 max_group_bytes, store, ranks) -> MemoryPlan:
+    world = ranks.world
     budget_gb = f"{budget / GB:.3g}"
     total = sum(numels.values())
     base = device_memory_bytes(device)
@@ -309,7 +310,7 @@ def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, resu
         first = next(iter(targets))
         activation = _probe_activation_bytes(model, targets[first], probe(), loss_fn, config.label_free_fisher,
                                              device)
-    base, activation = _agree([base, activation], "MAX", device)
+    base, activation = _agree([base, activation], "MAX", ranks)
     overhead = overhead_bytes(numels, blocks, methods, config, world)
     available = budget - base - kept - activation - overhead
     kinds = fisher_kinds(methods)
