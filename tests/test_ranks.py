@@ -194,7 +194,7 @@ def test_a_failing_rank_stops_the_others_with_a_clear_error(tmp_path, sleep, tim
     stops with a RankError naming itself and the phase, at once or after dist_timeout, instead of hanging."""
     rank0, rank1 = ok(run_ranks(tmp_path, prune_failing, limit=120, sleep=sleep, timeout=timeout))
     assert "error" in rank1
-    assert rank0["error"].startswith("RankError: Rank 0 of 2: the pruning step's exchange of gradient rows")
+    assert rank0["error"].startswith(f"{RankError.__name__}: Rank 0 of 2: the pruning step's exchange of gradient rows")
     assert "Look for the first error in the other ranks' logs" in rank0["error"]
     if timeout is None:
         assert "this rank ran out of GPU memory" in rank1["error"] and rank0["seconds"] < 30
