@@ -320,6 +320,10 @@ def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, resu
     def owners_of(group: list[str]) -> dict[str, int]:
         return assign_owners({name: balance[name] for name in group}, world)
 
+    def owners_in(groups: list[list[str]]) -> dict[str, int]:  # in model order
+        owners = {name: owner for group in groups for name, owner in owners_of(group).items()}
+        return {name: owners[name] for name in targets}
+
     def group_bytes(group: list[str]) -> list[int]:
         return rank_bytes(group, owners_of(group), costs, world)
 
@@ -349,7 +353,7 @@ def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, resu
         if fits:
             store = "device"
         elif device.type == "cuda" and available_bytes(torch.device("cpu")) > 1.1 * max(per_rank(
-                results, {n: o for g in groups for n, o in owners_of(g).items()}, world)) * \
+                results, owners_in(groups), world)) * \
                 int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
             store = "host"
         else:
@@ -359,8 +363,7 @@ def _plan_groups(model, targets, methods, config, blocks, adjusted, numels, resu
             raise MemoryBudgetError(f"The results ({sum(results.values()) / GB:.2f} GB in all) do not fit in memory "
                                     "next to the Fisher groups; let them go to disk (store='disk').")
         groups, totals = in_memory
-    owners = {name: owner for group in groups for name, owner in owners_of(group).items()}
-    owners = {name: owners[name] for name in targets}
+    owners = owners_in(groups)
     store_total = max(per_rank(results, owners, world))
     if store == "disk":
         folder = config.offload_dir or tempfile.gettempdir()

@@ -31,6 +31,8 @@ def lowest_k_masks(scores: Mapping[str, torch.Tensor], k: int, sizes: Mapping[st
     ranks = ranks or Ranks()
     sizes = dict(sizes) if sizes is not None else {name: t.numel() for name, t in scores.items()}
     k = int(min(max(k, 0), sum(sizes.values())))
+    if k == 0:  # k is the same on every rank: none skips a collective the others call
+        return {name: torch.zeros(t.shape, dtype=torch.bool, device=t.device) for name, t in scores.items()}
     keys = {name: _order_keys(t) for name, t in scores.items()}
 
     def count(test) -> int:
@@ -44,25 +46,16 @@ def lowest_k_masks(scores: Mapping[str, torch.Tensor], k: int, sizes: Mapping[st
             high = middle
         else:
             low = middle + 1
-    below = count(lambda key: key < low) if k else 0
-    order = list(sizes)
-    ties = [0] * len(order)
-    for index, name in enumerate(order):
-        if name in keys and k:
-            ties[index] = int((keys[name] == low).sum())
-    ties = [int(t) for t in ranks.sum(ties, "ties of the global threshold", torch.int64)]
-    need, masks = k - below, {}
-    for index, name in enumerate(order):
-        if name not in keys:
-            continue
-        key = keys[name]
-        if k == 0:
-            masks[name] = torch.zeros(scores[name].shape, dtype=torch.bool, device=scores[name].device)
-            continue
-        take = min(max(need - sum(ties[:index]), 0), ties[index])  # ties go to the earliest positions
-        tie = key == low
-        mask = (key < low) | (tie & (torch.cumsum(tie, 0) <= take))
-        masks[name] = mask.reshape(scores[name].shape)
+    tied = {name: key == low for name, key in keys.items()}
+    counts = ranks.sum([int(tied[name].sum()) if name in tied else 0 for name in sizes],
+                       "ties of the global threshold", torch.int64)
+    masks, left = {}, k - count(lambda key: key < low)  # ties still to take, earliest positions first
+    for name, ties in zip(sizes, counts, strict=True):
+        if name in keys:
+            tie = tied[name]
+            take = min(max(left, 0), int(ties))
+            masks[name] = ((keys[name] < low) | (tie & (torch.cumsum(tie, 0) <= take))).reshape(scores[name].shape)
+        left -= int(ties)
     return masks
 
 
