@@ -254,3 +254,17 @@ def test_the_plan_counts_one_rank_share():
     alone, shared = (all_at_once_bytes(numels, blocks, kernels, cfg, w) for w in (1, 2))
     fisher = sum(numels[n] * blocks[n] * 4 for n in targets)
     assert shared < alone - 0.4 * fisher
+
+
+def prune_too_few_gradients(rank, world):
+    with Pruner(fresh_model(), config(num_grads=1)) as pruner:
+        pruner.prepare(random_batches(1))
+
+
+def test_fewer_gradients_than_processes_and_a_bad_timeout_are_refused(tmp_path):
+    from cap_hf import PruningConfig
+
+    for result in run_ranks(tmp_path, prune_too_few_gradients):
+        assert "num_grads=1 is less than the 2 processes" in result["error"], result
+    with pytest.raises(ValueError, match="dist_timeout must be a positive number of seconds, got 0"):
+        PruningConfig(dist_timeout=0)
