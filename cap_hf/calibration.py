@@ -20,6 +20,36 @@ def calibration_seed(seed: int | None, step: int = 0, rank: int = 0) -> int:
     return (int(seed or 0) + 1_000_003 * int(step) + 7_919 * int(rank)) % (2 ** 63)
 
 
+def too_few_batches(available: int, needed: int, images: int | None = None, batch_size: int | None = None,
+                    world: int = 1) -> str:
+    """The one message for calibration data too short for the Fisher (one batch per gradient)."""
+    where = "" if images is None else f" ({images} images in the calibration split, in batches of {batch_size})"
+    share = f" (each of the {world} processes computes its share of --num_grads)" if world > 1 else ""
+    return (f"The calibration data holds {available} batches{where}, but {needed} Fisher gradients are needed"
+            f"{share}: one batch of --grad_batch_size images per gradient. Lower --num_grads or --grad_batch_size, or "
+            "use a larger calibration split.")
+
+
+def check_calibration_size(num_images: int, num_grads: int, grad_batch_size: int, world: int = 1) -> None:
+    """Before any work: a calibration split of `num_images` gives each of `world` processes its share of
+    `num_grads` full batches (calibration_loader drops the last, partial one; every process draws from the
+    whole split with its own seed)."""
+    needed = -(-int(num_grads) // max(1, int(world)))
+    available = int(num_images) // int(grad_batch_size)
+    if available < needed:
+        raise ValueError(too_few_batches(available, needed, num_images, grad_batch_size, world))
+
+
+def check_enough_batches(batches: Iterable, num_grads: int) -> None:
+    """Fail before any backward pass when calibration batches of known length are too few."""
+    try:
+        available = len(batches)  # type: ignore[arg-type]
+    except TypeError:
+        return  # a generator or an iterable dataset: checked when it runs out
+    if available < num_grads:
+        raise ValueError(too_few_batches(available, num_grads))
+
+
 def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: int = 0, pin_memory: bool = False,
                        persistent_workers: bool = False, prefetch_factor: int | None = None,
                        collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:

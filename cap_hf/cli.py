@@ -1,18 +1,28 @@
-"""Command-line parsing shared by the scripts: HfArgumentParser over the scripts' dataclasses (the
-pruning recipe is PruningConfig itself), plus `--recipe FILE`.
+"""What every script shares on the command line: parsing, help, and how an error reaches the user.
 
-- `script.py config.yaml` (or .json): every flag from the file, as HfArgumentParser does it.
-- `script.py --recipe recipe.yaml --flag value ...`: the file's values become the defaults and the flags
-  given on the command line win (each conflict is logged). The file is a mapping of flag names, or a
-  checkpoint's cap_recipe.yaml, whose `pruning` section is taken (its other sections record the run).
+- `parse_args`: HfArgumentParser over the scripts' dataclasses (the pruning recipe is PruningConfig itself),
+  plus `--recipe FILE`:
+  - `script.py config.yaml` (or .json): every flag from the file, as HfArgumentParser does it.
+  - `script.py --recipe recipe.yaml --flag value ...`: the file's values become the defaults and the flags
+    given on the command line win (each conflict is logged). The file is a mapping of flag names, or a
+    checkpoint's cap_recipe.yaml, whose `pruning` section is taken (its other sections record the run).
+- `ArgumentParser` / `ScriptParser` (argparse / HfArgumentParser): help strings are made safe for argparse's
+  %-formatting (a bare "%" in a field's help crashed --help), and a usage error is one short line, printed
+  by the main process only.
+- `run(main)`: a script's entry point. A `SystemExit("message")` raised anywhere before or during the work
+  is printed once, by the main process (under `accelerate launch` every process stops; one speaks), as
+  `error: message`, and the exit status is 1.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
-from collections.abc import Sequence
+import re
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import yaml
@@ -23,6 +33,77 @@ from cap_hf.config import upgrade_recipe
 logger = logging.getLogger(__name__)
 
 RECIPE_RECORD_SECTIONS = ("schedule", "distillation", "training", "command", "base_model", "dataset")
+
+_BARE_PERCENT = re.compile(r"(?<!%)%(?![(%])")  # a "%" that is neither "%%" nor a "%(name)s" placeholder
+
+
+def argparse_safe(text: str | None) -> str | None:
+    """Help text with every bare "%" doubled: argparse %-formats help strings when it prints them."""
+    return text if not isinstance(text, str) else _BARE_PERCENT.sub("%%", text)
+
+
+def is_main_process() -> bool:
+    """Whether this process speaks for its machine: local rank 0 under torchrun / `accelerate launch`, or the
+    only process. Read from the launcher's environment, so it holds before any process group exists. (Per
+    machine rather than rank 0 alone: on several machines, an error that only one machine meets, such as a
+    folder missing there, is still said.)"""
+    for name in ("LOCAL_RANK", "RANK"):
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return value.strip() == "0"
+    return True
+
+
+def report_error(message: str) -> None:
+    """`error: message` on stderr, from one process per machine (is_main_process)."""
+    if is_main_process():
+        text = str(message).strip()
+        print(text if text.startswith("error:") else f"error: {text}", file=sys.stderr, flush=True)
+
+
+def run(main: Callable[[], object]) -> None:
+    """A script's entry point (`if __name__ == "__main__": run(main)`): a SystemExit with a message is printed
+    once (report_error) and becomes exit status 1; any other exit or exception passes through unchanged."""
+    try:
+        main()
+    except SystemExit as stop:
+        if isinstance(stop.code, str):
+            report_error(stop.code)
+            raise SystemExit(1) from None
+        raise
+
+
+class _ScriptParsing:
+    """What the scripts' parsers add to argparse: safe help strings and short usage errors."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:
+            action.help = argparse_safe(action.help)
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        for action in self._actions:
+            action.help = argparse_safe(action.help)
+        return super().format_help()
+
+    hint: str | None = None  # a sentence added to usage errors
+
+    def error(self, message: str):
+        """One line, not the whole usage (the scripts have over a hundred flags), printed by the main process."""
+        report_error(f"{message}. {self.hint + ' ' if self.hint else ''}Run `{self.prog} --help` for every flag.")
+        raise SystemExit(2)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every flag's default."""
+
+
+class ArgumentParser(_ScriptParsing, argparse.ArgumentParser):
+    """argparse.ArgumentParser for the scripts (see _ScriptParsing)."""
+
+
+class ScriptParser(_ScriptParsing, HfArgumentParser):
+    """HfArgumentParser for the scripts (see _ScriptParsing)."""
 
 
 def load_recipe(path: str | os.PathLike, known: set[str]) -> dict:
@@ -58,10 +139,14 @@ def _given_flags(argv: Sequence[str]) -> set[str]:
     return names
 
 
-def parse_args(types: tuple, argv: Sequence[str], defaults: dict | None = None) -> tuple:
+def parse_args(types: tuple, argv: Sequence[str], defaults: dict | None = None, description: str | None = None,
+               prog: str | None = None, hint: str | None = None) -> tuple:
     """The scripts' dataclasses from `argv` (see the module docstring). `defaults` are the script's own
-    defaults for some flags (a benchmark's, say). Bad values raise ValueError."""
-    parser = HfArgumentParser(types)
+    defaults for some flags (a benchmark's, say); `description` heads --help (the script's docstring), `hint`
+    is added to usage errors. Bad values raise ValueError; unknown flags and missing required ones are usage
+    errors (one line, SystemExit 2)."""
+    parser = ScriptParser(types, description=description, prog=prog, formatter_class=HelpFormatter)
+    parser.hint = hint
     if defaults:
         parser.set_defaults(**defaults)
     argv = list(argv)
@@ -87,7 +172,10 @@ def parse_args(types: tuple, argv: Sequence[str], defaults: dict | None = None) 
                 action.required = False  # given by the recipe
         parser.set_defaults(**values)
         logger.info("Recipe %s: %s", recipe, ", ".join(f"{k}={v!r}" for k, v in values.items()))
-    outputs = tuple(parser.parse_args_into_dataclasses(args=argv)[:len(types)])
+    *outputs, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    outputs = tuple(outputs[:len(types)])
     for name in sorted(set(values) & _given_flags(argv)):
         flag = next(getattr(o, name) for o in outputs if hasattr(o, name))
         logger.warning("%s is set both in the recipe %s (%r) and on the command line (%r): the command line wins.",

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
 
+from cap_hf.sources import BUILTIN_PREFIX, SourceError, check_dataset_source
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                         "Bag", "Ankle boot"]
@@ -23,20 +25,22 @@ BUILTIN_DATASETS = ("builtin:digits", "builtin:fashion-mnist")
 
 def load_image_dataset(name_or_path: str) -> DatasetDict:
     """A DatasetDict from a save_to_disk folder (Dataset or DatasetDict), an imagefolder folder, a Hub id,
-    or the offline data sets `builtin:digits` (scikit-learn) and `builtin:fashion-mnist` (Debian package)."""
+    or the offline data sets `builtin:digits` (scikit-learn) and `builtin:fashion-mnist` (Debian package).
+    The name is checked first (cap_hf.sources): a missing folder, or a Hub id that is neither cached nor on
+    the Hub, fails at once with what was tried."""
     if name_or_path == "builtin:digits":
         return digits_dataset()
     if name_or_path == "builtin:fashion-mnist":
         return fashion_mnist_dataset()
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        raise SourceError(f"Unknown builtin data set {name_or_path!r}; there are {', '.join(BUILTIN_DATASETS)}.")
+    check_dataset_source(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
             loaded = load_from_disk(str(path))
             return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
         return load_dataset("imagefolder", data_dir=str(path))
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"Dataset folder {name_or_path!r} does not exist (or is not a folder). Pass a "
-                                "save_to_disk folder, an imagefolder folder or a Hub dataset id.")
     try:
         return load_dataset(name_or_path)
     except Exception as err:  # offline mode, gated repo, typo: say what was tried

@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from cap_hf.calibration import Replay, first_pass
+from cap_hf.calibration import Replay, check_enough_batches, first_pass
 from cap_hf.config import PruningConfig
 from cap_hf.features import fisher_loss, is_backbone
-from cap_hf.fisher import check_enough_batches, choose_block_size, collect_fisher
+from cap_hf.fisher import choose_block_sizes, collect_fisher
 from cap_hf.masks import SparsityReport, current_masks, sparsity_report
 from cap_hf.memory import PhaseProfiler
 from cap_hf.methods import Layer, canonical_name, get_method
@@ -38,6 +38,7 @@ from cap_hf.targets import find_targets
 logger = logging.getLogger(__name__)
 
 Batches = Iterable[Mapping[str, torch.Tensor]] | Callable[[], Iterable[Mapping[str, torch.Tensor]]]
+FISHER_PHASES = ("gradients", "fisher", "exchange", "inversion")  # the profiler's phases of a gradient pass
 
 
 class Pruner:
@@ -64,8 +65,8 @@ class Pruner:
         self.config = config
         self.model = model
         self.targets = dict(targets) if targets is not None else find_targets(model, config.targets, config.ignore)
-        self.block_sizes = {name: choose_block_size(m.weight.numel(), config.fisher_block_size, name)
-                            for name, m in self.targets.items()}
+        self.block_sizes = choose_block_sizes({name: m.weight.numel() for name, m in self.targets.items()},
+                                              config.fisher_block_size)
         self.loss_fn = loss_fn if loss_fn is not None else fisher_loss(config, model)
         if self.loss_fn is None and is_backbone(model) and any(k.fisher for k in self.methods.values()):
             raise ValueError(f"{type(model).__name__} has no classification head, so the cross-entropy Fisher has no "
@@ -77,29 +78,38 @@ class Pruner:
         self.plan: MemoryPlan | None = None
         self.scores: dict[str, dict[str, torch.Tensor]] = {}
         self.num_grads = 0
-        self.damps: dict[str, float] = {}  # the dampening each layer's block Fisher got (absolute value)
-        self.dampening_config = self._dampening_config()
+        self.damps: dict[str, dict[str, float]] = {}  # method -> the dampening each layer's block Fisher got
+        self.passes = self._fisher_passes()
+        self._pass_seconds: dict[int, float] = {}
         self._store: Store | None = None
         self.ranks = Ranks.current(config.dist_timeout)  # one process, or the step shared out (cap_hf.ranks)
         if self.ranks.distributed and any(k.fisher for k in self.methods.values()) and config.num_grads < self.ranks.world:
             raise ValueError(f"num_grads={config.num_grads} is less than the {self.ranks.world} processes, so some would "
                              "compute no gradient; raise num_grads.")
 
-    def _dampening_config(self) -> PruningConfig:
-        """The config whose dampening the shared block Fisher takes: the recipe's own method when it needs
-        one, else the first that does. Methods whose default dampenings differ share it (one gradient pass),
-        with a warning."""
-        block = [name for name, kernel in self.methods.items() if kernel.fisher == "block"]
-        if not block:
-            return self.config
-        block.sort(key=lambda name: name != self.config.method)
-        chosen = self.configs[block[0]]
-        others = [name for name in block[1:] if self.configs[name].dampening != chosen.dampening]
-        if others:
-            logger.warning("%s share one Fisher with %s, so they are compared at its dampening, %s, not at their "
-                           "own default; run them separately, or give --damp / --relative_damp to choose.",
-                           ", ".join(others), block[0], chosen.describe_dampening())
-        return chosen
+    def _fisher_passes(self) -> list[tuple[PruningConfig, list[str]]]:
+        """The gradient passes of a step: (the config whose dampening the pass's block Fisher takes, the methods
+        prepared from it). Every method gets its own dampening (the recipe's, or each method's default when the
+        recipe gives none), so methods compared in one sweep are each at their own default; methods that agree
+        on it share a pass. The recipe's method's pass comes first and also serves the methods without a block
+        Fisher (FastCAP's shared one, magnitude's none)."""
+        passes: dict[tuple, tuple[PruningConfig, list[str]]] = {}
+        order = sorted(self.methods, key=lambda name: name != self.config.method)
+        first = None
+        for name in order:
+            if self.methods[name].fisher != "block":
+                continue
+            key = tuple(sorted(self.configs[name].dampening.items()))
+            first = first or key
+            passes.setdefault(key, (self.configs[name], []))[1].append(name)
+        others = [name for name in order if self.methods[name].fisher != "block"]
+        if not passes:
+            return [(self.config, others)]
+        passes[first][1].extend(others)
+        if len(passes) > 1:
+            logger.info("The methods' dampenings differ (%s): one gradient pass per dampening.", "; ".join(
+                f"{', '.join(names)}: {cfg.describe_dampening()}" for cfg, names in passes.values()))
+        return list(passes.values())
 
     # ---- context manager: the store (a temporary folder on disk) is removed on close -------------------
     def __enter__(self) -> Pruner:
@@ -165,7 +175,7 @@ class Pruner:
                 max_group_bytes=self.max_group_bytes, store=self.forced_store, ranks=ranks,
                 probe=(lambda: _first_batch(replayed()())) if kinds else None)
         ranks.agree({"groups": plan.groups, "owners": plan.owners, "store": plan.store}, "memory plan")
-        if len(plan.groups) > 1:
+        if len(plan.groups) * len(self.passes) > 1:
             replayed()
         if plan.budget_bytes is not None or ranks.distributed:
             logger.info("Pruning step (%s)%s: %s", ", ".join(self.methods),
@@ -173,52 +183,65 @@ class Pruner:
         self._store = Store(plan.store, cfg.offload_dir)
         self.scores = {name: {} for name in self.methods}
         self.damps = {}
+        self._pass_seconds = {}
         if not kinds:
             for name in self.targets:
                 if self.owns(name):
-                    self._prepare_layer(name, {})
+                    self._prepare_layer(name, {}, list(self.methods))
             return plan
+        local_damps: dict[int, dict[str, float]] = {}
         for index, group in enumerate(plan.groups):
             group_targets = {name: self.targets[name] for name in group}
-            batches = replay() if replay is not None else first_pass(calibration_batches)
-            fishers = collect_fisher(
-                self.model, group_targets, batches, cfg.num_grads, {name: self.block_sizes[name] for name in group},
-                kinds, grad_chunk_size=cfg.grad_chunk_size, device=self.device, accumulate=cfg.accumulation,
-                **self.dampening_config.dampening, profiler=self.profiler, masks=current_masks(group_targets),
-                label_free=cfg.label_free_fisher, loss_fn=self.loss_fn, seed=int(cfg.calibration_seed or 0),
-                progress=progress, on_batch=replay.check if replay is not None else None,
-                owners=plan.owners, ranks=ranks)
-            for name in group:
-                if not self.owns(name):
-                    continue
-                stats = {}
-                with self._phase("inversion"):
-                    if "block" in fishers:
-                        self.damps[name] = fishers["block"].damp_of(name)
-                        stats["block"] = fishers["block"].pop_inverse(name)
-                    if "shared" in fishers:
-                        stats["shared"] = fishers["shared"].mean(name)
-                self._prepare_layer(name, stats)
-                del stats
-            del fishers
+            for number, (damp_config, names) in enumerate(self.passes):
+                start = self.profiler.seconds(*FISHER_PHASES)
+                batches = replay() if replay is not None else first_pass(calibration_batches)
+                fishers = collect_fisher(
+                    self.model, group_targets, batches, cfg.num_grads, {name: self.block_sizes[name] for name in group},
+                    fisher_kinds([self.methods[m] for m in names]), grad_chunk_size=cfg.grad_chunk_size,
+                    device=self.device, accumulate=cfg.accumulation, **damp_config.dampening, profiler=self.profiler,
+                    masks=current_masks(group_targets), label_free=cfg.label_free_fisher, loss_fn=self.loss_fn,
+                    seed=int(cfg.calibration_seed or 0), progress=progress,
+                    on_batch=replay.check if replay is not None else None, owners=plan.owners, ranks=ranks)
+                for name in group:
+                    if not self.owns(name):
+                        continue
+                    stats = {}
+                    with self._phase("inversion"):
+                        if "block" in fishers:
+                            local_damps.setdefault(number, {})[name] = fishers["block"].damp_of(name)
+                            stats["block"] = fishers["block"].pop_inverse(name)
+                        if "shared" in fishers:
+                            stats["shared"] = fishers["shared"].mean(name)
+                    self._prepare_layer(name, stats, names)
+                    del stats
+                del fishers
+                self._pass_seconds[number] = self._pass_seconds.get(number, 0.0) + \
+                    self.profiler.seconds(*FISHER_PHASES) - start
             if len(plan.groups) > 1:
                 logger.info("Layer group %d/%d done (%d layers).", index + 1, len(plan.groups), len(group))
         self.num_grads = cfg.num_grads  # over all processes (iter_gradients checked each share)
-        if "block" in kinds:  # every rank knows every layer's dampening (records, model cards)
-            values = ranks.sum([self.damps.get(name, 0.0) for name in self.targets], "dampening of the layers")
-            self.damps = dict(zip(self.targets, values, strict=True))
-            low, high = min(self.damps, key=self.damps.get), max(self.damps, key=self.damps.get)
-            logger.info("Fisher dampening %s: from %.2e (%s) to %.2e (%s).", self.dampening_config.describe_dampening(),
-                        self.damps[low], low, self.damps[high], high)
+        for number, (damp_config, names) in enumerate(self.passes):
+            block = [m for m in names if self.methods[m].fisher == "block"]
+            if not block:
+                continue
+            # every rank knows every layer's dampening (records, model cards)
+            mine = local_damps.get(number, {})
+            values = ranks.sum([mine.get(name, 0.0) for name in self.targets], "dampening of the layers")
+            damps = dict(zip(self.targets, values, strict=True))
+            self.damps.update({method: damps for method in block})
+            low, high = min(damps, key=damps.get), max(damps, key=damps.get)
+            logger.info("Fisher dampening of %s %s: from %.2e (%s) to %.2e (%s).", ", ".join(block),
+                        damp_config.describe_dampening(), damps[low], low, damps[high], high)
         return plan
 
     def _layer(self, method: str, name: str, weights: torch.Tensor, fisher: Mapping) -> Layer:
         return Layer(name=name, weights=weights, store=self._store, store_prefix=f"{method}/{name}", fisher=fisher)
 
-    def _prepare_layer(self, name: str, fisher: Mapping[str, torch.Tensor]) -> None:
+    def _prepare_layer(self, name: str, fisher: Mapping[str, torch.Tensor], methods: Sequence[str]) -> None:
         w = weight_blocks(self.targets[name], self.block_sizes[name], self.device)
         zero = w == 0
-        for method, kernel in self.methods.items():
+        for method in methods:
+            kernel = self.methods[method]
             with self._phase(f"prepare:{method}"):
                 scores = kernel.prepare_layer(self._layer(method, name, w, fisher))
                 if scores is not None:
@@ -273,7 +296,15 @@ class Pruner:
     @property
     def fisher_seconds(self) -> float:
         """Time of the shared part of prepare: plan, gradient passes, Fisher accumulation, inversion."""
-        return self.profiler.seconds("plan", "gradients", "fisher", "inversion")
+        return self.profiler.seconds("plan", *FISHER_PHASES)
+
+    def fisher_seconds_of(self, method: str) -> float:
+        """What one method's Fisher cost: the plan and the gradient pass(es) it was prepared from (0 without one)."""
+        method = canonical_name(method)
+        if not self.methods[method].fisher:
+            return 0.0
+        number = next(i for i, (_, names) in enumerate(self.passes) if method in names)
+        return self.profiler.seconds("plan") + self._pass_seconds.get(number, 0.0)
 
     def prepare_seconds(self, method: str) -> float:
         """Time of one method's kernels during prepare."""

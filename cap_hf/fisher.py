@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cap_hf.calibration import check_enough_batches, too_few_batches
 from cap_hf.memory import PhaseProfiler, maybe_phase
 from cap_hf.ranks import Ranks, interleave_index, rows_per_rank
 
@@ -35,14 +36,30 @@ def divisor_block_size(numel: int, block_size: int) -> int:
     return next(size for size in range(min(block_size, numel), 0, -1) if numel % size == 0)
 
 
-def choose_block_size(numel: int, block_size: int, name: str = "") -> int:
-    """divisor_block_size, with a warning that names the layer when it is not B."""
-    chosen = divisor_block_size(numel, block_size)
-    if chosen == block_size:
-        return chosen
-    logger.warning("Fisher block size %d does not divide %s (%d weights); using %d instead.",
-                   block_size, name or "a layer", numel, chosen)
+def choose_block_sizes(numels: Mapping[str, int], block_size: int) -> dict[str, int]:
+    """divisor_block_size for every tensor, with one warning for all those whose block is not B: the layers,
+    grouped by their size and the block they got."""
+    chosen = {name: divisor_block_size(numel, block_size) for name, numel in numels.items()}
+    adjusted: dict[tuple[int, int], list[str]] = {}
+    for name, size in chosen.items():
+        if size != block_size:
+            adjusted.setdefault((numels[name], size), []).append(name)
+    if adjusted:
+        parts = [f"{len(names)} layer(s) of {numel} weights -> {size} ({_names(names)})"
+                 for (numel, size), names in adjusted.items()]
+        message = (f"Fisher block size {block_size} does not divide {'; '.join(parts)}; those use the block size "
+                   "shown (the smallest divisor in [B, 2B], else the largest below B).")
+        if message not in _WARNED:  # said once per process, not at every pruning step
+            _WARNED.add(message)
+            logger.warning(message)
     return chosen
+
+
+_WARNED: set[str] = set()
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 INVERSION_CHUNK = 256  # blocks inverted at once by pop_inverse (4 temporary copies of B x B each)
@@ -89,7 +106,7 @@ class BlockFisher:
             if bad:
                 raise ValueError(f"Block sizes do not divide the tensors {bad[:3]}.")
         else:
-            self.block_sizes = {name: choose_block_size(n, block_size, name) for name, n in numels.items()}
+            self.block_sizes = choose_block_sizes(numels, block_size)
         self.sums: dict[str, torch.Tensor] = {}  # running sums, or running inverses (accumulate="inverse")
         for name, n in numels.items():
             b = self.block_sizes[name]
@@ -281,18 +298,6 @@ def batch_loss(model: nn.Module, batch: Mapping, loss_fn: Callable | None, label
         return loss_fn(model, batch) if loss_fn is not None else default_loss(model, batch, label_free, generator)
 
 
-def check_enough_batches(batches: Iterable, num_grads: int) -> None:
-    """Fail before any backward pass when the calibration data is known to be too short."""
-    try:
-        available = len(batches)  # type: ignore[arg-type]
-    except TypeError:
-        return  # a generator or an iterable dataset: checked when it runs out
-    if available < num_grads:
-        raise ValueError(f"The calibration data holds only {available} batches, but num_grads={num_grads} were "
-                         "requested (one batch per gradient). Lower --num_grads or --grad_batch_size, or use a "
-                         "larger calibration split.")
-
-
 def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Mapping[str, torch.Tensor]],
                    num_grads: int, *, masks: Mapping[str, torch.Tensor] | None = None, label_free: bool = False,
                    loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
@@ -349,8 +354,7 @@ def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: 
         if bar is not None:
             bar.close()
     if collected < num_grads:
-        raise ValueError(f"The calibration data gave only {collected} batches, but num_grads={num_grads} were "
-                         "requested. Lower --num_grads or --grad_batch_size, or use a larger calibration split.")
+        raise ValueError(too_few_batches(collected, num_grads))
 
 
 def gradient_rows(grad_chunk_size: int, num_grads: int, accumulate: str = "sum", kinds: Iterable[str] = ("block",)) -> int:

@@ -3,8 +3,6 @@ offline, tests and benchmarks)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -16,6 +14,8 @@ from transformers import (
     ViTForImageClassification,
     ViTImageProcessorPil,
 )
+
+from cap_hf.sources import check_model_source
 
 
 def make_image_processor(image_size: int, num_channels: int, mean: float = 0.5, std: float = 0.5):
@@ -66,16 +66,9 @@ def make_resnet_classifier(label_names: list[str], num_channels: int, layer_type
     return ResNetForImageClassification(config)
 
 
-def _check_folder(name_or_path: str) -> None:
-    path = Path(name_or_path).expanduser()
-    if path.exists() and not (path / "config.json").exists():
-        raise FileNotFoundError(f"{name_or_path!r} has no config.json; pass a folder written by save_pretrained "
-                                "(e.g. by scripts/train_dense.py) or a Hub model id.")
-
-
 def load_image_processor(name_or_path: str):
-    """The model's image processor, with a clear error when the folder has none."""
-    _check_folder(name_or_path)
+    """The model's image processor, with a clear error when the model cannot be found or has none."""
+    check_model_source(name_or_path)
     try:
         return AutoImageProcessor.from_pretrained(name_or_path)
     except OSError as err:

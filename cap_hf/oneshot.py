@@ -65,10 +65,11 @@ def oneshot_sweep(
 ) -> list[dict]:
     """Prune fresh copies of `model` with every method at every sparsity and evaluate each.
 
-    One Pruner prepares all methods: one gradient pass per layer group gives the Fisher of every method
-    that needs one, and each method's sparsity-independent work is done once for all sparsities.
-    `prune_seconds` counts what one such prune costs on its own: the shared Fisher (for methods that use
-    it) + the method's preparation + one application. Records: method, sparsity, achieved_sparsity,
+    One Pruner prepares all methods: one gradient pass per layer group and dampening gives the Fisher of
+    every method that needs one (each method at its own default dampening unless the config sets one), and
+    each method's sparsity-independent work is done once for all sparsities. `prune_seconds` counts what one
+    such prune costs on its own: its Fisher (for methods that use one) + the method's preparation + one
+    application. Records: method, sparsity, achieved_sparsity,
     what `evaluate` returns (a top-1 `accuracy`, or a dict of METRICS), timings; `dense` first.
     """
     methods = [canonical_name(m) for m in methods]
@@ -81,9 +82,8 @@ def oneshot_sweep(
     with Pruner(model, config.replace(sparsity=levels[0]), methods, loss_fn=loss_fn) as pruner:
         records[0]["achieved_sparsity"] = sparsity_report(pruner.targets).overall
         pruner.prepare(calibration_batches, progress)
-        fisher_seconds = pruner.fisher_seconds
         for method in methods:
-            own_fisher = fisher_seconds if pruner.methods[method].fisher else 0.0
+            own_fisher = pruner.fisher_seconds_of(method)
             prepare_seconds = pruner.prepare_seconds(method)
             for sparsity in levels:
                 pruned = copy.deepcopy(model)
@@ -96,8 +96,10 @@ def oneshot_sweep(
                     "fisher_seconds": own_fisher, "prepare_seconds": prepare_seconds, "apply_seconds": apply_seconds,
                     "structure": config.structure,
                 }
-                if pruner.methods[method].fisher == "block" and pruner.damps:  # the dampening each layer got
-                    record["damp_range"] = [min(pruner.damps.values()), max(pruner.damps.values())]
+                damps = pruner.damps.get(method)
+                if damps:  # the dampening each layer's block Fisher got
+                    record["damp_range"] = [min(damps.values()), max(damps.values())]
+                    record["dampening"] = pruner.configs[method].describe_dampening()
                 records.append(record)
                 logger.info("%s at %.2f: %s (prepare %.1f s, apply %.1f s)", method, sparsity,
                             ", ".join(f"{k} {record[k]:.4f}" for k in METRICS if k in record), prepare_seconds,

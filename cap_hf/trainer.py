@@ -19,7 +19,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from cap_hf.calibration import calibration_loader, calibration_seed
+from cap_hf.calibration import calibration_loader, calibration_seed, check_calibration_size
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate
 from cap_hf.distill import distillation_loss, feature_distillation_loss
@@ -235,6 +235,8 @@ class CAPTrainer(DistillationTrainer):
         self.pruning_callback.add_to(self)  # first, so that reporting integrations see its metrics
         self._calibration_dataset = calibration
         check_budget(self.model, config)  # a budget that can never be met fails now
+        if config.needs_fisher and calibration is not None and hasattr(calibration, "__len__"):
+            check_calibration_size(len(calibration), config.num_grads, config.grad_batch_size, self.args.world_size)
         if self.train_dataset is not None:  # fail now, not after hours, if the schedule cannot fit
             self.pruning_callback.schedule = self._schedule_for(self._total_steps())
         if hasattr(self.model, "add_model_tags"):
@@ -331,4 +333,5 @@ class CAPTrainer(DistillationTrainer):
             return value[0] if isinstance(value, (list, tuple)) and value else value
 
         write_model_card(self.args.output_dir, repo_id=model_name or self.args.hub_model_id, license=license,
-                         base_model=finetuned_from, dataset=first(dataset_tags), dataset_name=first(dataset))
+                         base_model=finetuned_from, dataset=first(dataset_tags), dataset_name=first(dataset),
+                         override_record=True)  # Trainer.push_to_hub's arguments are the caller's own choice

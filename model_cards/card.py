@@ -7,6 +7,7 @@ eval_results.json), so the card never states a number the run did not measure.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import yaml
@@ -16,12 +17,16 @@ from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
 from cap_hf.config import PruningConfig
 from cap_hf.models import saved_as_classifier
 from cap_hf.plots import plot_layer_sparsity
+from cap_hf.structured.registry import METHODS as STRUCTURED_METHODS
+from cap_hf.structured.registry import SCRATCH_METHODS
 
 TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
 STRUCTURED_TEMPLATE = Path(__file__).with_name("structured_model_card.md")
 CHART_FILE = "sparsity_per_layer.png"
 WIDTHS_CHART_FILE = "channels_per_group.png"
 STRUCTURED_RESULTS = "results.json"
+
+logger = logging.getLogger(__name__)
 
 METHOD_NAMES = {
     "cap": "CAP (correlation-aware pruning)",
@@ -64,12 +69,6 @@ CITATIONS["pfs"] = CITATIONS["uniform"] = """@inproceedings{wang2020pruning,
   booktitle = {AAAI Conference on Artificial Intelligence},
   year      = {2020}
 }"""
-STRUCTURED_NAMES = {"dfpc": "DFPC (data-free saliency of coupled channels, BGSC)", "l1": "L1 norm of the filters",
-                    "random": "random scores", "pfs": "Pruning from Scratch (channel gates learnt on random weights)",
-                    "uniform": "uniform widths (the Pruning from Scratch baseline)"}
-SCRATCH_METHODS = ("pfs", "uniform")  # an architecture trained from scratch: no weights come from the base model
-
-
 def is_hub_id(name: str | None) -> bool:
     """A Hub repo id (not a local path, not one of cap_hf's builtin datasets)."""
     if not name or name.startswith("builtin:") or Path(name).expanduser().exists():
@@ -159,8 +158,11 @@ def build_model_card(
     eval_split: str = "validation",
     license: str | None = None,
     command: str | None = None,
+    notes: list[str] | None = None,
 ) -> ModelCard:
-    """The card of a pruned checkpoint folder (also writes its per-layer sparsity chart there)."""
+    """The card of a pruned checkpoint folder (also writes its per-layer sparsity chart there). `repo_id`: the
+    Hub id it is published as (None: the card names the folder as given); `notes`: lines added to the
+    procedure (what was given when the card was written)."""
     folder = Path(folder)
     record = load_sparsity_config(folder)
     recipe_path, eval_path = folder / RECIPE_FILE, folder / EVAL_FILE
@@ -171,6 +173,7 @@ def build_model_card(
     dataset = dataset or recipe.get("dataset")
     command = command or recipe.get("command")
     license = license or base_model_license(base_model)
+    load_id = repo_id or str(folder)  # what from_pretrained takes: the Hub id once pushed, else the folder's path
     repo_id = repo_id or folder.name
     sparse_acc, dense_acc = results.get("eval_accuracy"), results.get("dense_accuracy")
     # a backbone's evaluation (cap_hf.features.FeatureEvaluator): k-NN, linear probe, feature cosine
@@ -224,13 +227,14 @@ def build_model_card(
         sparsity_pct=_pct(record["overall_sparsity"]),
         structure=record["structure"],
         recovery=recovery,
-        procedure=_procedure(record, recipe, backbone=not classifier),
+        procedure=_procedure(record, recipe, backbone=not classifier) + list(notes or ()),
         num_zeros=f"{record.get('num_zeros', 0):,}",
         num_weights=f"{record.get('num_weights', 0):,}",
         num_layers=len(record["per_layer"]),
         chart=CHART_FILE,
         per_layer=[(name, _pct(value)) for name, value in record["per_layer"].items()],
-        repo_id=repo_id,
+        repo_id=load_id,
+        auto_class="AutoModelForImageClassification" if classifier else "AutoModel",
         remote_code="auto_map" in config,
         command=command,
         citation=CITATIONS.get(record["method"], CITATIONS["cap"]),
@@ -243,7 +247,7 @@ def _count(value: int | None) -> str:
 
 def _channel_procedure(results: dict) -> list[str]:
     method = results["method"]
-    return [f"Channel scores: {STRUCTURED_NAMES.get(method, method)}, computed once on the dense model without "
+    return [f"Channel scores: {STRUCTURED_METHODS.get(method, method)}, computed once on the dense model without "
             f"data; each group's scores {'over their mean' if results.get('normalize') == 'mean' else 'raw'}; "
             f"{'uncoupled channels only' if results.get('uncoupled_only') else 'coupled (residual-stream) and uncoupled groups'}.",
             f"Removed {results['removed_channels']} of {results['prunable_channels']} prunable channels "
@@ -275,9 +279,10 @@ def _scratch_procedure(results: dict) -> list[str]:
 
 
 def build_structured_card(folder: str | Path, *, repo_id: str | None = None, base_model: str | None = None,
-                          dataset: str | None = None, license: str | None = None) -> ModelCard:
+                          dataset: str | None = None, license: str | None = None,
+                          notes: list[str] | None = None) -> ModelCard:
     """The card of a structurally pruned folder, from its results.json (scripts/structured_prune.py); also
-    writes the chart of channels kept per group there."""
+    writes the chart of channels kept per group there. `repo_id` and `notes` as in build_model_card."""
     from cap_hf.plots import plot_group_widths
 
     folder = Path(folder)
@@ -285,6 +290,7 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
     base_model = base_model or results.get("model")
     dataset = dataset or results.get("arguments", {}).get("dataset_name")
     license = license or base_model_license(base_model)
+    load_id = repo_id or str(folder)
     repo_id = repo_id or folder.name
     method = results["method"]
     widths = [(name, before, after) for name, (before, after) in results.get("group_widths", {}).items()]
@@ -312,9 +318,9 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
     speedups = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in results.get("speedup", {}).items())
     where = f"`{base_model}`" if base_model else "a dense model"
     params = f"{_count(results['params_pruned'])} parameters instead of {_count(results['params_dense'])}"
-    summary = (f"The architecture of {where} narrowed by {STRUCTURED_NAMES[method]} and trained from scratch, using "
+    summary = (f"The architecture of {where} narrowed by {STRUCTURED_METHODS[method]} and trained from scratch, using "
                f"cap_hf: {params}." if scratch else
-               f"{where} with whole channels removed by {STRUCTURED_NAMES.get(method, method)}, using cap_hf: "
+               f"{where} with whole channels removed by {STRUCTURED_METHODS.get(method, method)}, using cap_hf: "
                f"a physically smaller model, {params}.")
     return ModelCard.from_template(
         card_data, template_path=str(STRUCTURED_TEMPLATE), model_name=repo_id, summary=summary,
@@ -328,9 +334,23 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
         speedups=speedups or "n/a",
         latency_note=f"median of {latency.get('repeats')} forward passes on {latency.get('device')}, "
                      f"{latency.get('threads')} threads, dense and pruned taking turns",
-        procedure=procedure, chart=WIDTHS_CHART_FILE, widths=widths, repo_id=repo_id,
+        procedure=procedure + list(notes or ()), chart=WIDTHS_CHART_FILE, widths=widths, repo_id=load_id,
         width_fields=", ".join(f"`{f}`" for f in WIDTH_FIELDS.get(_model_type(folder), ("hidden_size",))),
-        command=results.get("command", ""), citation=CITATIONS.get(method, CITATIONS["dfpc"]))
+        command=results.get("command", ""), citation=CITATIONS.get(method, CITATIONS["dfpc"]),
+        target=_target(results.get("target")))
+
+
+def _target(target: dict | None) -> str | None:
+    """The card's line on what was asked and whether the final measurement of the built model reaches it."""
+    if not target:
+        return None
+    verdict = "**met**" if target.get("met") else "**missed**"
+    if target["kind"] == "speedup":
+        search = f"; the search had measured {target['search']:.2f}x" if target.get("search") else ""
+        return (f"Target: {target['value']:g}x faster at batch {target['batch_size']}; the final measurement above gives "
+                f"{target['achieved']:.2f}x: {verdict}{search}.")
+    what = "MACs of the dense model" if target["kind"] == "flops_ratio" else "of the prunable channels removed"
+    return f"Target: {target['kind']} {target['value']:g} ({what}); achieved {target['achieved']:.3f}: {verdict}."
 
 
 WIDTH_FIELDS = {"pruned_resnet": ("embedding_size", "hidden_sizes", "block_widths", "block_shortcuts"),
@@ -342,15 +362,50 @@ def _model_type(folder: Path) -> str | None:
     return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
-def write_model_card(folder: str | Path, **kwargs) -> Path:
-    """Write README.md (the card) and its chart into a pruned folder: a sparse checkpoint's (sparsity_config.json)
-    or a structurally pruned model's (results.json of scripts/structured_prune.py)."""
+def recorded_sources(folder: str | Path) -> dict[str, str | None]:
+    """The base model and dataset a run recorded in its folder: a sparse checkpoint's sparsity_config.json and
+    cap_recipe.yaml, or structured_prune.py's results.json."""
     folder = Path(folder)
     if not (folder / "sparsity_config.json").is_file() and (folder / STRUCTURED_RESULTS).is_file():
+        results = json.loads((folder / STRUCTURED_RESULTS).read_text())
+        return {"base_model": results.get("model"), "dataset": results.get("arguments", {}).get("dataset_name")}
+    record = load_sparsity_config(folder)
+    recipe_path = folder / RECIPE_FILE
+    recipe = yaml.safe_load(recipe_path.read_text()) or {} if recipe_path.is_file() else {}
+    return {"base_model": record.get("base_model") or recipe.get("base_model"), "dataset": recipe.get("dataset")}
+
+
+def check_against_record(folder: str | Path, given: dict[str, str | None], override: bool = False) -> list[str]:
+    """A base model or dataset given for the card must agree with what the run recorded: a contradiction is an
+    error (the card would claim what the run did not do), or with `override` a warning and a line on the card
+    saying what was given and what the run recorded. Returns those lines."""
+    recorded = recorded_sources(folder)
+    notes = []
+    for key, label in (("base_model", "base model"), ("dataset", "dataset")):
+        value, kept = given.get(key), recorded.get(key)
+        if not value or not kept or value == kept:
+            continue
+        if not override:
+            raise ValueError(f"{folder} records the {label} {kept!r}, but {value!r} was given. A card states what the "
+                             f"run did: leave --{key} out, or, if the record is out of date (e.g. the {label} is now "
+                             f"on the Hub as {value!r}), pass --override_record to use it; the card will say so.")
+        logger.warning("The card of %s names the %s %r instead of the recorded %r (--override_record).", folder, label,
+                       value, kept)
+        notes.append(f"The {label} {value} was given when this card was written; the run recorded {kept}.")
+    return notes
+
+
+def write_model_card(folder: str | Path, *, override_record: bool = False, **kwargs) -> Path:
+    """Write README.md (the card) and its chart into a pruned folder: a sparse checkpoint's (sparsity_config.json)
+    or a structurally pruned model's (results.json of scripts/structured_prune.py). A base model or dataset that
+    contradicts the folder's record is refused, unless `override_record` (check_against_record)."""
+    folder = Path(folder)
+    notes = check_against_record(folder, kwargs, override_record)
+    if not (folder / "sparsity_config.json").is_file() and (folder / STRUCTURED_RESULTS).is_file():
         known = {k: kwargs[k] for k in ("repo_id", "base_model", "dataset", "license") if kwargs.get(k)}
-        card = build_structured_card(folder, **known)
+        card = build_structured_card(folder, **known, notes=notes)
     else:
-        card = build_model_card(folder, **kwargs)
+        card = build_model_card(folder, **kwargs, notes=notes)
     path = Path(folder) / "README.md"
     card.save(path)
     return path

@@ -122,7 +122,8 @@ def sweep_model(args: BenchDamp, arch: str, records: list[dict]) -> None:
                             pruner.apply(level, method, model=pruned)
                             records.append({**base, "method": method, "sparsity": level,
                                             "accuracy": evaluate_accuracy(pruned, loader),
-                                            "damp_range": [min(pruner.damps.values()), max(pruner.damps.values())],
+                                            "damp_range": [min(pruner.damps[method].values()),
+                                                           max(pruner.damps[method].values())],
                                             "fallback_blocks": counter.count})
                             print(records[-1], flush=True)
             except FloatingPointError as err:  # the inverse lost positive definiteness: no result at this value

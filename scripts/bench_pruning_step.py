@@ -39,7 +39,7 @@ from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassi
 from cap_hf import Pruner, PruningConfig, find_targets
 from cap_hf.cli import parse_args
 from cap_hf.features import fisher_loss
-from cap_hf.fisher import BlockFisher, choose_block_size, gradient_rows, iter_gradients
+from cap_hf.fisher import BlockFisher, choose_block_sizes, gradient_rows, iter_gradients
 from cap_hf.masks import sparsity_report
 from cap_hf.memory import GB, PhaseProfiler, rss_bytes
 from cap_hf.methods import Layer, get_method
@@ -310,7 +310,7 @@ def run_reference(args, cfg: PruningConfig, device: torch.device) -> dict:
     names = args.ref_layers.split(",") if args.ref_layers else default_ref_layers(args.arch)
     targets = find_targets(model, names)
     n_grads = args.ref_num_grads or cfg.num_grads
-    blocks = {n: choose_block_size(m.weight.numel(), cfg.fisher_block_size, n) for n, m in targets.items()}
+    blocks = choose_block_sizes({n: m.weight.numel() for n, m in targets.items()}, cfg.fisher_block_size)
     numels = {n: m.weight.numel() for n, m in targets.items()}
     reference = {n: ref.RankOneFisherInverse(numels[n], blocks[n], n_grads, cfg.damp, device=device) for n in targets}
     exact = ({n: ref.RankOneFisherInverse(numels[n], blocks[n], n_grads, cfg.damp, torch.float64, device)
@@ -511,7 +511,8 @@ def main() -> None:
     # reference needs an absolute dampening (1e-7 unless --relative_damp is given, then it is skipped)
     relative = any(a.split("=")[0] == "--relative_damp" for a in sys.argv[1:])
     args, config = parse_args((BenchArguments, PruningConfig), sys.argv[1:],
-                              defaults={"grad_batch_size": 1, **({} if relative else {"damp": 1e-7})})
+                              defaults={"grad_batch_size": 1, **({} if relative else {"damp": 1e-7})},
+                              description=__doc__, prog="python scripts/bench_pruning_step.py")
     if relative and not args.skip_reference:
         print("--relative_damp: no reference comparison (the plain reference takes an absolute damp).")
         args.skip_reference = True

@@ -11,7 +11,6 @@ each (first steps skipped) is compared. Writes docs/benchmarks.md (section "Trai
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ from benchlib import command_line, machine, write_section
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from cap_hf import PruningConfig
+from cap_hf.cli import ArgumentParser, HelpFormatter
 from cap_hf.data import collate
 from cap_hf.models import make_vit_classifier
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
@@ -69,7 +69,8 @@ def run_once(kind: str, steps: int, batch: int, skip: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python scripts/bench_trainer_overhead.py", description=__doc__,
+                            formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=6)

@@ -53,9 +53,12 @@ class FashionMnistBench:
 def parse_bench(arguments_class) -> tuple:
     """The benchmark's own flags (a dataclass) and the rest, forwarded to the script it runs: the pruning
     recipe is that script's PruningConfig (given after the benchmark's settings, so they override them)."""
-    from transformers import HfArgumentParser
+    import __main__
+    from cap_hf.cli import HelpFormatter, ScriptParser
 
-    args, forwarded = HfArgumentParser(arguments_class).parse_args_into_dataclasses(return_remaining_strings=True)
+    parser = ScriptParser(arguments_class, prog=f"python scripts/{Path(sys.argv[0]).name}",
+                          description=getattr(__main__, "__doc__", None), formatter_class=HelpFormatter)
+    args, forwarded = parser.parse_args_into_dataclasses(return_remaining_strings=True)
     return args, forwarded
 
 

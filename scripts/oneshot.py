@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from cap_hf.calibration import calibration_loader, calibration_seed
-from cap_hf.cli import parse_args
+from cap_hf.calibration import calibration_loader, calibration_seed, check_calibration_size
+from cap_hf.cli import parse_args, run
 from cap_hf.config import PruningConfig
 from cap_hf.data import collate, prepare_splits
 from cap_hf.features import FeatureEvalArguments, backbone_evaluator, fisher_objective, is_backbone
@@ -42,6 +42,7 @@ from cap_hf.models import load_model
 from cap_hf.oneshot import METRICS, main_metric, oneshot_sweep
 from cap_hf.plan import MemoryBudgetError, check_budget
 from cap_hf.plots import plot_accuracy_vs_sparsity
+from cap_hf.sources import check_dataset_source, check_model_source
 
 logger = logging.getLogger("cap_hf.oneshot")
 
@@ -72,15 +73,16 @@ def parse_floats(text: str, name: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"--{name} must be comma-separated numbers, got {text!r}.") from None
+        raise ValueError(f"--{name} must be comma-separated numbers, got {text!r}.") from None
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
-    try:  # every combination is checked before anything is loaded
-        args, feature_args, config = parse_args((OneShotArguments, FeatureEvalArguments, PruningConfig), argv)
+    try:  # every combination, and where the model and the data come from, is checked before anything is loaded
+        args, feature_args, config = parse_args((OneShotArguments, FeatureEvalArguments, PruningConfig), argv,
+                                                description=__doc__, prog="python scripts/oneshot.py")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [config.method]
         sparsities = parse_floats(args.sparsities, "sparsities") if args.sparsities else [config.sparsity]
         if config.calibration_seed is None:
@@ -89,17 +91,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for method in methods:
             for sparsity in sparsities:
                 config.replace(method=method, sparsity=sparsity)
+        out = Path(args.output_dir)
+        if (out / "results.json").exists() and not args.overwrite_output_dir:
+            raise ValueError(f"{out / 'results.json'} exists; pass --overwrite_output_dir to replace it.")
+        check_model_source(args.model_name_or_path)
+        check_dataset_source(args.dataset_name)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    out = Path(args.output_dir)
-    if (out / "results.json").exists() and not args.overwrite_output_dir:
-        raise SystemExit(f"{out / 'results.json'} exists; pass --overwrite_output_dir to replace it.")
 
     # under `accelerate launch --num_processes N` the pruning step is shared out over the N processes (each
     # computes its share of the gradients and prunes the layers it owns; cap_hf.ranks); rank 0 writes the results
     state = PartialState(cpu=not torch.cuda.is_available())
     rank = state.process_index
-    model, processor = load_model(args.model_name_or_path)
+    try:
+        model, processor = load_model(args.model_name_or_path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
     backbone = is_backbone(model)
     device = torch.device(config.device) if config.device else state.device
     model.to(device).eval()
@@ -114,14 +121,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.train_split, args.eval_split, None, args.max_eval_samples,
             train_needs_labels=needs_labels and any(config.replace(method=m).needs_fisher for m in methods),
             eval_needs_labels=not backbone, seed=args.seed)
-    except ValueError as err:
+        if any(config.replace(method=m).needs_fisher for m in methods):
+            check_calibration_size(len(train), config.num_grads, config.grad_batch_size, state.num_processes)
+    except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
-    if any(config.replace(method=m).needs_fisher for m in methods):
-        available = len(train) // config.grad_batch_size
-        if available < config.num_grads:
-            raise SystemExit(f"error: --num_grads {config.num_grads} x --grad_batch_size {config.grad_batch_size} "
-                             f"needs {config.num_grads * config.grad_batch_size} calibration images, the train split "
-                             f"has {len(train)} ({available} batches). Lower one of them.")
     if backbone:
         evaluate = backbone_evaluator(model, processor, args.dataset_name, evaluation, feature_args,
                                       pooling=config.feature_pooling, image_column=args.image_column_name,
@@ -163,4 +166,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

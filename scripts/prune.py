@@ -1,6 +1,7 @@
 """Gradual pruning with fine-tuning and distillation: the main job.
 
   accelerate launch scripts/prune.py                       # offline demo: digits ViT -> 75% with CAP + KD
+  accelerate launch scripts/prune.py --sparsity 0.9        # the demo with some of its flags overridden
   accelerate launch scripts/prune.py --model_name_or_path M --dataset_name D --output_dir OUT \
       --sparsity 0.75 --num_train_epochs 10 ...   # every PruningConfig / CAPTrainingArguments / TrainingArguments flag
   accelerate launch scripts/prune.py config.json           # or config.yaml: the same keys
@@ -10,7 +11,9 @@ On one or many processes (`accelerate launch --multi_gpu --num_processes N`); wi
 processes train on the CPU with DDP over gloo. OUT is a pruned checkpoint: the model (plain
 `from_pretrained`), sparsity_config.json, cap_recipe.yaml, eval_results.json, the model card
 (README.md + sparsity_per_layer.png) and all_results.json (accuracy, sparsity, pruning history).
-`--push_to_hub --hub_model_id NAME` publishes OUT when training is done (checked before it starts).
+`--push_to_hub --hub_model_id NAME` publishes OUT when training is done (the token and the repo are checked
+before it starts). Errors are one line from the main process; add `-q` to `accelerate launch` to drop the
+launcher's own traceback after it.
 
 A backbone without a head (DINO's ViTModel, Dinov2Model) is pruned without labels: the Fisher of its
 features, training by distillation of the dense model's features, evaluation by weighted k-NN, a linear
@@ -30,8 +33,10 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from cap_hf import demo
+from cap_hf.calibration import check_calibration_size
 from cap_hf.checkpoint import CheckpointError
-from cap_hf.cli import parse_args
+from cap_hf.cli import parse_args, run
 from cap_hf.config import PruningConfig
 from cap_hf.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
 from cap_hf.features import FeatureEvalArguments, backbone_evaluator
@@ -47,6 +52,7 @@ from cap_hf.models import (
 )
 from cap_hf.oneshot import METRICS
 from cap_hf.probe import train_linear_probe
+from cap_hf.sources import check_dataset_source, check_model_source
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
 from model_cards import write_model_card
 
@@ -81,25 +87,40 @@ class DataArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
 
 
-def parse(argv: list[str]) -> tuple[ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig,
-                                   CAPTrainingArguments]:
-    from cap_hf.demo import demo_arguments, ensure_digits_teacher
+TYPES = (ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig, CAPTrainingArguments)
+PROG = "accelerate launch scripts/prune.py"
 
-    if not argv:  # the offline demo
+
+def parse(argv: list[str]) -> tuple[list[str], tuple]:
+    """(the arguments in effect, the parsed dataclasses). Without --model_name_or_path and --dataset_name it is
+    the offline demo (cap_hf.demo): the demo's flags, then the user's, which win; its teacher is trained once."""
+    if not demo.is_demo(argv):
+        parsed = parse_args(TYPES, argv, description=__doc__, prog=PROG, hint="(Give neither --model_name_or_path nor "
+                            "--dataset_name for the offline demo, with any other flag over its own.)")
+    else:
         from accelerate import PartialState
 
-        with PartialState().main_process_first():
-            ensure_digits_teacher()
-        argv = demo_arguments()
-    model_args, data_args, feature_args, config, training_args = parse_args(
-        (ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig, CAPTrainingArguments), argv)
-    training_args.check_pruning(config)
-    return model_args, data_args, feature_args, config, training_args
+        user = list(argv)
+        config = parse_args(TYPES, demo.demo_arguments() + user, prog=PROG)[3]
+        out = None if demo.gives_output_dir(user) else demo.demo_output_dir(config.method, config.sparsity)
+        argv = demo.demo_arguments(out) + user
+        parsed = parse_args(TYPES, argv, prog=PROG)
+        logger.info("No --model_name_or_path / --dataset_name given: the offline demo (a ViT trained on scikit-learn's "
+                    "digits, pruned gradually with CAP and distillation)%s, into %s. For your model: --model_name_or_path "
+                    "M --dataset_name D --output_dir OUT.", f" with your flags {shlex.join(user)}" if user else "",
+                    parsed[4].output_dir)
+        state = PartialState()
+        with state.main_process_first():
+            if out is not None and state.is_main_process:
+                demo.prepare_output(out)
+            demo.ensure_digits_teacher(progress=state.is_main_process)
+    parsed[4].check_pruning(parsed[3])
+    return argv, parsed
 
 
 def check_output_dir(data_args: DataArguments, training_args: CAPTrainingArguments) -> None:
     out = Path(training_args.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not data_args.overwrite_output_dir \
+    if out.is_dir() and any(p.name != demo.MARKER for p in out.iterdir()) and not data_args.overwrite_output_dir \
             and not training_args.resume_from_checkpoint:
         raise SystemExit(f"error: {out} is not empty (it may hold another run). Choose a new --output_dir, pass "
                          "--overwrite_output_dir true, or --resume_from_checkpoint to continue it.")
@@ -110,17 +131,21 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     logging.getLogger("trainer_plugins").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        model_args, data_args, feature_args, config, training_args = parse(argv)
+    try:  # before anything is loaded: bad values, the push (token, repo), where the model and data come from
+        argv, (model_args, data_args, feature_args, config, training_args) = parse(argv)
+        check_output_dir(data_args, training_args)
         repo_id = check_push(training_args, hub_api)
-    except (ValueError, HubError) as err:  # bad recipe values, bad repo id, offline: before anything is loaded
+        check_model_source(model_args.model_name_or_path)
+        if training_args.distill and training_args.teacher_name_or_path:
+            check_model_source(training_args.teacher_name_or_path)
+        check_dataset_source(data_args.dataset_name)
+    except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
-    check_output_dir(data_args, training_args)
 
     try:
         processor = load_image_processor(model_args.model_name_or_path)
         model_config = AutoConfig.from_pretrained(model_args.model_name_or_path)
-    except (OSError, FileNotFoundError) as err:
+    except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     channels = getattr(model_config, "num_channels", 3)
     # a backbone (no *ForImageClassification in its architectures) is pruned on its features, without labels
@@ -141,6 +166,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             data_args.train_split, data_args.eval_split, data_args.max_train_samples, data_args.max_eval_samples,
             train_needs_labels=not backbone, seed=training_args.seed, train_augment=augment,
             train_val_split=data_args.train_val_split, eval_needs_labels=not backbone)
+        if config.needs_fisher:  # the same check as CAPTrainer's, before the probe and the dense evaluation
+            check_calibration_size(len(train), config.num_grads, config.grad_batch_size, training_args.world_size)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
     if backbone:
@@ -194,7 +221,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             trainer.save_metrics("eval", {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, combined=False)
             Path(out, "all_results.json").write_text(json.dumps(metrics, indent=2))
             trainer.save_state()
-            write_model_card(out, repo_id=repo_id or Path(out).name, base_model=model_args.model_name_or_path,
+            write_model_card(out, repo_id=repo_id, base_model=model_args.model_name_or_path,
                              dataset=data_args.dataset_name, eval_split=eval_split, command=command)
             key = next(k for k in ("accuracy", "knn_accuracy", "feature_cosine") if f"eval_{k}" in metrics)
             name = {"accuracy": "top-1", "knn_accuracy": "k-NN top-1", "feature_cosine": "feature cosine"}[key]
@@ -207,8 +234,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                                            revision=training_args.hub_revision, token=training_args.hub_token,
                                            api=hub_api)
                 except (HubError, CheckpointError, SparsityMismatchError) as err:
-                    raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it later with "
-                                     f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}`.") from None
+                    raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it with "
+                                     f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}` (running this "
+                                     "command again would train again).") from None
                 print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
     finally:  # every process leaves the group together (a process exiting early can abort in gloo)
         trainer.accelerator.wait_for_everyone()
@@ -217,4 +245,4 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

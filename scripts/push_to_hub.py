@@ -4,22 +4,22 @@
       [--revision BRANCH] [--create_pr] [--commit_message "..."] [--token hf_...]
 
 The folder must be a pruned checkpoint (config.json, safetensors weights, sparsity_config.json whose
-per-layer sparsity matches the weights' zeros, README.md card); all of that is checked before any
-network call, and the folder is only read.
+per-layer sparsity matches the weights' zeros, README.md card) or a structured_prune.py output; all of that,
+and that the token may write to the repo, is checked before anything is uploaded, and the folder is only read.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 from cap_hf.checkpoint import CheckpointError
+from cap_hf.cli import ArgumentParser, HelpFormatter, run
 from cap_hf.hub import HubError, push_checkpoint
 from cap_hf.masks import SparsityMismatchError
 
 
 def main(argv: list[str] | None = None, api=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python scripts/push_to_hub.py", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("folder", help="Output folder of scripts/prune.py (or save_sparse_checkpoint).")
     parser.add_argument("--repo_id", required=True, help="'user-or-org/model-name'; created if missing.")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
@@ -34,10 +34,10 @@ def main(argv: list[str] | None = None, api=None):
                                create_pr=args.create_pr, commit_message=args.commit_message, token=args.token,
                                api=api)
     except (HubError, CheckpointError, SparsityMismatchError) as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {err} Fix the cause and run this command again: it only reads the folder.") from None
     print(f"pushed {args.folder} -> {getattr(info, 'pr_url', None) or getattr(info, 'commit_url', args.repo_id)}")
     return info
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

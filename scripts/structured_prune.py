@@ -43,15 +43,17 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
 from cap_hf.checkpoint import CheckpointError
-from cap_hf.cli import parse_args
+from cap_hf.cli import parse_args, run
 from cap_hf.data import collate, prepare_splits
 from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, load_image_processor, processor_image_size
+from cap_hf.sources import check_dataset_source, check_model_source
 from cap_hf.structured import pfs, prune_channels
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import compare_models
+from cap_hf.structured.registry import SCRATCH_METHODS, check_structured_method
 from cap_hf.trainer import DistillationArguments, fine_tune
 from model_cards import write_model_card
 
@@ -116,11 +118,12 @@ class StructuredArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
-SCRATCH = ("pfs", "uniform")  # methods that search an architecture and train it from scratch
+SCRATCH = tuple(SCRATCH_METHODS)  # methods that search an architecture and train it from scratch
 
 
 def check_arguments(args: StructuredArguments) -> None:
     """ValueError for a request that cannot be run, before anything is loaded."""
+    check_structured_method(args.method)
     if args.finetune_epochs < 0 or args.train_epochs < 0:
         raise ValueError("--finetune_epochs and --train_epochs must be >= 0.")
     if args.method not in SCRATCH:
@@ -206,15 +209,23 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, training_args = parse_args((StructuredArguments, DistillationArguments), argv, TRAINING_DEFAULTS)
+        args, training_args = parse_args((StructuredArguments, DistillationArguments), argv, TRAINING_DEFAULTS,
+                                         description=__doc__, prog="python scripts/structured_prune.py")
         check_arguments(args)
         batch_sizes = [int(b) for b in args.latency_batch_sizes.split(",") if b.strip()]
+        if args.target_speedup is not None and args.speedup_batch_size not in batch_sizes:
+            batch_sizes.append(args.speedup_batch_size)  # the final measurement says whether the target holds
+        out = Path(training_args.output_dir)
+        if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
+            raise ValueError(f"{out} is not empty (another run?); pass --overwrite_output_dir to replace it.")
         repo_id = check_push(training_args, hub_api)
+        check_model_source(args.model_name_or_path)
+        if training_args.distill and training_args.teacher_name_or_path:
+            check_model_source(training_args.teacher_name_or_path)
+        if args.dataset_name:
+            check_dataset_source(args.dataset_name)
     except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
-    out = Path(training_args.output_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
-        raise SystemExit(f"error: {out} is not empty (another run?); pass --overwrite_output_dir to replace it.")
     scratch = args.method in SCRATCH
 
     try:
@@ -282,6 +293,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             "teacher": (training_args.teacher_name_or_path or args.model_name_or_path) if training_args.distill else None,
             "train_runtime_s": metrics.get("train_runtime")}
     results.update(compare_models(model, small, image_size, batch_sizes, args.latency_repeats))
+    results.update(target_reached(args, results))
 
     out.mkdir(parents=True, exist_ok=True)
     small.save_pretrained(out)
@@ -297,6 +309,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         f"removed {results['removed_channels']}/{results['prunable_channels']} channels"
     print(f"{args.method}: {what}; params {results['params_dense']} -> {results['params_pruned']}, MACs "
           f"{results['macs_dense']} -> {results['macs_pruned']}; {line}")
+    print(f"target {'met' if results['target_met'] else 'MISSED'}: {describe_target(results['target'])}")
     if loader is not None:
         print(f"top-1 {_pct(results.get('accuracy_dense'))} -> {_pct(results.get('accuracy_pruned'))}; model in {out}")
     if repo_id:
@@ -304,10 +317,42 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,
                                    revision=training_args.hub_revision, token=training_args.hub_token, api=hub_api)
         except (HubError, CheckpointError) as err:
-            raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it later with "
-                             f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}`.") from None
+            raise SystemExit(f"error: {err}\nThe pruned model is saved in {out}; publish it with "
+                             f"`python scripts/push_to_hub.py {out} --repo_id {repo_id}` (running this command again "
+                             "would prune again).") from None
         print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
     return results
+
+
+def target_reached(args: StructuredArguments, results: dict) -> dict:
+    """What was asked and what the final measurement of the built model gives: {"target": {kind, value, achieved,
+    met, ...}, "target_met"}. A speed-up target is judged at --speedup_batch_size, where the search measured it."""
+    if args.target_speedup is not None:
+        confirmed = results.get("speedup_search", [])
+        target = {"kind": "speedup", "value": args.target_speedup, "batch_size": args.speedup_batch_size,
+                  "achieved": results["speedup"][str(args.speedup_batch_size)],
+                  "search": confirmed[-1]["speedup"] if confirmed else None}
+        target["met"] = target["achieved"] >= target["value"]
+    elif args.flops_ratio is not None:
+        target = {"kind": "flops_ratio", "value": args.flops_ratio,
+                  "achieved": results["macs_pruned"] / results["macs_dense"]}
+        target["met"] = target["achieved"] <= target["value"] + 1e-9
+    else:
+        target = {"kind": "pruning_ratio", "value": args.pruning_ratio, "achieved": results["pruning_ratio"]}
+        target["met"] = results["removed_channels"] >= round(args.pruning_ratio * results["prunable_channels"])
+    if not target["met"]:
+        logger.warning("The final measurement misses the target: %s.%s", describe_target(target),
+                       " Small models' speed-ups move by about 0.1x between measurements; raise --search_repeats and "
+                       "--latency_repeats, or aim higher." if target["kind"] == "speedup" else "")
+    return {"target": target, "target_met": bool(target["met"])}
+
+
+def describe_target(target: dict) -> str:
+    if target["kind"] == "speedup":
+        search = f"; the search confirmed {target['search']:.2f}x" if target.get("search") else ""
+        return (f"--target_speedup {target['value']:g} at batch {target['batch_size']}, final measurement "
+                f"{target['achieved']:.2f}x{search}")
+    return f"--{target['kind']} {target['value']:g}, achieved {target['achieved']:.3f}"
 
 
 def _pct(value: float | None) -> str:
@@ -315,4 +360,4 @@ def _pct(value: float | None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -14,14 +14,17 @@ for scripts/oneshot.py and scripts/prune.py.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
+from cap_hf.cli import parse_args, run
 from cap_hf.data import collate, prepare_splits
 from cap_hf.metrics import compute_metrics
 from cap_hf.models import make_image_processor, make_resnet_classifier, make_vit_classifier
+from cap_hf.sources import check_dataset_source
 
 
 @dataclass
@@ -52,9 +55,14 @@ class DataArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
-def main() -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, TrainingArguments),
+                                                      sys.argv[1:] if argv is None else argv, description=__doc__,
+                                                      prog="python scripts/train_dense.py")
+    try:
+        check_dataset_source(data_args.dataset_name)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if model_args.arch not in ("vit", "resnet"):
         raise SystemExit(f"--arch must be vit or resnet, got {model_args.arch!r}.")
     if model_args.arch == "vit" and model_args.image_size % model_args.patch_size:
@@ -67,10 +75,13 @@ def main() -> None:
     training_args.remove_unused_columns = False
 
     processor = make_image_processor(model_args.image_size, model_args.num_channels)
-    train, evaluation, names = prepare_splits(
-        data_args.dataset_name, processor, model_args.num_channels, data_args.image_column_name,
-        data_args.label_column_name, data_args.train_split, data_args.eval_split, data_args.max_train_samples,
-        data_args.max_eval_samples, seed=training_args.seed)
+    try:
+        train, evaluation, names = prepare_splits(
+            data_args.dataset_name, processor, model_args.num_channels, data_args.image_column_name,
+            data_args.label_column_name, data_args.train_split, data_args.eval_split, data_args.max_train_samples,
+            data_args.max_eval_samples, seed=training_args.seed)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
     if names is None:
         raise SystemExit(f"Label column {data_args.label_column_name!r} is not a ClassLabel; cannot name classes.")
     if model_args.arch == "resnet":
@@ -93,4 +104,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -60,10 +60,28 @@ def random_batches(num, batch_size=4, channels=1, size=8, labels=10, seed=0):
 
 
 class FakeHfApi:
-    """Records the calls push_checkpoint makes; `fail` makes upload_folder raise like a network error."""
+    """Records the calls push_checkpoint makes; `fail` makes upload_folder raise like a network error. `whoami` is
+    what the Hub's whoami-v2 answers (default: user 'me' with a write token); `existing` maps repo ids that exist
+    to whether this token may write to them."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, whoami: dict | Exception | None = None, existing: dict | None = None):
         self.calls, self.fail, self.uploaded = [], fail, None
+        self.who = whoami if whoami is not None else {"name": "me", "orgs": [{"name": "my-org", "roleInOrg": "write"}],
+                                                      "auth": {"accessToken": {"role": "write"}}}
+        self.existing = existing or {}
+
+    def whoami(self, token=None):
+        self.calls.append(("whoami", {"token": token}))
+        if isinstance(self.who, Exception):
+            raise self.who
+        return self.who
+
+    def auth_check(self, repo_id, *, repo_type=None, token=None, write=False):
+        self.calls.append(("auth_check", {"repo_id": repo_id, "write": write}))
+        if repo_id not in self.existing:
+            raise hub_error("RepositoryNotFoundError", 404)
+        if write and not self.existing[repo_id]:
+            raise hub_error("HfHubHTTPError", 403)
 
     def create_repo(self, **kwargs):
         self.calls.append(("create_repo", kwargs))
@@ -82,6 +100,17 @@ class FakeHfApi:
         files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()]
         self.uploaded = sorted(filter_repo_objects(files, ignore_patterns=kwargs["ignore_patterns"]))
         return type("CommitInfo", (), {"commit_url": "https://huggingface.co/me/x/commit/abc", "pr_url": None})()
+
+
+def hub_error(kind: str, status: int):
+    """An error of huggingface_hub.errors as the Hub's answer `status` raises it."""
+    import importlib
+
+    from huggingface_hub import errors
+
+    http = importlib.import_module(errors.Response.__module__.split(".")[0])  # the HTTP library huggingface_hub uses
+    request = http.Request("GET", "https://huggingface.co/api/models/x/auth-check")
+    return getattr(errors, kind)(f"{status} from the Hub", response=http.Response(status, request=request))
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import FakeHfApi, load_script, random_batches
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -162,6 +163,46 @@ def test_model_card_inherits_local_base_license(tiny_vit, tmp_path):
     assert "No dense baseline" in (folder / "README.md").read_text()
 
 
+def test_model_card_loads_from_the_folder_it_names_until_pushed(tiny_vit, tmp_path, monkeypatch):
+    """Without a Hub id the card's snippet loads the folder by the path given (not its bare name, which works
+    only from its parent folder); with one, by the Hub id."""
+    monkeypatch.chdir(tmp_path)
+    folder = save_pruned(tiny_vit, Path("runs") / "cap60", base_model="google/vit-base-patch16-224")
+    write_model_card(folder)
+    text = (folder / "README.md").read_text()
+    assert 'AutoModelForImageClassification.from_pretrained("runs/cap60")' in text
+    write_model_card(folder, repo_id="me/vit-cap60")
+    assert 'from_pretrained("me/vit-cap60")' in (folder / "README.md").read_text()
+
+
+def test_model_card_refuses_a_base_model_or_dataset_that_contradicts_the_record(checkpoint, caplog, capsys):
+    """The card states what the run recorded: another base model or dataset is refused (nothing written), or,
+    asked for with override_record, written with a warning and a line saying what the run recorded."""
+    _, folder = checkpoint
+    recipe = yaml.safe_load((folder / "cap_recipe.yaml").read_text())
+    recipe["dataset"] = "uoft-cs/cifar10"
+    (folder / "cap_recipe.yaml").write_text(yaml.safe_dump(recipe))
+    before = folder_digest(folder)
+    with pytest.raises(ValueError, match="records the base model 'google/vit-base-patch16-224', but "
+                                         "'facebook/deit-small-patch16-224' was given"):
+        write_model_card(folder, base_model="facebook/deit-small-patch16-224")
+    with pytest.raises(ValueError, match="records the dataset 'uoft-cs/cifar10', but 'ILSVRC/imagenet-1k'"):
+        write_model_card(folder, dataset="ILSVRC/imagenet-1k")
+    from model_cards.__main__ import main as cards_main
+
+    with pytest.raises(SystemExit, match="--override_record"):
+        cards_main([str(folder), "--base_model", "facebook/deit-small-patch16-224"])
+    assert folder_digest(folder) == before
+    write_model_card(folder, base_model="google/vit-base-patch16-224", dataset="uoft-cs/cifar10")  # agreeing: fine
+    with caplog.at_level("WARNING"):
+        cards_main([str(folder), "--base_model", "me/vit-base-copy", "--override_record"])
+    assert "instead of the recorded 'google/vit-base-patch16-224'" in caplog.text
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.to_dict()["base_model"] == "me/vit-base-copy"
+    assert "The base model me/vit-base-copy was given when this card was written; the run recorded " \
+           "google/vit-base-patch16-224." in card.text
+
+
 def test_push_uploads_the_folder_with_options(checkpoint):
     _, folder = checkpoint
     (folder / "checkpoint-5").mkdir()
@@ -171,9 +212,9 @@ def test_push_uploads_the_folder_with_options(checkpoint):
     push_checkpoint(folder, "me/tiny-vit-cap", private=True, revision="v1", create_pr=True,
                     commit_message="sparse model", api=api)
     names = [c[0] for c in api.calls]
-    assert names == ["create_repo", "create_branch", "upload_folder"]
-    assert api.calls[0][1]["private"] is True and api.calls[0][1]["exist_ok"] is True
-    upload = api.calls[2][1]
+    assert names == ["whoami", "auth_check", "create_repo", "create_branch", "upload_folder"]  # may it write? then
+    assert api.calls[2][1]["private"] is True and api.calls[2][1]["exist_ok"] is True
+    upload = api.calls[4][1]
     assert upload["repo_id"] == "me/tiny-vit-cap" and upload["revision"] == "v1" and upload["create_pr"] is True
     assert upload["commit_message"] == "sparse model"
     assert {"README.md", "model.safetensors", "sparsity_config.json", "cap_recipe.yaml",

@@ -91,7 +91,9 @@ def test_a_layer_without_gradient_has_no_relative_scale_and_the_error_names_it()
     assert fishers["block"].damps["vit.layers.1.mlp.fc1"] == 1e-4
 
 
-def test_each_method_has_its_default_and_a_shared_fisher_takes_the_recipes(caplog):
+def test_each_method_has_its_default_also_in_a_sweep(caplog):
+    """Methods compared in one Pruner each get their own default dampening (one gradient pass per dampening),
+    so a sweep gives every method the pruned model it gives alone; a given dampening serves them all."""
     model, batches = model_and_batches()
     cfg = PruningConfig(sparsity=0.7, num_grads=16, grad_batch_size=4, fisher_block_size=16, grad_chunk_size=5)
     assert cfg.dampening == {"damp": None, "relative_damp": CAP_DEFAULT}  # cap: relative
@@ -100,25 +102,36 @@ def test_each_method_has_its_default_and_a_shared_fisher_takes_the_recipes(caplo
     assert cfg.replace(num_grads=15, relative_damp=0.5).dampening["relative_damp"] == 0.5  # a given value stays
     assert cfg.replace(num_grads=15, method="obs").dampening == {"damp": 1e-7, "relative_damp": None}
     assert cfg.replace(method="obs").dampening == {"damp": 1e-7, "relative_damp": None}  # obs: absolute
-    pruned = copy.deepcopy(model)
-    with Pruner(pruned, cfg, ["obs", "cap"]) as pruner:  # the recipe's method (cap) sets the shared Fisher's
+    swept = {}
+    with caplog.at_level("INFO"), Pruner(model, cfg, ["obs", "cap", "magnitude"]) as pruner:
         pruner.prepare(batches)
-        pruner.apply(0.7, "cap")
-    assert f"obs share one Fisher with cap, so they are compared at its dampening, {CAP_DEFAULT:g} x each layer's" \
-        in caplog.text
+        assert [names for _, names in pruner.passes] == [["cap", "magnitude"], ["obs"]]  # the recipe's first
+        for method in ("obs", "cap", "magnitude"):
+            swept[method] = copy.deepcopy(model)
+            pruner.apply(0.7, method, model=swept[method])
+        assert pruner.fisher_seconds_of("obs") > 0 and pruner.fisher_seconds_of("magnitude") == 0
+    assert "one gradient pass per dampening" in caplog.text
+    assert set(pruner.damps["obs"].values()) == {1e-7}
     targets = find_targets(model)
     grads = first_gradients(model, targets, batches, 5)  # grad_chunk_size 5: the first chunk sets the scale
     for name, g in grads.items():
-        assert pruner.damps[name] == pytest.approx(CAP_DEFAULT * float(g.square().mean()), rel=1e-5)
-    with Pruner(copy.deepcopy(model), cfg.replace(method="obs"), ["obs", "magnitude"]) as pruner:
-        pruner.prepare(batches)
-    assert set(pruner.damps.values()) == {1e-7}
-    given = cfg.replace(damp=3e-6)  # a given dampening serves every method, without a warning
+        assert pruner.damps["cap"][name] == pytest.approx(CAP_DEFAULT * float(g.square().mean()), rel=1e-5)
+    for method in ("obs", "cap"):  # alone, each method gives the model it gave in the sweep
+        alone = copy.deepcopy(model)
+        with Pruner(alone, cfg.replace(method=method)) as single:
+            single.prepare(batches)
+            single.apply(0.7)
+        for name in targets:
+            assert torch.equal(dict(alone.named_modules())[name].weight,
+                               dict(swept[method].named_modules())[name].weight), (method, name)
+    given = cfg.replace(damp=3e-6)  # a given dampening serves every method: one pass
     assert given.dampening == {"damp": 3e-6, "relative_damp": None}
     caplog.clear()
-    with Pruner(copy.deepcopy(model), given, ["obs", "cap"]) as pruner:
+    with caplog.at_level("INFO"), Pruner(copy.deepcopy(model), given, ["obs", "cap"]) as pruner:
         pruner.prepare(batches)
-    assert set(pruner.damps.values()) == {3e-6} and "share one Fisher" not in caplog.text
+        assert len(pruner.passes) == 1
+    assert {v for damps in pruner.damps.values() for v in damps.values()} == {3e-6}
+    assert "one gradient pass per dampening" not in caplog.text
 
 
 def test_dampening_values_are_checked_and_described():

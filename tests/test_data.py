@@ -17,6 +17,7 @@ from cap_hf.data import (
 )
 from cap_hf.metrics import topk_accuracy
 from cap_hf.models import make_image_processor
+from cap_hf.sources import SourceError
 
 
 def test_digits_dataset_is_real_and_split():
@@ -46,7 +47,7 @@ def test_save_to_disk_dataset_and_dict(tmp_path):
     ds["train"].save_to_disk(str(tmp_path / "single"))
     assert set(load_image_dataset(str(tmp_path / "dict"))) == {"train", "test"}
     assert list(load_image_dataset(str(tmp_path / "single"))) == ["train"]
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(SourceError, match="dataset folder '.*nope' does not exist"):
         load_image_dataset(str(tmp_path / "nope"))
 
 

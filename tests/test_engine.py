@@ -402,7 +402,8 @@ def test_block_size_that_does_not_divide_a_layer_is_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="cap_hf.fisher"):
         expected, _ = prune_copy(model, cfg, random_batches(12))
         pruned, plan = prune_copy(model, cfg, random_batches(12), groups="many")
-    assert "Fisher block size 48 does not divide vit.layers.0.attention.q_proj (1024 weights); using 64" in caplog.text
+    assert "Fisher block size 48 does not divide 8 layer(s) of 1024 weights -> 64 (vit.layers.0.attention.q_proj" \
+        in caplog.text
     assert plan.adjusted["vit.layers.0.attention.q_proj"] == 64 and plan.adjusted["vit.layers.0.mlp.fc1"] == 64
     assert "block size adjusted" in plan.describe()
     assert_same_weights(pruned, expected, atol=0)
@@ -412,9 +413,9 @@ def test_more_gradients_than_batches_is_a_clear_error_before_work():
     model = fresh_model()
     batches = CountingBatches(random_batches(3))
     for cfg in (config(), config(max_memory_gb=64)):
-        with pytest.raises(ValueError, match="holds only 3 batches, but num_grads=12"):
+        with pytest.raises(ValueError, match="holds 3 batches, but 12 Fisher gradients are needed"):
             oneshot_prune(model, cfg, batches)
-    with pytest.raises(ValueError, match="holds only 3 batches, but num_grads=12"):
+    with pytest.raises(ValueError, match="holds 3 batches, but 12 Fisher gradients are needed"):
         collect_fisher(model, find_targets(model), batches, 12, 16)
     assert batches.read == 0
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import RankOneFisherInverse, joint_obs_solution
 
-from cap_hf.fisher import BlockFisher, choose_block_size, invert_spd
+from cap_hf.fisher import BlockFisher, choose_block_sizes, invert_spd
 from cap_hf.methods.cap import greedy_eliminate
 from cap_hf.methods.fastcap import fastcap_sweep
 from cap_hf.selection import lowest_k_mask, nm_prune_mask, select_pruned
@@ -58,9 +58,19 @@ def test_invert_spd_raises_dampening_for_indefinite_blocks(caplog):
 
 
 def test_choose_block_size_prefers_a_divisor():
-    assert choose_block_size(768, 192) == 192
-    assert choose_block_size(200, 192) == 200
-    assert 1000 % choose_block_size(1000, 192) == 0
+    assert choose_block_sizes({"a": 768, "b": 200}, 192) == {"a": 192, "b": 200}
+    assert 1000 % choose_block_sizes({"c": 1000}, 192)["c"] == 0
+
+
+def test_block_sizes_that_do_not_divide_are_said_once_with_the_layers(caplog):
+    numels = {f"vit.layers.{i}.mlp.fc1": 210 for i in range(24)} | {"vit.layers.0.attention.q_proj": 768}
+    with caplog.at_level("WARNING"):
+        for _ in range(4):  # four pruning steps of one run
+            assert choose_block_sizes(numels, 192)["vit.layers.3.mlp.fc1"] == 210
+    said = [r.getMessage() for r in caplog.records if "does not divide" in r.getMessage()]
+    assert len(said) == 1, said
+    assert "24 layer(s) of 210 weights -> 210" in said[0] and "vit.layers.0.mlp.fc1" in said[0]
+    assert "21 more" in said[0] and "q_proj" not in said[0]
 
 
 @pytest.mark.parametrize("seed", range(5))

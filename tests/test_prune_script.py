@@ -73,7 +73,9 @@ def test_prune_one_process(teacher, tmp_path, capsys, caplog):
     card = (out / "README.md").read_text()
     assert f"{100 * metrics['eval_accuracy']:.2f}%" in card and f"{100 * metrics['dense_accuracy']:.2f}%" in card
     assert recipe["command"] in card and "top-1 accuracy (test)" in card
-    assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert 'from_pretrained("me/digits-cap")' in card  # the Hub id it was pushed as
+    # the token and the repo are checked before the work, and again right before the upload
+    assert [c[0] for c in api.calls] == ["whoami", "auth_check", "whoami", "auth_check", "create_repo", "upload_folder"]
     assert api.calls[-1][1]["repo_id"] == "me/digits-cap"
     assert {"README.md", "sparsity_config.json", "cap_recipe.yaml", "model.safetensors"} <= set(api.uploaded)
     # the folder now holds a run: a second run refuses to overwrite it
@@ -108,13 +110,64 @@ def test_prune_two_processes_gloo(teacher, tmp_path):
     (["--push_to_hub", "true", "--hub_model_id", "me/digits-cap"], "HF_HUB_OFFLINE is set"),
     (["--push_to_hub", "true", "--hub_model_id", "me/bad id"], "not a valid Hub repo id"),
     (["--max_memory_gb", "0.01"], "max_memory_gb=0.01 cannot be met"),
+    # the digits' calibration split cannot give 1024 gradients of 32 images: said before the dense evaluation
+    (["--num_grads", "1024", "--grad_batch_size", "32"], "images in the calibration split, in batches of 32), but "
+                                                         "1024 Fisher gradients are needed"),
+    (["--dataset_name", "TMP/no-such-folder"], "dataset folder 'TMP/no-such-folder' does not exist"),
+    (["--model_name_or_path", "no-such/model"], "model 'no-such/model' not found locally or on the Hub"),
+    (["--teacher_name_or_path", "TMP/no-teacher"], "model folder 'TMP/no-teacher' does not exist"),
 ])
 def test_prune_bad_input(teacher, tmp_path, extra, message):
+    """One line, from the checks before any work: nothing is evaluated, trained or written."""
     out = tmp_path / "bad"
+    extra = [e.replace("TMP", str(tmp_path)) for e in extra]
     result = run([sys.executable, "scripts/prune.py", *prune_args(teacher, out), *extra])
-    assert result.returncode != 0
-    assert message in result.stderr, result.stderr[-2000:]
-    assert not (out / "all_results.json").exists()
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message.replace("TMP", str(tmp_path)) in last, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and "dense_" not in result.stderr + result.stdout
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_demo_takes_overrides_and_leaves_other_files_alone(teacher, tmp_path, monkeypatch, caplog, capsys):
+    """Without a model and a dataset, prune.py is the offline demo with the user's flags over its own, into a
+    folder named after them; a previous demo result there is replaced (and the log says so), other files are
+    refused untouched. Naming a model leaves demo mode, and a missing flag is a one-line error that says so."""
+    from cap_hf import demo
+
+    prune = load_script("prune")
+    monkeypatch.chdir(tmp_path)
+    taught = []
+    monkeypatch.setattr(demo, "ensure_digits_teacher", lambda **kwargs: taught.append(kwargs))
+    with caplog.at_level("INFO"):
+        argv, (model_args, data_args, _, config, args) = prune.parse(["--sparsity", "0.9"])
+    assert (config.method, config.sparsity, config.num_grads) == ("cap", 0.9, 64)  # the demo's num_grads
+    assert args.output_dir == str(Path("outputs/demo/cap90")) and taught
+    assert model_args.model_name_or_path == str(Path("outputs/demo/teacher"))
+    assert data_args.dataset_name == "builtin:digits" and argv[-2:] == ["--sparsity", "0.9"]
+    assert "offline demo" in caplog.text and "with your flags --sparsity 0.9" in caplog.text
+    result = tmp_path / "outputs/demo/cap90"
+    (result / "model.safetensors").write_text("an earlier demo's weights")
+    with caplog.at_level("INFO"):
+        prune.parse(["--sparsity", "0.9"])
+    assert not (result / "model.safetensors").exists() and "Replacing the previous demo result" in caplog.text
+    other = tmp_path / "outputs/demo/cap75"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="holds files the demo did not write"):
+        prune.parse([])
+    assert (other / "notes.txt").read_text() == "mine"
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        prune.parse(["--model_name_or_path", str(teacher), "--output_dir", "x"])
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "required: --dataset_name" in err and "offline demo" in err
+    # the teacher is trained once; later runs say they reuse it
+    with caplog.at_level("INFO"):
+        assert demo.ensure_digits_teacher.__name__ == "<lambda>"
+        monkeypatch.undo()
+        demo.ensure_digits_teacher(teacher)
+    assert f"Reusing the demo's teacher in {teacher} (top-1 " in caplog.text
 
 
 def test_every_pruning_field_is_a_flag_and_recipes_are_checked(tmp_path):
@@ -124,8 +177,8 @@ def test_every_pruning_field_is_a_flag_and_recipes_are_checked(tmp_path):
 
     prune = load_script("prune")
     common = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path / "o")]
-    _, _, _, config, args = prune.parse([*common, "--ignore", ".*fc2", "--grad_chunk_size", "8", "--method", "fastcap",
-                                      "--elimination_chunk_size", "9", "--fastcap_column_block", "4"])
+    _, (_, _, _, config, args) = prune.parse([*common, "--ignore", ".*fc2", "--grad_chunk_size", "8", "--method",
+                                           "fastcap", "--elimination_chunk_size", "9", "--fastcap_column_block", "4"])
     assert (config.ignore, config.grad_chunk_size, config.elimination_chunk_size, config.fastcap_column_block) == (
         ".*fc2", 8, 9, 4)
     assert config == PruningConfig(method="fastcap", ignore=".*fc2", grad_chunk_size=8, elimination_chunk_size=9,

@@ -63,7 +63,7 @@ def prune_share(rank, world, cfg, num_batches, groups=1, targets=None, methods=N
         plan = pruner.prepare(random_batches(num_batches)[rank::world])
         pruner.apply()
         owned = [name for name in pruner.targets if pruner.owns(name)]
-        damps = dict(pruner.damps)
+        damps = dict(pruner.damps.get(pruner.config.method, {}))
     weights = {n: m.weight.detach().clone() for n, m in (chosen or find_targets(model)).items()}
     return {"weights": weights, "groups": plan.groups, "owners": plan.owners, "owned": owned, "damps": damps,
             "num_grads": pruner.num_grads}

@@ -55,7 +55,7 @@ def test_oneshot_two_four(digits_model, digits_dir, tmp_path):
     (["--sparsities", "0.5,1.0"], "sparsity must be in [0, 1)"),
     (["--methods", "cap,random"], "Unknown pruning method 'random'; registered methods: cap, fastcap"),
     (["--method", "obs", "--structure", "2:4"], "structure '2:4' is supported by cap, magnitude, not obs"),
-    (["--num_grads", 100000], "calibration images"),
+    (["--num_grads", 100000], "100000 Fisher gradients are needed"),
     (["--label_column_name", "target"], "no label column 'target'"),
     (["--methods", "cap", "--max_memory_gb", "0.01"], "max_memory_gb=0.01 cannot be met"),
 ])

@@ -282,6 +282,8 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     assert set(results["latency_ms_pruned"]) == {"1", "8"} and results["latency"]["threads"] >= 1
     assert results["accuracy_dense"] > 0.5  # a trained model (chance is 0.1)
     assert abs(results["pruning_ratio"] - 0.3) < 0.01
+    assert results["target_met"] is True and results["target"]["kind"] == "pruning_ratio"
+    assert "Target: pruning_ratio 0.3" in card and "**met**" in card
     model = AutoModelForImageClassification.from_pretrained(out)
     assert isinstance(model, PrunedResNetForImageClassification)
     assert sum(p.numel() for p in model.parameters()) == results["params_pruned"]
@@ -292,7 +294,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
 @pytest.mark.parametrize("extra,message", [
     (["--pruning_ratio", 0.3, "--target_speedup", 1.5], "exactly one of pruning_ratio, target_speedup and flops_ratio"),
     (["--pruning_ratio", 1.5], r"pruning_ratio must be in \(0, 1\)"),
-    (["--pruning_ratio", 0.3, "--method", "taylor"], "choose one of dfpc, l1, random"),
+    (["--pruning_ratio", 0.3, "--method", "taylor"], "choose one of dfpc, l1, random, pfs, uniform"),
     (["--pruning_ratio", 0.3, "--finetune_epochs", 1], "--finetune_epochs needs --dataset_name"),
     (["--pruning_ratio", 0.3, "--round_to", 0], "round_to must be a positive number of channels"),
     (["--pruning_ratio", 0.999], r"cannot be reached without emptying a channel group \(every group\); the largest "
@@ -304,6 +306,24 @@ def test_structured_prune_script_bad_input(digits_resnet, tmp_path, extra, messa
     with pytest.raises(SystemExit, match=message):
         script.main([str(a) for a in ["--model_name_or_path", digits_resnet, "--output_dir", tmp_path / "out", *extra]])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missed_speedup_target_is_said_in_the_log_the_results_and_the_card(caplog):
+    """The search confirmed the target, the final measurement of the built model did not: said, not hidden."""
+    script = load_script("structured_prune")
+    args = script.StructuredArguments(model_name_or_path="m", target_speedup=1.5, speedup_batch_size=64)
+    results = {"speedup": {"1": 1.2, "64": 1.46}, "speedup_search": [{"removed_channels": 40, "speedup": 1.54}]}
+    with caplog.at_level("WARNING"):
+        reached = script.target_reached(args, results)
+    assert reached["target_met"] is False and reached["target"]["achieved"] == 1.46
+    assert "misses the target: --target_speedup 1.5 at batch 64, final measurement 1.46x; the search confirmed 1.54x" \
+        in caplog.text
+    from model_cards.card import _target
+
+    line = _target(reached["target"])
+    assert "Target: 1.5x faster at batch 64" in line and "1.46x: **missed**" in line and "1.54x" in line
+    results["speedup"]["64"] = 1.51
+    assert script.target_reached(args, results)["target_met"] is True
 
 
 def test_structured_prune_script_refuses_convnexts_and_folders_of_other_runs(digits_resnet, tmp_path):

@@ -176,10 +176,16 @@ def test_schedule_that_does_not_fit_fails_before_training(tmp_path, digits_split
 def test_training_arguments_defaults_suit_pruning_runs(tmp_path, caplog):
     args = CAPTrainingArguments(output_dir=str(tmp_path), report_to="none")
     assert args.eval_strategy == "epoch" and args.remove_unused_columns is False  # class defaults, no argv patching
-    with caplog.at_level("WARNING"):
-        trainer = CAPTrainer(model=tiny_model(), args=args, train_dataset=RandomImages())
+    defaults = PruningConfig()
+    with caplog.at_level("WARNING"):  # enough images for the default recipe's gradients (1024 x 32)
+        trainer = CAPTrainer(model=tiny_model(), args=args,
+                             train_dataset=RandomImages(defaults.num_grads * defaults.grad_batch_size))
     assert trainer.args.eval_strategy == "no" and "No eval_dataset" in caplog.text
     assert trainer.pruning_config == PruningConfig(calibration_seed=args.seed)  # the recipe's defaults
+    # too few, said at construction rather than at the first pruning step
+    with pytest.raises(ValueError, match=r"holds 2 batches \(64 images in the calibration split, in batches of 32\), "
+                                         r"but 1024 Fisher gradients are needed"):
+        CAPTrainer(model=tiny_model(), args=args, train_dataset=RandomImages(64))
 
 
 def test_calibration_batches_are_read_like_training_batches(tmp_path):

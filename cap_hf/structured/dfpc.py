@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
+from cap_hf.structured.registry import CHANNEL_METHODS, check_structured_method
 
-SCORES = ("dfpc", "l1", "random")
+SCORES = tuple(CHANNEL_METHODS)  # the scores channel_scores computes
 NORMALIZERS = ("auto", "mean", "none")
 
 
@@ -150,8 +151,10 @@ def l1_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
 
 
 def check_method(method: str) -> None:
+    check_structured_method(method)
     if method not in SCORES:
-        raise ValueError(f"Unknown structured method {method!r}; choose one of {', '.join(SCORES)}.")
+        raise ValueError(f"{method!r} does not score a trained model's channels ({', '.join(SCORES)} do); it searches an "
+                         "architecture to train from scratch: cap_hf.structured.pfs.")
 
 
 def check_normalize(normalize: str) -> None:
