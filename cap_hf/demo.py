@@ -89,8 +89,8 @@ def ensure_digits_teacher(folder: str | Path = DEMO_ROOT / "teacher", epochs: in
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         results = folder / "eval_results.json"
         accuracy = json.loads(results.read_text()).get("eval_accuracy") if results.is_file() else None
-        logger.info("Reusing the demo's teacher in %s%s (delete the folder to train it again).", folder,
-                    f" (top-1 {100 * accuracy:.2f}% on the digits test split)" if accuracy is not None else "")
+        logger.info("Reusing the demo's teacher in %s (%sdelete the folder to train it again).", folder,
+                    f"top-1 {100 * accuracy:.2f}% on the digits test split; " if accuracy is not None else "")
         return folder
     import torch
     from transformers import Trainer, TrainingArguments
@@ -108,7 +108,8 @@ def ensure_digits_teacher(folder: str | Path = DEMO_ROOT / "teacher", epochs: in
     args = TrainingArguments(output_dir=str(folder), num_train_epochs=epochs, learning_rate=2e-3,
                              per_device_train_batch_size=32, save_strategy="no", report_to="none",
                              use_cpu=not torch.cuda.is_available(), remove_unused_columns=False,
-                             disable_tqdm=not progress, logging_strategy="no", seed=seed)
+                             disable_tqdm=not progress, logging_strategy="no", seed=seed,
+                             dataloader_pin_memory=torch.cuda.is_available())
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation, data_collator=collate,
                       compute_metrics=compute_metrics, processing_class=processor)
     trainer.train()

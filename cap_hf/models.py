@@ -102,7 +102,8 @@ def from_pretrained_as_saved(name_or_path: str, **kwargs):
 
 def load_model(name_or_path: str):
     """(model, image processor) as the checkpoint was saved (from_pretrained_as_saved)."""
-    return from_pretrained_as_saved(name_or_path)[0], load_image_processor(name_or_path)
+    processor = load_image_processor(name_or_path)  # first: it checks where the model comes from
+    return from_pretrained_as_saved(name_or_path)[0], processor
 
 
 def load_for_labels(name_or_path: str, label_names: list[str] | None):

@@ -51,8 +51,10 @@ class DistillationArguments(TrainingArguments):
     distill_alpha: float = field(default=0.5, metadata={"help": "Weight of the KD term; 1 - alpha goes to CE."})
 
     def __post_init__(self):
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
-            self.use_cpu = True  # several CPU processes: accelerate then runs DDP over gloo
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for (torch warns at every loader otherwise)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                self.use_cpu = True  # several CPU processes: accelerate then runs DDP over gloo
         super().__post_init__()
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
             raise ValueError("distill_alpha must be in [0, 1] and distill_temperature positive.")

@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{training_args.output_dir} is not empty; pass --overwrite_output_dir to replace it.")
     if not torch.cuda.is_available():
         training_args.use_cpu = True
+        training_args.dataloader_pin_memory = False  # nothing to pin for (torch warns at every loader otherwise)
     training_args.remove_unused_columns = False
 
     processor = make_image_processor(model_args.image_size, model_args.num_channels)

@@ -167,7 +167,7 @@ def test_the_demo_takes_overrides_and_leaves_other_files_alone(teacher, tmp_path
         assert demo.ensure_digits_teacher.__name__ == "<lambda>"
         monkeypatch.undo()
         demo.ensure_digits_teacher(teacher)
-    assert f"Reusing the demo's teacher in {teacher} (top-1 " in caplog.text
+    assert f"Reusing the demo's teacher in {teacher} (top-1 " in caplog.text and "train it again" in caplog.text
 
 
 def test_every_pruning_field_is_a_flag_and_recipes_are_checked(tmp_path):
