@@ -10,8 +10,8 @@
   %-formatting (a bare "%" in a field's help crashed --help), and a usage error is one short line, printed
   by the main process only.
 - `run(main)`: a script's entry point. A `SystemExit("message")` raised anywhere before or during the work
-  is printed once, by the main process (under `accelerate launch` every process stops; one speaks), as
-  `error: message`, and the exit status is 1.
+  is printed once, by the main process (under `accelerate launch` every process stops; one speaks; another
+  speaks only when the error was its own), as `error: message`, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -54,11 +55,22 @@ def is_main_process() -> bool:
     return True
 
 
+# How long another process waits before it speaks: the main process meets the same error at the same point and
+# says it, and the launcher (torchrun) then stops every process, so this one never does. It speaks only when the
+# error was its own (the main process went on).
+QUIET_SECONDS = 10.0
+
+
 def report_error(message: str) -> None:
-    """`error: message` on stderr, from one process per machine (is_main_process)."""
+    """`error: message` on stderr, once: by the main process of the machine (is_main_process); another process
+    says it (with its rank) only if it is still running QUIET_SECONDS later, i.e. the error was its alone."""
+    text = str(message).strip()
+    text = text[len("error:"):].strip() if text.startswith("error:") else text
     if is_main_process():
-        text = str(message).strip()
-        print(text if text.startswith("error:") else f"error: {text}", file=sys.stderr, flush=True)
+        print(f"error: {text}", file=sys.stderr, flush=True)
+        return
+    time.sleep(QUIET_SECONDS)
+    print(f"error (process {os.environ.get('RANK', '?')}): {text}", file=sys.stderr, flush=True)
 
 
 def run(main: Callable[[], object]) -> None:

@@ -12,8 +12,8 @@ import sys
 import pytest
 from conftest import ENV, ROOT, FakeHfApi, hub_error
 
-from cap_hf import sources
-from cap_hf.cli import ArgumentParser, argparse_safe, report_error
+from cap_hf import cli, sources
+from cap_hf.cli import ArgumentParser, argparse_safe
 
 SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
 
@@ -70,11 +70,16 @@ def test_a_usage_error_is_one_line_and_said_by_the_main_process_only(capsys, mon
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.strip().splitlines()) == 1 and "usage:" not in err
     assert err.startswith("error: ") and "Run `python scripts/x.py --help`" in err
-    monkeypatch.setenv("LOCAL_RANK", "1")  # another process of `accelerate launch`: silent, same exit
+    # another process of `accelerate launch`: it leaves the error to the main process, which the launcher stops
+    # it for; still running after QUIET_SECONDS, the error was its own, and it says so with its rank
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    waited = []
+    monkeypatch.setattr("cap_hf.cli.time.sleep", waited.append)
     with pytest.raises(SystemExit):
         parser.parse_args([])
-    report_error("something")
-    assert capsys.readouterr().err == ""
+    assert waited == [cli.QUIET_SECONDS]
+    assert capsys.readouterr().err.startswith("error (process 1): the following arguments are required: --x")
 
 
 def test_an_error_before_any_work_is_one_line(tmp_path):
