@@ -97,6 +97,7 @@ def parse(argv: list[str]) -> tuple[list[str], tuple]:
     if not demo.is_demo(argv):
         parsed = parse_args(TYPES, argv, description=__doc__, prog=PROG, hint="(Give neither --model_name_or_path nor "
                             "--dataset_name for the offline demo, with any other flag over its own.)")
+        parsed[4].check_pruning(parsed[3])
     else:
         from accelerate import PartialState
 
@@ -105,16 +106,16 @@ def parse(argv: list[str]) -> tuple[list[str], tuple]:
         out = None if demo.gives_output_dir(user) else demo.demo_output_dir(config.method, config.sparsity)
         argv = demo.demo_arguments(out) + user
         parsed = parse_args(TYPES, argv, prog=PROG)
+        parsed[4].check_pruning(parsed[3])  # before the teacher is trained
         logger.info("No --model_name_or_path / --dataset_name given: the offline demo (a ViT trained on scikit-learn's "
-                    "digits, pruned gradually with CAP and distillation)%s, into %s. For your model: --model_name_or_path "
-                    "M --dataset_name D --output_dir OUT.", f" with your flags {shlex.join(user)}" if user else "",
-                    parsed[4].output_dir)
+                    "digits, pruned gradually with %s and distillation)%s, into %s. For your model: "
+                    "--model_name_or_path M --dataset_name D --output_dir OUT.", parsed[3].method,
+                    f" with your flags {shlex.join(user)}" if user else "", parsed[4].output_dir)
         state = PartialState()
         with state.main_process_first():
             if out is not None and state.is_main_process:
                 demo.prepare_output(out)
             demo.ensure_digits_teacher(progress=state.is_main_process)
-    parsed[4].check_pruning(parsed[3])
     return argv, parsed
 
 
