@@ -88,14 +88,16 @@ def run(main: Callable[[], object]) -> None:
 class _ScriptParsing:
     """What the scripts' parsers add to argparse: safe help strings and short usage errors."""
 
-    def parse_known_args(self, args=None, namespace=None):
+    def _safe_help(self) -> None:
         for action in self._actions:
             action.help = argparse_safe(action.help)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._safe_help()
         return super().parse_known_args(args, namespace)
 
     def format_help(self) -> str:
-        for action in self._actions:
-            action.help = argparse_safe(action.help)
+        self._safe_help()
         return super().format_help()
 
     hint: str | None = None  # a sentence added to usage errors
@@ -142,7 +144,13 @@ def load_recipe(path: str | os.PathLike, known: set[str]) -> dict:
     return values
 
 
-def _given_flags(argv: Sequence[str]) -> set[str]:
+def config_file(argv: Sequence[str]) -> str | None:
+    """The config file when the whole command line is one (`script.py config.yaml`), else None."""
+    return argv[0] if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")) else None
+
+
+def given_flags(argv: Sequence[str]) -> set[str]:
+    """The names of the flags on a command line, as dataclass fields (`--no_x` counts as x)."""
     names = set()
     for token in argv:
         if token.startswith("--"):
@@ -162,7 +170,7 @@ def parse_args(types: tuple, argv: Sequence[str], defaults: dict | None = None, 
     if defaults:
         parser.set_defaults(**defaults)
     argv = list(argv)
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+    if config_file(argv):
         loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
         return tuple(loader(os.path.abspath(argv[0])))
     parser.add_argument("--recipe", default=None, help="YAML/JSON file of flag values (or a checkpoint's "
@@ -188,7 +196,7 @@ def parse_args(types: tuple, argv: Sequence[str], defaults: dict | None = None, 
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     outputs = tuple(outputs[:len(types)])
-    for name in sorted(set(values) & _given_flags(argv)):
+    for name in sorted(set(values) & given_flags(argv)):
         flag = next(getattr(o, name) for o in outputs if hasattr(o, name))
         logger.warning("%s is set both in the recipe %s (%r) and on the command line (%r): the command line wins.",
                        name, recipe, values[name], flag)

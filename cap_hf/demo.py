@@ -10,6 +10,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from cap_hf.cli import config_file, given_flags
+
 logger = logging.getLogger(__name__)
 
 DEMO_ROOT = Path("outputs") / "demo"
@@ -18,23 +20,19 @@ DEMO_DATASET = "builtin:digits"
 TEACHER_EPOCHS = 30
 MARKER = ".cap_hf_demo"  # in a folder the demo wrote (hidden: never published)
 # what a run needs that the demo otherwise supplies
-RUN_FLAGS = ("--model_name_or_path", "--dataset_name")
-
-
-def _flags(argv: Sequence[str]) -> set[str]:
-    return {"--" + token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+RUN_FLAGS = ("model_name_or_path", "dataset_name")
 
 
 def is_demo(argv: Sequence[str]) -> bool:
     """The demo runs when neither a model nor a dataset is named on the command line (and no config file or
     --help is given): what the user gives then overrides the demo's flags."""
-    if any(a in ("-h", "--help") for a in argv) or (len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))):
+    if any(a in ("-h", "--help") for a in argv) or config_file(argv):
         return False
-    return not _flags(argv) & set(RUN_FLAGS)
+    return not given_flags(argv) & set(RUN_FLAGS)
 
 
 def gives_output_dir(argv: Sequence[str]) -> bool:
-    return "--output_dir" in _flags(argv)
+    return "output_dir" in given_flags(argv)
 
 
 def demo_output_dir(method: str, sparsity: float) -> Path:

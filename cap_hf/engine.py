@@ -191,48 +191,59 @@ class Pruner:
             return plan
         local_damps: dict[int, dict[str, float]] = {}
         for index, group in enumerate(plan.groups):
-            group_targets = {name: self.targets[name] for name in group}
-            for number, (damp_config, names) in enumerate(self.passes):
-                start = self.profiler.seconds(*FISHER_PHASES)
+            for number in range(len(self.passes)):
                 batches = replay() if replay is not None else first_pass(calibration_batches)
-                fishers = collect_fisher(
-                    self.model, group_targets, batches, cfg.num_grads, {name: self.block_sizes[name] for name in group},
-                    fisher_kinds([self.methods[m] for m in names]), grad_chunk_size=cfg.grad_chunk_size,
-                    device=self.device, accumulate=cfg.accumulation, **damp_config.dampening, profiler=self.profiler,
-                    masks=current_masks(group_targets), label_free=cfg.label_free_fisher, loss_fn=self.loss_fn,
-                    seed=int(cfg.calibration_seed or 0), progress=progress,
-                    on_batch=replay.check if replay is not None else None, owners=plan.owners, ranks=ranks)
-                for name in group:
-                    if not self.owns(name):
-                        continue
-                    stats = {}
-                    with self._phase("inversion"):
-                        if "block" in fishers:
-                            local_damps.setdefault(number, {})[name] = fishers["block"].damp_of(name)
-                            stats["block"] = fishers["block"].pop_inverse(name)
-                        if "shared" in fishers:
-                            stats["shared"] = fishers["shared"].mean(name)
-                    self._prepare_layer(name, stats, names)
-                    del stats
-                del fishers
-                self._pass_seconds[number] = self._pass_seconds.get(number, 0.0) + \
-                    self.profiler.seconds(*FISHER_PHASES) - start
+                local_damps.setdefault(number, {}).update(self._fisher_pass(
+                    group, number, batches, progress, replay.check if replay is not None else None))
             if len(plan.groups) > 1:
                 logger.info("Layer group %d/%d done (%d layers).", index + 1, len(plan.groups), len(group))
         self.num_grads = cfg.num_grads  # over all processes (iter_gradients checked each share)
+        self._share_damps(local_damps)
+        return plan
+
+    def _fisher_pass(self, group: Sequence[str], number: int, batches: Iterable, progress: bool,
+                     on_batch: Callable | None) -> dict[str, float]:
+        """One gradient pass over the batches for a layer group and the methods of pass `number`: their Fisher,
+        inverted layer by layer, into their kernels. Returns the dampening of this rank's layers."""
+        cfg, plan = self.config, self.plan
+        damp_config, names = self.passes[number]
+        start = self.profiler.seconds(*FISHER_PHASES)
+        group_targets = {name: self.targets[name] for name in group}
+        fishers = collect_fisher(
+            self.model, group_targets, batches, cfg.num_grads, {name: self.block_sizes[name] for name in group},
+            fisher_kinds([self.methods[m] for m in names]), grad_chunk_size=cfg.grad_chunk_size, device=self.device,
+            accumulate=cfg.accumulation, **damp_config.dampening, profiler=self.profiler,
+            masks=current_masks(group_targets), label_free=cfg.label_free_fisher, loss_fn=self.loss_fn,
+            seed=int(cfg.calibration_seed or 0), progress=progress, on_batch=on_batch, owners=plan.owners,
+            ranks=self.ranks)
+        damps = {}
+        for name in filter(self.owns, group):
+            stats = {}
+            with self._phase("inversion"):
+                if "block" in fishers:
+                    damps[name] = fishers["block"].damp_of(name)
+                    stats["block"] = fishers["block"].pop_inverse(name)
+                if "shared" in fishers:
+                    stats["shared"] = fishers["shared"].mean(name)
+            self._prepare_layer(name, stats, names)
+            del stats
+        del fishers
+        self._pass_seconds[number] = self._pass_seconds.get(number, 0.0) + self.profiler.seconds(*FISHER_PHASES) - start
+        return damps
+
+    def _share_damps(self, local_damps: Mapping[int, Mapping[str, float]]) -> None:
+        """Every rank learns every layer's dampening, per method with a block Fisher (records, model cards)."""
         for number, (damp_config, names) in enumerate(self.passes):
             block = [m for m in names if self.methods[m].fisher == "block"]
             if not block:
                 continue
-            # every rank knows every layer's dampening (records, model cards)
             mine = local_damps.get(number, {})
-            values = ranks.sum([mine.get(name, 0.0) for name in self.targets], "dampening of the layers")
+            values = self.ranks.sum([mine.get(name, 0.0) for name in self.targets], "dampening of the layers")
             damps = dict(zip(self.targets, values, strict=True))
             self.damps.update({method: damps for method in block})
             low, high = min(damps, key=damps.get), max(damps, key=damps.get)
             logger.info("Fisher dampening of %s %s: from %.2e (%s) to %.2e (%s).", ", ".join(block),
                         damp_config.describe_dampening(), damps[low], low, damps[high], high)
-        return plan
 
     def _layer(self, method: str, name: str, weights: torch.Tensor, fisher: Mapping) -> Layer:
         return Layer(name=name, weights=weights, store=self._store, store_prefix=f"{method}/{name}", fisher=fisher)

@@ -111,3 +111,13 @@ def check_dataset_source(name: str, token: str | bool | None = None, api=None) -
                               "builtin:fashion-mnist.")
         return
     check_hub_repo(name, "dataset", token, api)
+
+
+def check_sources(model: str | None = None, dataset: str | None = None, teacher: str | None = None) -> None:
+    """What a script reads, checked before any work: its model, its distillation teacher and its dataset (each
+    when given)."""
+    for name in (model, teacher):
+        if name:
+            check_model_source(name)
+    if dataset:
+        check_dataset_source(dataset)

@@ -42,7 +42,7 @@ from cap_hf.models import load_model
 from cap_hf.oneshot import METRICS, main_metric, oneshot_sweep
 from cap_hf.plan import MemoryBudgetError, check_budget
 from cap_hf.plots import plot_accuracy_vs_sparsity
-from cap_hf.sources import check_dataset_source, check_model_source
+from cap_hf.sources import check_sources
 
 logger = logging.getLogger("cap_hf.oneshot")
 
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         out = Path(args.output_dir)
         if (out / "results.json").exists() and not args.overwrite_output_dir:
             raise ValueError(f"{out / 'results.json'} exists; pass --overwrite_output_dir to replace it.")
-        check_model_source(args.model_name_or_path)
-        check_dataset_source(args.dataset_name)
+        check_sources(model=args.model_name_or_path, dataset=args.dataset_name)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
 

@@ -52,7 +52,7 @@ from cap_hf.models import (
 )
 from cap_hf.oneshot import METRICS
 from cap_hf.probe import train_linear_probe
-from cap_hf.sources import check_dataset_source, check_model_source
+from cap_hf.sources import check_sources
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
 from model_cards import write_model_card
 
@@ -136,10 +136,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         argv, (model_args, data_args, feature_args, config, training_args) = parse(argv)
         check_output_dir(data_args, training_args)
         repo_id = check_push(training_args, hub_api)
-        check_model_source(model_args.model_name_or_path)
-        if training_args.distill and training_args.teacher_name_or_path:
-            check_model_source(training_args.teacher_name_or_path)
-        check_dataset_source(data_args.dataset_name)
+        check_sources(model=model_args.model_name_or_path, dataset=data_args.dataset_name,
+                      teacher=training_args.teacher_name_or_path if training_args.distill else None)
     except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
 

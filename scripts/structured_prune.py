@@ -48,7 +48,7 @@ from cap_hf.data import collate, prepare_splits
 from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, load_image_processor, processor_image_size
-from cap_hf.sources import check_dataset_source, check_model_source
+from cap_hf.sources import check_sources
 from cap_hf.structured import pfs, prune_channels
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
@@ -219,11 +219,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
             raise ValueError(f"{out} is not empty (another run?); pass --overwrite_output_dir to replace it.")
         repo_id = check_push(training_args, hub_api)
-        check_model_source(args.model_name_or_path)
-        if training_args.distill and training_args.teacher_name_or_path:
-            check_model_source(training_args.teacher_name_or_path)
-        if args.dataset_name:
-            check_dataset_source(args.dataset_name)
+        check_sources(model=args.model_name_or_path, dataset=args.dataset_name,
+                      teacher=training_args.teacher_name_or_path if training_args.distill else None)
     except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
     scratch = args.method in SCRATCH

@@ -24,7 +24,7 @@ from cap_hf.cli import parse_args, run
 from cap_hf.data import collate, prepare_splits
 from cap_hf.metrics import compute_metrics
 from cap_hf.models import make_image_processor, make_resnet_classifier, make_vit_classifier
-from cap_hf.sources import check_dataset_source
+from cap_hf.sources import check_sources
 
 
 @dataclass
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                                                       sys.argv[1:] if argv is None else argv, description=__doc__,
                                                       prog="python scripts/train_dense.py")
     try:
-        check_dataset_source(data_args.dataset_name)
+        check_sources(dataset=data_args.dataset_name)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     if model_args.arch not in ("vit", "resnet"):
