@@ -63,6 +63,12 @@ CITATIONS["dfpc"] = """@inproceedings{narshana2023dfpc,
   booktitle = {International Conference on Learning Representations},
   year      = {2023}
 }"""
+CITATIONS["ziplm"] = """@inproceedings{kurtic2023ziplm,
+  title     = {{ZipLM}: Inference-Aware Structured Pruning of Language Models},
+  author    = {Kurtic, Eldar and Frantar, Elias and Alistarh, Dan},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2023}
+}"""
 CITATIONS["pfs"] = CITATIONS["uniform"] = """@inproceedings{wang2020pruning,
   title     = {Pruning from Scratch},
   author    = {Wang, Yulong and Zhang, Xiaolu and Xie, Lingxi and Zhou, Jun and Su, Hang and Zhang, Bo and Hu, Xiaolin},
@@ -257,6 +263,27 @@ def _channel_procedure(results: dict) -> list[str]:
                      f"{next(iter(results['head_groups'].values()))} indices." if results.get("head_groups") else "")]
 
 
+def _second_order_procedure(results: dict) -> list[str]:
+    run = results["second_order"]
+    curvature = ("the layer-wise Hessian X X^T of each layer's input over "
+                 f"{run['calibration']} calibration images (no labels)" if run["curvature"] == "obs" else
+                 f"the empirical Fisher of {run['calibration']} per-image gradients, shared by each layer's rows")
+    target = {"latency": f"a measured speed-up of {run['target']:g}x at batch {results['target'].get('batch_size')}",
+              "macs": f"{run['target']:g} of the dense model's MACs",
+              "params": f"{run['target']:g} of the dense model's parameters"}[run["metric"]]
+    searches = run["searches"]
+    return [f"Second-order structured pruning ({STRUCTURED_METHODS[results['method']]}): curvature {curvature}, "
+            f"dampening {run['relative_damp']:g} x its mean diagonal. In each layer the attention heads, MLP neurons "
+            "or block channels were removed one at a time, cheapest first, and the remaining weights updated to make "
+            "up for each removal (the OBS update of a group of columns; a layer's bias or its batch norm's mean moves "
+            "with them); residual streams keep their width.",
+            f"Widths chosen per layer by dynamic programming over {run['levels']} widths per group: least summed "
+            f"error under {target}" + (f", {len(searches)} search(es) against the measured model" if
+                                       run["metric"] == "latency" else "")
+            + f". Removed {results['removed_channels']} of {results['prunable_channels']} channels "
+            f"({_pct(results['pruning_ratio'])})."]
+
+
 def _scratch_procedure(results: dict) -> list[str]:
     ratio = (f"{results['flops_ratio_achieved']:.3f} of the original model's FLOPs (target "
              f"{results['arguments']['flops_ratio']})")
@@ -298,7 +325,9 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
         plot_group_widths(widths, folder / WIDTHS_CHART_FILE, title=f"{method}: channels kept per group")
     latency = results.get("latency", {})
     scratch = method in SCRATCH_METHODS
-    procedure = _scratch_procedure(results) if scratch else _channel_procedure(results)
+    second_order = "second_order" in results
+    procedure = (_scratch_procedure(results) if scratch else _second_order_procedure(results) if second_order else
+                 _channel_procedure(results))
     tuning = results.get("finetuning")
     if tuning:
         procedure.append(f"Fine-tuned {tuning['epochs']} epoch(s) on {tuning['train_samples']} training images, lr "
@@ -336,7 +365,8 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
                      f"{latency.get('threads')} threads, dense and pruned taking turns",
         procedure=procedure + list(notes or ()), chart=WIDTHS_CHART_FILE, widths=widths, repo_id=load_id,
         width_fields=", ".join(f"`{f}`" for f in WIDTH_FIELDS.get(_model_type(folder), ("hidden_size",))),
-        command=results.get("command", ""), citation=CITATIONS.get(method, CITATIONS["dfpc"]),
+        command=results.get("command", ""), citation=CITATIONS["ziplm"] + ("\n\n" + CITATIONS["cap"] if method == "cap" else "")
+        if second_order else CITATIONS.get(method, CITATIONS["dfpc"]),
         target=_target(results.get("target")))
 
 

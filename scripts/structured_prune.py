@@ -16,6 +16,18 @@ model, its image processor and OUTPUT_DIR/results.json (parameters, MACs, latenc
 the thread count, accuracy before and after fine-tuning) and its model card README.md.
 --push_to_hub --hub_model_id NAME publishes OUT at the end (repo id and Hub checked before any work).
 
+Second-order structured pruning removes whole heads, MLP neurons and block channels and updates the weights
+that stay to make up for them (the OBS update of a group of columns), spending the removals where they cost
+least per millisecond (or MAC, or parameter) saved:
+
+  python scripts/structured_prune.py --method obs --model_name_or_path outputs/fmnist-vit-tiny \
+      --dataset_name data/fashion-mnist --target_speedup 1.5 --output_dir outputs/obs-1.5x
+
+--method obs uses the layer-wise Hessian of --calibration_samples training images (no labels needed), cap the
+empirical Fisher of as many per-image gradients. One of --target_speedup (latency tables of every layer at
+--levels widths, timed at --speedup_batch_size; the built model is measured and the search tightened when it
+falls short), --flops_ratio or --params_ratio. Residual streams keep their width.
+
 Pruning from Scratch needs no trained model, only its config (a folder or Hub id with config.json and
 preprocessor_config.json; weights, if any, are used for the dense accuracy and as the distillation teacher):
 
@@ -49,11 +61,12 @@ from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, load_image_processor, processor_image_size
 from cap_hf.sources import check_sources
-from cap_hf.structured import pfs, prune_channels
+from cap_hf.calibration import calibration_loader
+from cap_hf.structured import pfs, prune_channels, second_order
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import compare_models
-from cap_hf.structured.registry import SCRATCH_METHODS, check_structured_method
+from cap_hf.structured.registry import SCRATCH_METHODS, SECOND_ORDER_METHODS, check_structured_method
 from cap_hf.trainer import DistillationArguments, fine_tune
 from model_cards import write_model_card
 
@@ -68,14 +81,25 @@ TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_tr
 class StructuredArguments:
     model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier (ResNet or ViT)."})
     method: str = field(default="dfpc", metadata={
-        "help": "dfpc (data-free BGSC saliency), l1 or random on a trained model; pfs (Pruning from Scratch) or "
-                "uniform (its baseline: every gated width scaled alike) from a config, trained from scratch."})
+        "help": "dfpc (data-free BGSC saliency), l1 or random on a trained model; obs or cap (second-order: removal "
+                "with compensation, from calibration data); pfs (Pruning from Scratch) or uniform (its baseline: every "
+                "gated width scaled alike) from a config, trained from scratch."})
     pruning_ratio: float | None = field(default=None, metadata={
         "help": "Fraction of the prunable channels to remove (one of --pruning_ratio, --flops_ratio, --target_speedup)."})
     flops_ratio: float | None = field(default=None, metadata={
         "help": "MACs of the pruned model over the dense (for pfs: the original, unexpanded) model's, in (0, 1)."})
     target_speedup: float | None = field(default=None, metadata={
         "help": "Measured speed-up to reach at --speedup_batch_size (one of the three targets)."})
+    params_ratio: float | None = field(default=None, metadata={
+        "help": "obs / cap: parameters of the pruned model over the dense model's, in (0, 1)."})
+    calibration_samples: int = field(default=512, metadata={
+        "help": "obs: training images for the Hessian; cap: per-image gradients for the Fisher."})
+    levels: int = field(default=second_order.LEVELS, metadata={
+        "help": "obs / cap: widths per group in the cost tables and the search (every width for smaller groups)."})
+    relative_damp: float = field(default=second_order.RELATIVE_DAMP, metadata={
+        "help": "obs / cap: dampening, a fraction of the curvature's mean diagonal."})
+    max_memory_gb: float | None = field(default=None, metadata={
+        "help": "obs / cap: refuse to start when the curvatures would not fit in this many GB."})
     uncoupled_only: bool = field(default=False, metadata={
         "help": "Prune only channels with one producer and one consumer (residual streams kept whole)."})
     normalize: str = field(default="auto", metadata={
@@ -119,6 +143,7 @@ class StructuredArguments:
 
 
 SCRATCH = tuple(SCRATCH_METHODS)  # methods that search an architecture and train it from scratch
+SECOND_ORDER = tuple(SECOND_ORDER_METHODS)  # methods that remove and compensate with calibration data
 
 
 def check_arguments(args: StructuredArguments) -> None:
@@ -126,6 +151,26 @@ def check_arguments(args: StructuredArguments) -> None:
     check_structured_method(args.method)
     if args.finetune_epochs < 0 or args.train_epochs < 0:
         raise ValueError("--finetune_epochs and --train_epochs must be >= 0.")
+    if args.params_ratio is not None and args.method not in SECOND_ORDER:
+        raise ValueError(f"--params_ratio is a target of {' and '.join(SECOND_ORDER)}; {args.method} takes "
+                         "--pruning_ratio, --flops_ratio or --target_speedup.")
+    if args.method in SECOND_ORDER:
+        if args.pruning_ratio is not None:
+            raise ValueError(f"--method {args.method} spends its removals where they cost least: give --target_speedup, "
+                             "--flops_ratio or --params_ratio instead of --pruning_ratio.")
+        second_order.check_second_order_request(args.method, args.target_speedup, args.flops_ratio, args.params_ratio,
+                                                args.levels, args.round_to, args.relative_damp)
+        if args.uncoupled_only or args.normalize != "auto":
+            raise ValueError(f"--uncoupled_only / --normalize are DFPC's; {args.method} always keeps the residual "
+                             "streams whole and ranks by its own errors.")
+        if not args.dataset_name:
+            raise ValueError(f"--method {args.method} needs calibration images: give --dataset_name (its train split).")
+        if args.calibration_samples < 1:
+            raise ValueError(f"--calibration_samples must be positive, got {args.calibration_samples}.")
+        if args.train_epochs or args.budget_train:
+            raise ValueError(f"--train_epochs / --budget_train are for pfs and uniform; {args.method} fine-tunes "
+                             "with --finetune_epochs.")
+        return
     if args.method not in SCRATCH:
         check_request(args.method, args.pruning_ratio, args.target_speedup, args.round_to, args.normalize,
                       args.flops_ratio)
@@ -204,6 +249,22 @@ def search_from_scratch(args, model, image_size, train, training_args) -> tuple[
     }
 
 
+def prune_with_curvature(args, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
+    """obs / cap on calibration images of the train split (eval transforms, a fixed shuffle)."""
+    if len(train) < args.calibration_samples:
+        raise ValueError(f"--calibration_samples {args.calibration_samples} is more than the {len(train)} images of the "
+                         "train split; lower it or use a larger split.")
+    batch_size = 64 if args.method == "obs" else 1  # cap: one gradient per image
+    loader = calibration_loader(train, batch_size, training_args.seed,
+                                num_workers=training_args.dataloader_num_workers)
+    small, run = second_order.prune_second_order(
+        model, image_size, loader, args.method, target_speedup=args.target_speedup, flops_ratio=args.flops_ratio,
+        params_ratio=args.params_ratio, calibration=args.calibration_samples, levels=args.levels,
+        round_to=args.round_to, relative_damp=args.relative_damp, speedup_batch_size=args.speedup_batch_size,
+        repeats=args.search_repeats, max_memory_gb=args.max_memory_gb, seed=training_args.seed)
+    return small, run.results()
+
+
 def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("cap_hf").setLevel(logging.INFO)
@@ -252,6 +313,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     try:
         if scratch:
             small, results = search_from_scratch(args, model, image_size, train, training_args)
+        elif args.method in SECOND_ORDER:
+            small, results = prune_with_curvature(args, model, image_size, train, training_args)
         else:
             small, run = prune_channels(model, image_size, args.method, pruning_ratio=args.pruning_ratio,
                                         target_speedup=args.target_speedup, uncoupled_only=args.uncoupled_only,
@@ -333,6 +396,10 @@ def target_reached(args: StructuredArguments, results: dict) -> dict:
     elif args.flops_ratio is not None:
         target = {"kind": "flops_ratio", "value": args.flops_ratio,
                   "achieved": results["macs_pruned"] / results["macs_dense"]}
+        target["met"] = target["achieved"] <= target["value"] + 1e-9
+    elif args.params_ratio is not None:
+        target = {"kind": "params_ratio", "value": args.params_ratio,
+                  "achieved": results["params_pruned"] / results["params_dense"]}
         target["met"] = target["achieved"] <= target["value"] + 1e-9
     else:
         target = {"kind": "pruning_ratio", "value": args.pruning_ratio, "achieved": results["pruning_ratio"]}

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,14 +39,21 @@ def latencies_ms(models: Sequence[nn.Module], image_size: int | Sequence[int], b
     turns pass by pass (warm-up first), so drifts of the machine fall on all of them alike; CUDA is
     synchronised. Thread count: torch.get_num_threads(), recorded by the caller."""
     inputs = [images(model, batch_size, image_size) for model in models]
-    cuda = any(x.device.type == "cuda" for x in inputs)
-    times: list[list[float]] = [[] for _ in models]
+    calls = [functools.partial(model, pixel_values=x) for model, x in zip(models, inputs, strict=True)]
+    return time_calls(calls, repeats, warmup, cuda=any(x.device.type == "cuda" for x in inputs))
+
+
+@torch.inference_mode()
+def time_calls(calls: Sequence[Callable[[], object]], repeats: int = 30, warmup: int = 5, cuda: bool = False
+               ) -> list[float]:
+    """Median wall time of each call in milliseconds, the calls taking turns (warm-up passes first)."""
+    times: list[list[float]] = [[] for _ in calls]
     for i in range(warmup + repeats):
-        for model, x, kept in zip(models, inputs, times, strict=True):
+        for call, kept in zip(calls, times, strict=True):
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(pixel_values=x)
+            call()
             if cuda:
                 torch.cuda.synchronize()
             if i >= warmup:

@@ -1,0 +1,289 @@
+"""Second-order structured pruning: whole heads, neurons and block channels removed, the remaining weights
+compensated (the OBS update of a group of columns), the removals spent where they cost least per unit of
+the target (latency measured on this machine, MACs or parameters). ZipLM's recipe (Kurtic et al., 2023)
+on the project's channel groups, with the layer-wise Hessian ("obs") or the empirical Fisher ("cap").
+
+```
+prune_second_order(model, image_size, batches, "obs", target_speedup=1.5)
+  graph = ChannelGraph(model)                  # groups.py; the uncoupled groups and their readers
+  units = find_units(...)                      # allocate.py; widths per group, cost tables per unit
+  check: the target is reachable, the calibration data and the memory are enough
+  curvature = hessians(...) | fishers(...)     # curvature.py
+  database = greedy_removal(...) per group     # greedy.py: order + cumulative error at every width
+  options = allocate(costs, errors, budget)    # allocate.py: dynamic programming
+  small = remove_channels(compensated copy)    # the weights of each chosen width, replayed; then sliced
+  (latency) measure; if short, tighten the budget by what the prediction missed and search again
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from cap_hf.plan import MemoryBudgetError
+from cap_hf.structured.allocate import METRICS, Unit, allocate, find_units, measure_units
+from cap_hf.structured.curvature import CURVATURES, Structures, find_structures, fishers, hessians, images_needed
+from cap_hf.structured.greedy import greedy_removal, inverse_curvature
+from cap_hf.structured.groups import ChannelGraph, remove_channels
+from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
+
+logger = logging.getLogger(__name__)
+
+LEVELS = 16  # widths per group in the cost tables (every width for groups of up to 16 channels)
+RELATIVE_DAMP = 0.01  # dampening: this fraction of the curvature's mean diagonal (ZipLM's)
+CORRECTIONS = 3  # latency targets: searches after the first, each with the budget tightened by the miss
+
+
+@dataclass
+class SecondOrderPruning:
+    """What a run did: per group its channels before and after and its error; the search's steps."""
+
+    method: str
+    metric: str
+    target: float  # the speed-up, or the ratio of MACs / parameters asked for
+    calibration: int  # images (obs) or gradients (cap)
+    relative_damp: float
+    levels: int
+    round_to: int
+    plan: dict[int, list[int]]
+    widths: dict[str, tuple[int, int]]
+    units: dict[str, int]
+    errors: dict[str, float]
+    table: list[dict] = field(default_factory=list)  # per unit: options, costs, chosen
+    search: list[dict] = field(default_factory=list)  # per search: budget, predicted, measured
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def removed(self) -> int:
+        return sum(len(channels) for channels in self.plan.values())
+
+    @property
+    def prunable(self) -> int:
+        return sum(before for before, _ in self.widths.values())
+
+    def results(self) -> dict:
+        """The keys of structured_prune.py's results.json that this run fills."""
+        return {"removed_channels": self.removed, "prunable_channels": self.prunable,
+                "pruning_ratio": self.removed / self.prunable, "round_to": self.round_to, "normalize": None,
+                "group_widths": {name: list(w) for name, w in self.widths.items()}, "head_groups": self.units,
+                "speedup_search": [{"removed_channels": s["removed"], "speedup": s["measured"]} for s in self.search
+                                   if self.metric == "latency"],
+                "second_order": {"curvature": self.method, "metric": self.metric, "target": self.target,
+                                 "calibration": self.calibration, "relative_damp": self.relative_damp,
+                                 "levels": self.levels, "group_errors": self.errors, "cost_table": self.table,
+                                 "searches": self.search, "seconds": self.seconds}}
+
+
+def check_second_order_request(method: str, target_speedup: float | None, flops_ratio: float | None,
+                               params_ratio: float | None, levels: int = LEVELS, round_to: int = 1,
+                               relative_damp: float = RELATIVE_DAMP) -> tuple[str, float]:
+    """(metric, target) of a valid request; ValueError before any work otherwise."""
+    if method not in CURVATURES:
+        raise ValueError(f"Unknown second-order method {method!r}; choose one of {', '.join(CURVATURES)}.")
+    given = [(m, v) for m, v in zip(METRICS, (target_speedup, flops_ratio, params_ratio), strict=True) if v is not None]
+    if len(given) != 1:
+        raise ValueError("Give exactly one of target_speedup, flops_ratio and params_ratio.")
+    metric, value = given[0]
+    if metric == "latency" and not value > 1:
+        raise ValueError(f"target_speedup must be above 1, got {value}.")
+    if metric != "latency" and not 0 < value < 1:
+        raise ValueError(f"{'flops_ratio' if metric == 'macs' else 'params_ratio'} must be in (0, 1), got {value}.")
+    if levels < 2:
+        raise ValueError(f"levels must be at least 2 widths per group, got {levels}.")
+    if round_to < 1:
+        raise ValueError(f"round_to must be a positive number of channels, got {round_to}.")
+    if not relative_damp > 0:
+        raise ValueError(f"relative_damp must be positive, got {relative_damp}.")
+    return metric, value
+
+
+def curvature_bytes(found: Sequence[Structures]) -> tuple[int, str, int]:
+    """(bytes of every curvature held at once, the widest reader, its bytes while it is pruned): float64
+    d_in x d_in per reader; pruning one holds its curvature, the inverse and a working copy (3 of them)."""
+    total = sum(8 * s.d_in ** 2 for s in found)
+    widest = max(found, key=lambda s: s.d_in)
+    return total, widest.name, 3 * 8 * widest.d_in ** 2
+
+
+def _describe(metric: str, value: float) -> str:
+    return {"latency": "target_speedup", "macs": "flops_ratio", "params": "params_ratio"}[metric] + f" {value:g}"
+
+
+def _reachable(metric: str, value: float, best: float) -> ValueError:
+    what = f"{best:.3g}x" if metric == "latency" else f"{best:.3g}"
+    limit = "largest" if metric == "latency" else "lowest"
+    return ValueError(f"{_describe(metric, value)} cannot be reached by removing heads, MLP neurons and block channels "
+                      f"(every group keeps at least one; residual streams are kept whole): the {limit} reachable is "
+                      f"{what}.")
+
+
+def prune_second_order(
+    model: nn.Module,
+    image_size: int | Sequence[int],
+    batches: Iterable[Mapping[str, torch.Tensor]] | Callable[[], Iterable[Mapping[str, torch.Tensor]]],
+    method: str = "obs",
+    *,
+    target_speedup: float | None = None,
+    flops_ratio: float | None = None,
+    params_ratio: float | None = None,
+    calibration: int,
+    levels: int = LEVELS,
+    round_to: int = 1,
+    relative_damp: float = RELATIVE_DAMP,
+    speedup_batch_size: int = 64,
+    repeats: int = 10,
+    max_memory_gb: float | None = None,
+    label_free: bool = False,
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, SecondOrderPruning]:
+    """A physically smaller, compensated copy of `model` (eval mode) and what was done.
+
+    `batches` (or a callable returning them) are calibration batches of {"pixel_values"[, "labels"]}:
+    `calibration` images in all for "obs" (the Hessian), `calibration` batches = gradients for "cap" (the
+    Fisher; labels, or `label_free` / `loss_fn` as in cap_hf.fisher.iter_gradients). One target:
+    `target_speedup` (measured at `speedup_batch_size` on this machine: the cost tables are timed, the built
+    model is measured, and up to CORRECTIONS further searches tighten the budget by what the prediction
+    missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the
+    target can be reached, `calibration` is enough for the widest reader's curvature, the curvatures fit in
+    `max_memory_gb`.
+    """
+    metric, target = check_second_order_request(method, target_speedup, flops_ratio, params_ratio, levels, round_to,
+                                                relative_damp)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    graph = ChannelGraph(model, image_size)
+    found = find_structures(graph, shift=method == "obs")
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no heads, MLP neurons or block channels to remove.")
+    units = find_units(model, found, levels, round_to)
+
+    needed, widest = images_needed(graph, found, method)
+    if calibration < needed:
+        what = "calibration images" if method == "obs" else "Fisher gradients (calibration batches)"
+        raise ValueError(f"{calibration} {what} cannot give a full-rank curvature of {widest}: it needs at least "
+                         f"{needed}. Give more calibration data.")
+    if max_memory_gb is not None:
+        total, name, peak = curvature_bytes(found)
+        if total + peak > max_memory_gb * 2 ** 30:
+            raise MemoryBudgetError(
+                f"max_memory_gb {max_memory_gb:g} is too small for the curvatures: {total / 2 ** 30:.2f} GB for all "
+                f"readers plus {peak / 2 ** 30:.2f} GB while the widest ({name}) is pruned; give at least "
+                f"{(total + peak) / 2 ** 30:.2f}.")
+
+    measure_units(graph, units, metric, speedup_batch_size, repeats)
+    if metric == "latency":
+        dense_total = latencies_ms([model], image_size, speedup_batch_size, repeats)[0]
+    else:
+        dense_total = float(count_macs(model, image_size) if metric == "macs" else count_parameters(model))
+    fixed = dense_total - sum(float(u.costs[metric][-1]) for u in units)  # the last option keeps every width
+    lowest = fixed + sum(float(u.costs[metric].min()) for u in units)
+    reachable = dense_total / lowest if metric == "latency" else lowest / dense_total
+    if (metric == "latency" and reachable < target) or (metric != "latency" and reachable > target):
+        raise _reachable(metric, target, reachable)
+    seconds["tables"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    source = batches() if callable(batches) else batches
+    if method == "obs":
+        curvatures, seen = hessians(model, found, _first_images(source, calibration))
+    else:
+        curvatures, seen = fishers(model, found, source, calibration, label_free=label_free, loss_fn=loss_fn,
+                                   seed=seed), calibration
+    seconds["curvature"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    orders, errors, inverses = {}, {}, {}
+    for s in found:
+        inverses[s.name] = inverse_curvature(curvatures.pop(s.name) if method == "cap" else curvatures[s.name],
+                                             relative_damp)
+        removal = greedy_removal(s.weight(), inverses[s.name], s.columns, stop=s.group.size - 1)
+        scale = 1.0
+        if method == "obs":  # the output lost, as a fraction of the layer's output: layers of any scale compare
+            w = s.weight().double()
+            scale = float(torch.einsum("ij,jk,ik->", w, curvatures.pop(s.name), w)) or 1.0
+        orders[s.name], errors[s.name] = removal.order, np.asarray(removal.errors) / scale
+    seconds["database"] = time.perf_counter() - start
+
+    unit_errors = [np.asarray([sum(errors[s.name][s.group.size - w] for s, w in zip(u.structures, option, strict=True))
+                               for option in u.options]) for u in units]
+    start = time.perf_counter()
+    search: list[dict] = []
+    budget = dense_total / target if metric == "latency" else dense_total * target
+    correction = 1.0
+    for attempt in range(1 + (CORRECTIONS if metric == "latency" else 0)):
+        picked = allocate([u.costs[metric] for u in units], unit_errors, budget / correction - fixed)
+        if picked is None:
+            raise _reachable(metric, target, reachable)
+        small, plan = _build(model, graph, units, picked, orders, inverses)
+        predicted = fixed + sum(float(u.costs[metric][o]) for u, o in zip(units, picked, strict=True))
+        step = {"budget": budget / correction, "predicted": predicted, "removed": sum(map(len, plan.values())),
+                "error": float(sum(e[o] for e, o in zip(unit_errors, picked, strict=True)))}
+        if metric == "latency":
+            dense_ms, pruned_ms = latencies_ms([model, small], image_size, speedup_batch_size, 3 * repeats)
+            step.update(measured=dense_ms / pruned_ms, predicted_speedup=dense_total / predicted)
+            logger.info("Search %d: predicted %.2fx, measured %.2fx at batch %d", attempt + 1,
+                        step["predicted_speedup"], step["measured"], speedup_batch_size)
+            search.append(step)
+            if step["measured"] >= target:
+                break
+            correction *= pruned_ms * dense_total / (dense_ms * predicted)  # what the prediction missed
+        else:
+            step["measured"] = step["predicted"] / dense_total
+            search.append(step)
+    seconds["search"] = time.perf_counter() - start
+
+    widths = {g.name: (g.size, g.size - len(plan.get(g.index, []))) for g in (s.group for s in found)}
+    table = [{"unit": u.name, "groups": [s.group.name for s in u.structures], "options": [list(o) for o in u.options],
+              metric: u.costs[metric].tolist(), "chosen": int(o)} for u, o in zip(units, picked, strict=True)]
+    group_errors = {s.group.name: float(errors[s.name][s.group.size - widths[s.group.name][1]]) for s in found}
+    record = SecondOrderPruning(method, metric, target, seen, relative_damp, levels, round_to, plan, widths,
+                                {s.group.name: s.group.unit for s in found if s.group.unit > 1}, group_errors, table,
+                                search, seconds)
+    return small, record
+
+
+def _first_images(batches: Iterable[Mapping[str, torch.Tensor]], count: int):
+    """The batches up to `count` images (the last one cut)."""
+    seen = 0
+    for batch in batches:
+        if seen >= count:
+            return
+        take = min(count - seen, batch["pixel_values"].shape[0])
+        seen += take
+        yield {**batch, "pixel_values": batch["pixel_values"][:take]}
+
+
+def _build(model: nn.Module, graph: ChannelGraph, units: Sequence[Unit], picked: Sequence[int],
+           orders: Mapping[str, list[int]], inverses: Mapping[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """The model with each group cut to its chosen width: the reader's weights of that level replayed from the
+    database's curvature, written into a copy, then the removed channels sliced away."""
+    work = copy.deepcopy(model)
+    modules = dict(work.named_modules())
+    plan = {}
+    for unit, option in zip(units, picked, strict=True):
+        for s, width in zip(unit.structures, unit.options[option], strict=True):
+            count = s.group.size - width
+            if not count:
+                continue
+            removal = greedy_removal(s.weight(), inverses[s.name], s.columns, stop=count)
+            if removal.order != orders[s.name][:count]:
+                raise RuntimeError(f"The replayed removal of {s.name} differs from its database; please report this.")
+            twin = Structures(s.group, type(s.reader)(s.reader.name, modules[s.reader.name], s.reader.channels),
+                              s.columns, None if s.shift is None else (s.shift[0], _twin(work, model, s.shift[1])))
+            twin.write(removal.weight)
+            plan[s.group.index] = removal.order
+    return remove_channels(work, graph, plan), plan
+
+
+def _twin(work: nn.Module, model: nn.Module, module: nn.Module) -> nn.Module:
+    name = next(n for n, m in model.named_modules() if m is module)
+    return work.get_submodule(name)
