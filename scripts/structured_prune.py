@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
+from cap_hf.calibration import calibration_loader
 from cap_hf.checkpoint import CheckpointError
 from cap_hf.cli import parse_args, run
 from cap_hf.data import collate, prepare_splits
@@ -61,7 +62,6 @@ from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, load_image_processor, processor_image_size
 from cap_hf.sources import check_sources
-from cap_hf.calibration import calibration_loader
 from cap_hf.structured import pfs, prune_channels, second_order
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
@@ -391,7 +391,7 @@ def target_reached(args: StructuredArguments, results: dict) -> dict:
         confirmed = results.get("speedup_search", [])
         target = {"kind": "speedup", "value": args.target_speedup, "batch_size": args.speedup_batch_size,
                   "achieved": results["speedup"][str(args.speedup_batch_size)],
-                  "search": confirmed[-1]["speedup"] if confirmed else None}
+                  "search": next((c for c in confirmed if c.get("kept")), confirmed[-1])["speedup"] if confirmed else None}
         target["met"] = target["achieved"] >= target["value"]
     elif args.flops_ratio is not None:
         target = {"kind": "flops_ratio", "value": args.flops_ratio,

@@ -294,7 +294,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
 @pytest.mark.parametrize("extra,message", [
     (["--pruning_ratio", 0.3, "--target_speedup", 1.5], "exactly one of pruning_ratio, target_speedup and flops_ratio"),
     (["--pruning_ratio", 1.5], r"pruning_ratio must be in \(0, 1\)"),
-    (["--pruning_ratio", 0.3, "--method", "taylor"], "choose one of dfpc, l1, random, pfs, uniform"),
+    (["--pruning_ratio", 0.3, "--method", "taylor"], "choose one of dfpc, l1, random, obs, cap, pfs, uniform"),
     (["--pruning_ratio", 0.3, "--finetune_epochs", 1], "--finetune_epochs needs --dataset_name"),
     (["--pruning_ratio", 0.3, "--round_to", 0], "round_to must be a positive number of channels"),
     (["--pruning_ratio", 0.999], r"cannot be reached without emptying a channel group \(every group\); the largest "

@@ -47,7 +47,7 @@ def kept_widths(size: int, levels: int, round_to: int = 1) -> list[int]:
 def _common_prefix(names: Sequence[str]) -> str:
     parts = [name.split(".") for name in names]
     common = []
-    for pieces in zip(*parts):
+    for pieces in zip(*parts, strict=False):
         if len(set(pieces)) != 1:
             break
         common.append(pieces[0])

@@ -56,6 +56,7 @@ def greedy_removal(weight: torch.Tensor, inverse: torch.Tensor, structures: torc
     w = weight.double().clone()
     hinv = inverse.double().clone()
     removed = torch.zeros(n, dtype=torch.bool, device=w.device)
+    gone = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)  # the columns of removed structures
     order, errors = [], [0.0]
     eye = torch.eye(unit, dtype=hinv.dtype, device=hinv.device)
     for _ in range(stop):
@@ -71,7 +72,10 @@ def greedy_removal(weight: torch.Tensor, inverse: torch.Tensor, structures: torc
         rows = hinv[q]  # (u, d_in)
         w -= scaled[j] @ rows
         hinv -= rows.T @ inverse_blocks[j] @ rows
-        w[:, q] = 0.0
+        gone[q] = True
+        w[:, gone] = 0.0  # exactly: rounding would leave ~1e-17 in columns removed before
+        hinv[gone] = 0.0
+        hinv[:, gone] = 0.0
         removed[j] = True
         order.append(j)
         errors.append(errors[-1] + float(scores[j]))

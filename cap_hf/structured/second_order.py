@@ -30,7 +30,14 @@ from torch import nn
 
 from cap_hf.plan import MemoryBudgetError
 from cap_hf.structured.allocate import METRICS, Unit, allocate, find_units, measure_units
-from cap_hf.structured.curvature import CURVATURES, Structures, find_structures, fishers, hessians, images_needed
+from cap_hf.structured.curvature import (
+    CURVATURES,
+    Structures,
+    find_structures,
+    fishers,
+    hessians,
+    images_needed,
+)
 from cap_hf.structured.greedy import greedy_removal, inverse_curvature
 from cap_hf.structured.groups import ChannelGraph, remove_channels
 from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
@@ -39,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 LEVELS = 16  # widths per group in the cost tables (every width for groups of up to 16 channels)
 RELATIVE_DAMP = 0.01  # dampening: this fraction of the curvature's mean diagonal (ZipLM's)
-CORRECTIONS = 3  # latency targets: searches after the first, each with the budget tightened by the miss
+CORRECTIONS = 4  # latency targets: searches after the first (the budget scaled by the miss, then bisected)
+SLACK = 0.05  # a measured speed-up this far above the target is close enough (else the budget is loosened)
 
 
 @dataclass
@@ -58,7 +66,7 @@ class SecondOrderPruning:
     units: dict[str, int]
     errors: dict[str, float]
     table: list[dict] = field(default_factory=list)  # per unit: options, costs, chosen
-    search: list[dict] = field(default_factory=list)  # per search: budget, predicted, measured
+    search: list[dict] = field(default_factory=list)  # per search: budget, predicted, measured; "kept" marks the result
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -74,8 +82,8 @@ class SecondOrderPruning:
         return {"removed_channels": self.removed, "prunable_channels": self.prunable,
                 "pruning_ratio": self.removed / self.prunable, "round_to": self.round_to, "normalize": None,
                 "group_widths": {name: list(w) for name, w in self.widths.items()}, "head_groups": self.units,
-                "speedup_search": [{"removed_channels": s["removed"], "speedup": s["measured"]} for s in self.search
-                                   if self.metric == "latency"],
+                "speedup_search": [{"removed_channels": s["removed"], "speedup": s["measured"], "kept": s["kept"]}
+                                   for s in self.search if self.metric == "latency"],
                 "second_order": {"curvature": self.method, "metric": self.metric, "target": self.target,
                                  "calibration": self.calibration, "relative_damp": self.relative_damp,
                                  "levels": self.levels, "group_errors": self.errors, "cost_table": self.table,
@@ -187,6 +195,13 @@ def prune_second_order(
     fixed = dense_total - sum(float(u.costs[metric][-1]) for u in units)  # the last option keeps every width
     lowest = fixed + sum(float(u.costs[metric].min()) for u in units)
     reachable = dense_total / lowest if metric == "latency" else lowest / dense_total
+    if metric == "latency" and reachable < target:
+        # the units timed alone can miss the model's time (call overheads): measure the smallest model before refusing
+        smallest = {s.group.index: list(range(s.group.size - width)) for u in units
+                    for s, width in zip(u.structures, u.options[int(u.costs[metric].argmin())], strict=True)}
+        dense_ms, pruned_ms = latencies_ms([model, remove_channels(model, graph, smallest)], image_size,
+                                           speedup_batch_size, repeats)
+        reachable = dense_ms / pruned_ms
     if (metric == "latency" and reachable < target) or (metric != "latency" and reachable > target):
         raise _reachable(metric, target, reachable)
     seconds["tables"] = time.perf_counter() - start
@@ -218,27 +233,40 @@ def prune_second_order(
     start = time.perf_counter()
     search: list[dict] = []
     budget = dense_total / target if metric == "latency" else dense_total * target
-    correction = 1.0
+    current = budget
+    met_at, missed_at = None, None  # the largest budget whose model met the target, the smallest that missed
+    kept = None  # latency: the built model that met the target with the largest budget
     for attempt in range(1 + (CORRECTIONS if metric == "latency" else 0)):
-        picked = allocate([u.costs[metric] for u in units], unit_errors, budget / correction - fixed)
+        picked = allocate([u.costs[metric] for u in units], unit_errors, current - fixed)
         if picked is None:
             raise _reachable(metric, target, reachable)
         small, plan = _build(model, graph, units, picked, orders, inverses)
         predicted = fixed + sum(float(u.costs[metric][o]) for u, o in zip(units, picked, strict=True))
-        step = {"budget": budget / correction, "predicted": predicted, "removed": sum(map(len, plan.values())),
+        step = {"kept": False, "budget": current, "predicted": predicted, "removed": sum(map(len, plan.values())),
                 "error": float(sum(e[o] for e, o in zip(unit_errors, picked, strict=True)))}
-        if metric == "latency":
-            dense_ms, pruned_ms = latencies_ms([model, small], image_size, speedup_batch_size, 3 * repeats)
-            step.update(measured=dense_ms / pruned_ms, predicted_speedup=dense_total / predicted)
-            logger.info("Search %d: predicted %.2fx, measured %.2fx at batch %d", attempt + 1,
-                        step["predicted_speedup"], step["measured"], speedup_batch_size)
-            search.append(step)
-            if step["measured"] >= target:
-                break
-            correction *= pruned_ms * dense_total / (dense_ms * predicted)  # what the prediction missed
-        else:
+        if metric != "latency":
             step["measured"] = step["predicted"] / dense_total
             search.append(step)
+            break
+        dense_ms, pruned_ms = latencies_ms([model, small], image_size, speedup_batch_size, 3 * repeats)
+        step.update(measured=dense_ms / pruned_ms, predicted_speedup=dense_total / predicted)
+        logger.info("Search %d: predicted %.2fx, measured %.2fx at batch %d", attempt + 1, step["predicted_speedup"],
+                    step["measured"], speedup_batch_size)
+        search.append(step)
+        if step["measured"] >= target:
+            kept = (small, plan, picked, step)
+            met_at = current
+            if step["measured"] <= target * (1 + SLACK):
+                break
+        else:
+            missed_at = current
+        if met_at is not None and missed_at is not None:
+            current = (met_at + missed_at) / 2  # bisection between a budget that met and one that missed
+        else:  # the units timed alone miss the model's real time: scale the budget by what the prediction missed
+            current *= dense_ms * predicted / (pruned_ms * dense_total)
+    if kept is not None:
+        small, plan, picked, step = kept
+    step["kept"] = True
     seconds["search"] = time.perf_counter() - start
 
     widths = {g.name: (g.size, g.size - len(plan.get(g.index, []))) for g in (s.group for s in found)}
