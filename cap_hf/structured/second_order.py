@@ -159,8 +159,8 @@ def prune_second_order(
     `calibration` images in all for "obs" (the Hessian), `calibration` batches = gradients for "cap" (the
     Fisher; labels, or `label_free` / `loss_fn` as in cap_hf.fisher.iter_gradients). One target:
     `target_speedup` (measured at `speedup_batch_size` on this machine: the cost tables are timed, the built
-    model is measured, and up to CORRECTIONS further searches tighten the budget by what the prediction
-    missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the
+    model is measured, and up to CORRECTIONS further searches move the budget: scaled by what the prediction
+    missed, then bisected between one that met the target and one that missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the
     target can be reached, `calibration` is enough for the widest reader's curvature, the curvatures fit in
     `max_memory_gb`.
     """
@@ -213,6 +213,8 @@ def prune_second_order(
     else:
         curvatures, seen = fishers(model, found, source, calibration, label_free=label_free, loss_fn=loss_fn,
                                    seed=seed), calibration
+    if seen < needed:
+        raise ValueError(f"The calibration batches held {seen} images; the curvature of {widest} needs at least {needed}.")
     seconds["curvature"] = time.perf_counter() - start
 
     start = time.perf_counter()
