@@ -16,17 +16,16 @@ import copy
 import functools
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from cap_hf.structured.curvature import Structures
 from cap_hf.structured.groups import ChannelGraph
-from cap_hf.structured.measure import images, time_calls
+from cap_hf.structured.measure import images, module_macs, time_calls
 
 METRICS = ("latency", "macs", "params")
 BUCKETS = 10_000  # cost resolution of the search: 1/10,000 of the budget
@@ -134,13 +133,6 @@ def _batched(value, batch_size: int):
     if isinstance(value, tuple):
         return tuple(_batched(v, batch_size) for v in value)
     return value
-
-
-@torch.inference_mode()
-def module_macs(module: nn.Module, args: tuple, kwargs: Mapping) -> int:
-    with FlopCounterMode(display=False) as counter:
-        module(*args, **kwargs)
-    return int(counter.get_total_flops() // 2)
 
 
 def measure_units(graph: ChannelGraph, units: Sequence[Unit], metric: str, batch_size: int = 64, repeats: int = 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -23,12 +23,17 @@ def images(model: nn.Module, batch_size: int, image_size: int | Sequence[int]) -
         device=param.device, dtype=param.dtype)
 
 
-@torch.inference_mode()
 def count_macs(model: nn.Module, image_size: int | Sequence[int]) -> int:
     """Multiply-accumulates of one image's forward pass (torch's FLOP counter, every aten op: convolutions,
     linears and attention's matmuls alike), halved from FLOPs."""
+    return module_macs(model, (), {"pixel_values": images(model, 1, image_size)})
+
+
+@torch.inference_mode()
+def module_macs(module: nn.Module, args: tuple, kwargs: Mapping) -> int:
+    """Multiply-accumulates of one call of `module` on these arguments (count_macs of a part of a model)."""
     with FlopCounterMode(display=False) as counter:
-        model(pixel_values=images(model, 1, image_size))
+        module(*args, **kwargs)
     return int(counter.get_total_flops() // 2)
 
 

@@ -222,10 +222,11 @@ def prune_second_order(
     for s in found:
         inverses[s.name] = inverse_curvature(curvatures.pop(s.name) if method == "cap" else curvatures[s.name],
                                              relative_damp)
-        removal = greedy_removal(s.weight(), inverses[s.name], s.columns, stop=s.group.size - 1)
+        weight = s.weight()
+        removal = greedy_removal(weight, inverses[s.name], s.columns, stop=s.group.size - 1)
         scale = 1.0
         if method == "obs":  # the output lost, as a fraction of the layer's output: layers of any scale compare
-            w = s.weight().double()
+            w = weight.double()
             scale = float(torch.einsum("ij,jk,ik->", w, curvatures.pop(s.name), w)) or 1.0
         orders[s.name], errors[s.name] = removal.order, np.asarray(removal.errors) / scale
     seconds["database"] = time.perf_counter() - start
@@ -238,11 +239,12 @@ def prune_second_order(
     current = budget
     met_at, missed_at = None, None  # the largest budget whose model met the target, the smallest that missed
     kept = None  # latency: the built model that met the target with the largest budget
+    replays: dict = {}  # (reader, removals) -> the replayed Removal, shared by the searches' builds
     for attempt in range(1 + (CORRECTIONS if metric == "latency" else 0)):
         picked = allocate([u.costs[metric] for u in units], unit_errors, current - fixed)
         if picked is None:
             raise _reachable(metric, target, reachable)
-        small, plan = _build(model, graph, units, picked, orders, inverses)
+        small, plan = _build(model, graph, units, picked, orders, inverses, replays)
         predicted = fixed + sum(float(u.costs[metric][o]) for u, o in zip(units, picked, strict=True))
         step = {"kept": False, "budget": current, "predicted": predicted, "removed": sum(map(len, plan.values())),
                 "error": float(sum(e[o] for e, o in zip(unit_errors, picked, strict=True)))}
@@ -293,9 +295,11 @@ def _first_images(batches: Iterable[Mapping[str, torch.Tensor]], count: int):
 
 
 def _build(model: nn.Module, graph: ChannelGraph, units: Sequence[Unit], picked: Sequence[int],
-           orders: Mapping[str, list[int]], inverses: Mapping[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+           orders: Mapping[str, list[int]], inverses: Mapping[str, torch.Tensor], replays: dict
+           ) -> tuple[nn.Module, dict]:
     """The model with each group cut to its chosen width: the reader's weights of that level replayed from the
-    database's curvature, written into a copy, then the removed channels sliced away."""
+    database's curvature (once per width: `replays` keeps them), written into a copy, then the removed channels
+    sliced away."""
     work = copy.deepcopy(model)
     modules = dict(work.named_modules())
     plan = {}
@@ -304,7 +308,9 @@ def _build(model: nn.Module, graph: ChannelGraph, units: Sequence[Unit], picked:
             count = s.group.size - width
             if not count:
                 continue
-            removal = greedy_removal(s.weight(), inverses[s.name], s.columns, stop=count)
+            removal = replays.get((s.name, count))
+            if removal is None:  # the latency search builds several models: each width is replayed once
+                removal = replays[(s.name, count)] = greedy_removal(s.weight(), inverses[s.name], s.columns, stop=count)
             if removal.order != orders[s.name][:count]:
                 raise RuntimeError(f"The replayed removal of {s.name} differs from its database; please report this.")
             twin = Structures(s.group, type(s.reader)(s.reader.name, modules[s.reader.name], s.reader.channels),
