@@ -160,9 +160,8 @@ def check_arguments(args: StructuredArguments) -> None:
                              "--flops_ratio or --params_ratio instead of --pruning_ratio.")
         second_order.check_second_order_request(args.method, args.target_speedup, args.flops_ratio, args.params_ratio,
                                                 args.levels, args.round_to, args.relative_damp)
-        if args.uncoupled_only or args.normalize != "auto":
-            raise ValueError(f"--uncoupled_only / --normalize are DFPC's; {args.method} always keeps the residual "
-                             "streams whole and ranks by its own errors.")
+        if args.normalize != "auto":
+            raise ValueError(f"--normalize is DFPC's; {args.method} ranks channels by its own errors.")
         if not args.dataset_name:
             raise ValueError(f"--method {args.method} needs calibration images: give --dataset_name (its train split).")
         if args.calibration_samples < 1:
@@ -261,7 +260,8 @@ def prune_with_curvature(args, model, image_size, train, training_args) -> tuple
         model, image_size, loader, args.method, target_speedup=args.target_speedup, flops_ratio=args.flops_ratio,
         params_ratio=args.params_ratio, calibration=args.calibration_samples, levels=args.levels,
         round_to=args.round_to, relative_damp=args.relative_damp, speedup_batch_size=args.speedup_batch_size,
-        repeats=args.search_repeats, max_memory_gb=args.max_memory_gb, seed=training_args.seed)
+        repeats=args.search_repeats, max_memory_gb=args.max_memory_gb, uncoupled_only=args.uncoupled_only,
+        seed=training_args.seed)
     return small, run.results()
 
 

@@ -31,17 +31,41 @@ def test_greedy_removal_equals_the_joint_obs_solution_of_the_removed_columns():
     w = torch.randn(5, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     inverse = torch.linalg.inv(h)
     structures = torch.arange(d).reshape(-1, unit)
-    removal = greedy_removal(w, inverse, structures, stop=2)
+    removal = greedy_removal([w], [inverse], [structures], stop=2)
     cols = structures[removal.order].reshape(-1)
     block = torch.linalg.inv(inverse[cols][:, cols])
     joint_error = float(torch.einsum("rq,qp,rp->", w[:, cols], block, w[:, cols]))
     assert removal.errors[2] == pytest.approx(joint_error, rel=1e-9)
     expected = w - w[:, cols] @ block @ inverse[cols]
-    torch.testing.assert_close(removal.weight, expected, rtol=1e-9, atol=1e-10)
-    assert torch.all(removal.weight[:, cols] == 0)
+    torch.testing.assert_close(removal.weights[0], expected, rtol=1e-9, atol=1e-10)
+    assert torch.all(removal.weights[0][:, cols] == 0)
     # the first choice is the cheapest single structure
     singles = [float(torch.einsum("rq,qp,rp->", w[:, q], torch.linalg.inv(inverse[q][:, q]), w[:, q])) for q in structures]
     assert removal.order[0] == int(np.argmin(singles)) and removal.errors[1] == pytest.approx(min(singles))
+
+
+def test_a_structure_read_by_several_layers_costs_the_sum_of_their_errors_each_compensated_on_its_own():
+    """A residual-stream channel: each reader's weights are its own closed-form OBS solution for the removed
+    columns, and the error is the sum of the readers' errors over their scales."""
+    d = 8
+    readers = [(torch.randn(4, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64), spd(d, 3), 2.0),
+               (torch.randn(6, 2 * d + 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64),
+                spd(2 * d + 1, 5), 0.5)]
+    structures = [torch.arange(d).reshape(-1, 1), torch.arange(2 * d).reshape(-1, 2)]  # 1 and 2 columns a channel
+    inverses = [torch.linalg.inv(h) for _, h, _ in readers]
+    removal = greedy_removal([w for w, _, _ in readers], inverses, structures, stop=3,
+                             scales=[scale for _, _, scale in readers])
+    total = 0.0
+    for (w, _, scale), inverse, q, new in zip(readers, inverses, structures, removal.weights, strict=True):
+        cols = q[removal.order].reshape(-1)
+        block = torch.linalg.inv(inverse[cols][:, cols])
+        total += float(torch.einsum("rq,qp,rp->", w[:, cols], block, w[:, cols])) / scale
+        torch.testing.assert_close(new, w - w[:, cols] @ block @ inverse[cols], rtol=1e-9, atol=1e-10)
+    assert removal.errors[3] == pytest.approx(total, rel=1e-9)
+    singles = [sum(float(torch.einsum("rq,qp,rp->", w[:, q[c]], torch.linalg.inv(inverse[q[c]][:, q[c]]), w[:, q[c]]))
+                   / scale for (w, _, scale), inverse, q in zip(readers, inverses, structures, strict=True))
+               for c in range(d)]
+    assert removal.order[0] == int(np.argmin(singles))
 
 
 def test_the_database_error_is_the_layers_reconstruction_error_on_the_calibration_inputs():
@@ -49,17 +73,18 @@ def test_the_database_error_is_the_layers_reconstruction_error_on_the_calibratio
     the reconstruction error of the updated convolution measured on the very inputs it saw."""
     model = tiny_resnet()
     graph = ChannelGraph(model, 16)
-    s = next(s for s in find_structures(graph) if s.reader.module.kernel_size == (3, 3))
+    s = next(s for s in find_structures(graph) if s.readers[0].module.kernel_size == (3, 3))
+    reader = s.readers[0]
     batches = random_batches(4, size=16)
     inputs = []
-    hook = s.reader.module.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
+    hook = reader.module.register_forward_pre_hook(lambda m, a: inputs.append(a[0].detach()))
     h, seen = hessians(model, [s], batches)
     hook.remove()
     assert seen == 16
-    removal = greedy_removal(s.weight(), inverse_curvature(h[s.name], 1e-12), s.columns, stop=2)
-    conv, norm = s.reader.module, s.shift[1]
+    removal = greedy_removal([reader.weight(model)], [inverse_curvature(h[reader.name], 1e-12)], [reader.columns], stop=2)
+    conv, norm = reader.module, model.get_submodule(reader.shift[1])
     x = torch.cat(inputs)
-    new = removal.weight
+    new = removal.weights[0]
     before = torch.nn.functional.conv2d(x, conv.weight, None, conv.stride, conv.padding) - norm.running_mean[:, None, None]
     after = torch.nn.functional.conv2d(x, new[:, :-1].reshape(conv.weight.shape).float(), None, conv.stride,
                                        conv.padding) + new[:, -1, None, None].float()
@@ -82,6 +107,45 @@ def test_allocate_finds_the_least_error_within_the_budget():
             continue
         assert sum(c[o] for c, o in zip(costs, picked, strict=True)) <= budget
         assert sum(e[o] for e, o in zip(errors, picked, strict=True)) == pytest.approx(min(feasible)[0], abs=1e-3)
+
+
+def test_allocate_with_streams_keeps_each_stream_at_one_width_and_finds_the_least_error():
+    """Units that read or write residual streams: brute force over every unit option whose stream widths agree."""
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        widths = [2, 3, 2]  # options of three streams
+        depends = [(), (0,), (0, 1), (1,), (1, 2), (2,)]
+        costs, errors, links = [], [], []
+        for d in depends:
+            own = int(rng.integers(1, 3))
+            combos = list(itertools.product(range(own), *[range(widths[k]) for k in d]))
+            link = np.full((len(combos), 3), -1)
+            for o, combo in enumerate(combos):
+                for k, a in zip(d, combo[1:], strict=True):
+                    link[o, k] = a
+            costs.append(rng.uniform(1, 10, len(combos)))
+            errors.append(rng.uniform(0, 5, len(combos)))
+            links.append(link)
+        stream_errors = [rng.uniform(0, 3, w) for w in widths]
+        budget = rng.uniform(15, 40)
+        picked = allocate(costs, errors, budget, buckets=50_000, stream_errors=stream_errors, stream_options=links)
+        best = None
+        for combo in itertools.product(*[range(len(c)) for c in costs]):
+            chosen = np.max([links[u][o] for u, o in enumerate(combo)], axis=0)
+            if any(np.any((links[u][o] >= 0) & (links[u][o] != chosen)) for u, o in enumerate(combo)):
+                continue
+            if sum(costs[u][o] for u, o in enumerate(combo)) > budget:
+                continue
+            total = sum(errors[u][o] for u, o in enumerate(combo)) + sum(e[a] for e, a in zip(stream_errors, chosen))
+            best = total if best is None else min(best, total)
+        if best is None:
+            assert picked is None
+            continue
+        chosen = np.max([links[u][o] for u, o in enumerate(picked)], axis=0)
+        assert all(np.all((links[u][o] < 0) | (links[u][o] == chosen)) for u, o in enumerate(picked))
+        assert sum(costs[u][o] for u, o in enumerate(picked)) <= budget
+        total = sum(errors[u][o] for u, o in enumerate(picked)) + sum(e[a] for e, a in zip(stream_errors, chosen))
+        assert total == pytest.approx(best, abs=1e-3)
 
 
 def test_kept_widths():
@@ -113,6 +177,37 @@ def test_a_params_target_on_a_resnet_is_met():
     small, run = prune_second_order(model, 16, random_batches(8, size=16), "obs", params_ratio=0.9, calibration=32)
     assert count_parameters(small) <= 0.9 * count_parameters(model)
     assert run.widths and all(after >= 1 for _, after in run.widths.values())
+
+
+def test_residual_streams_are_pruned_and_compensated_beyond_what_block_channels_reach(caplog):
+    import re
+
+    model = tiny_resnet()
+    graph = ChannelGraph(model, 16)
+    streams = {g.name for g in graph.groups if g.coupled}
+    with pytest.raises(ValueError, match="the lowest reachable is") as refused:
+        prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=0.01, calibration=64,
+                           uncoupled_only=True)
+    floor = float(re.search(r"lowest reachable is ([0-9.e-]+?)\.?$", str(refused.value)).group(1))
+    target = 0.8 * floor
+    small, run = prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=target, calibration=64)
+    assert count_macs(small, 16) <= target * count_macs(model, 16)
+    assert any(run.widths[name][1] < run.widths[name][0] for name in streams)
+    from cap_hf.structured.groups import remove_channels
+    plain = remove_channels(model, graph, run.plan)
+    x = torch.cat([b["pixel_values"] for b in random_batches(8, size=16, seed=5)])
+    with torch.no_grad():
+        dense, compensated, uncompensated = (m(pixel_values=x).logits for m in (model, small, plain))
+    assert float((compensated - dense).pow(2).mean()) < float((uncompensated - dense).pow(2).mean())
+    # a stream whose reader (the classifier, one row an image) needs more images than given is kept whole
+    last = next(g for g in graph.groups if g.coupled and any(c.name.startswith("classifier") for c in g.consumers))
+    with caplog.at_level("WARNING"):
+        _, few = prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=0.8,
+                                    calibration=last.size)
+    assert f"{last.name} is kept whole" in caplog.text and last.index not in few.plan
+    # a ViT's stream passes through LayerNorms: kept whole
+    vit = ViTForImageClassification(tiny_vit_config()).eval()
+    assert not any(s.stream for s in find_structures(ChannelGraph(vit, 8)))
 
 
 def test_bad_requests_are_refused_before_the_curvature():
@@ -154,7 +249,7 @@ def test_structured_prune_script_obs_then_cap_on_top(digits_model, digits_dir, t
 @pytest.mark.parametrize("extra, message", [
     (["--flops_ratio", "0.5"], "needs calibration images"),
     (["--pruning_ratio", "0.5", "--dataset_name", "DATA"], "instead of --pruning_ratio"),
-    (["--flops_ratio", "0.5", "--dataset_name", "DATA", "--uncoupled_only"], "keeps the residual"),
+    (["--flops_ratio", "0.5", "--dataset_name", "DATA", "--normalize", "mean"], "is DFPC's"),
     (["--flops_ratio", "0.5", "--dataset_name", "DATA", "--calibration_samples", "100000"], "more than the"),
 ])
 def test_structured_prune_script_second_order_bad_input(digits_model, digits_dir, tmp_path, extra, message):

@@ -1,10 +1,13 @@
 """What second-order structured pruning sees of a layer: its structures and the curvature of its input.
 
-A structure is one channel of an *uncoupled* group (ChannelGraph): written by one producer (or the
-query, key and value projections of one attention module) and read by one layer, the reader. Its
-removal takes the producer's rows (and norm entries) away and the reader's columns; the error and the
-compensation are the reader's: an attention head is a head_dim block of o_proj's input columns, an MLP
-neuron one fc2 column, a ResNet block channel the k x k columns of the next convolution.
+A structure is one channel of a group (ChannelGraph). Its removal takes the producers' rows (and norm
+entries) away and the readers' columns; the error and the compensation are the readers'. An *uncoupled*
+group has one reader: an attention head is a head_dim block of o_proj's input columns, an MLP neuron one
+fc2 column, a ResNet block channel the k x k columns of the next convolution. A residual stream (a
+*coupled* group) is read by several layers (each block's first convolution, the projection shortcuts, the
+classifier): a stream channel's error is the sum of its readers' errors, each compensated with its own
+curvature. Streams that pass through a LayerNorm (a ViT's) are kept whole: removing a channel there also
+changes the norm's statistics, which no reader's curvature sees.
 
 Two curvatures of the reader's input, both d_in x d_in (d_in = the reader's columns):
 - "obs": the Hessian of the layer's reconstruction, X X^T / n over every input position of the
@@ -30,48 +33,66 @@ from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
 CURVATURES = ("obs", "cap")
 
 
-@dataclass
-class Structures:
-    """The channels of one uncoupled group as its reader sees them: `columns[c]` are the reader's weight
-    columns (flattened (in, kh, kw)) of group channel c; `shift` is where the reader's mean output is moved
-    (the reader's bias, the running mean of the batch norm after it, or None)."""
+@dataclass(eq=False)
+class Reader:
+    """One layer that reads a group: `columns[c]` are its weight columns (flattened (in, kh, kw)) of group
+    channel c; `shift` = (kind, module name) of where its mean output is moved (its own bias, the running mean
+    of the batch norm after it), or None."""
 
-    group: ChannelGroup
-    reader: Member
+    member: Member
     columns: torch.Tensor  # (channels, unit x kh x kw)
-    shift: tuple[str, nn.Module] | None
+    shift: tuple[str, str] | None
 
     @property
     def name(self) -> str:
-        return self.reader.name
+        return self.member.name
+
+    @property
+    def module(self) -> nn.Module:
+        return self.member.module
 
     @property
     def d_in(self) -> int:
-        weight = self.reader.module.weight
-        return weight[0].numel() + (self.shift is not None)
+        return self.module.weight[0].numel() + (self.shift is not None)
 
-    def weight(self) -> torch.Tensor:
-        """The reader's weight as (d_out, d_in), with the shift as the last column when there is one."""
-        module = self.reader.module
-        w = module.weight.detach().flatten(1).float()
+    def weight(self, model: nn.Module) -> torch.Tensor:
+        """The reader's weight in `model` as (d_out, d_in), with the shift as the last column when there is one."""
+        w = model.get_submodule(self.name).weight.detach().flatten(1).float()
         if self.shift is None:
             return w
-        kind, holder = self.shift
+        kind, holder = self.shift[0], model.get_submodule(self.shift[1])
         bias = holder.bias.detach() if kind == "bias" else -holder.running_mean.detach()
         return torch.cat([w, bias.float().unsqueeze(1)], dim=1)
 
     @torch.no_grad()
-    def write(self, weight: torch.Tensor) -> None:
-        """Write (d_out, d_in) weights back into the reader (and its shift)."""
-        module = self.reader.module
+    def write(self, model: nn.Module, weight: torch.Tensor) -> None:
+        """Write (d_out, d_in) weights into the reader of `model` (the same architecture: a copy) and its shift."""
+        module = model.get_submodule(self.name)
         columns = module.weight[0].numel()
         module.weight.copy_(weight[:, :columns].reshape(module.weight.shape).to(module.weight.dtype))
         if self.shift is not None:
-            kind, holder = self.shift
+            kind, holder = self.shift[0], model.get_submodule(self.shift[1])
             if kind == "bias":
                 holder.bias.copy_(weight[:, columns].to(holder.bias.dtype))
             else:
                 holder.running_mean.copy_(-weight[:, columns].to(holder.running_mean.dtype))
+
+
+@dataclass(eq=False)
+class Structures:
+    """The channels of one group and the layers that read them (one for an uncoupled group, several for a
+    residual stream)."""
+
+    group: ChannelGroup
+    readers: list[Reader]
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    @property
+    def stream(self) -> bool:
+        return self.group.coupled
 
 
 def _batch_norm_after(graph: ChannelGraph, module: nn.Module) -> nn.BatchNorm2d | None:
@@ -80,26 +101,34 @@ def _batch_norm_after(graph: ChannelGraph, module: nn.Module) -> nn.BatchNorm2d 
     return following[0] if len(following) == 1 and isinstance(following[0], nn.BatchNorm2d) else None
 
 
-def find_structures(graph: ChannelGraph, shift: bool = True) -> list[Structures]:
-    """Every uncoupled group with one reader, in model order. Residual-stream (coupled) groups are left out.
-    `shift`: give each reader its mean-output column where it has one (the "obs" curvature's)."""
+def _readable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups == 1)
+
+
+def _reader(graph: ChannelGraph, group: ChannelGroup, member: Member, shift: bool) -> Reader:
+    module = member.module
+    per_index = module.weight[0, 0].numel()  # k x k for a convolution, 1 for a linear layer
+    indices = torch.tensor(member.channels).reshape(group.size, group.unit)
+    columns = (indices.unsqueeze(2) * per_index + torch.arange(per_index)).reshape(group.size, -1)
+    where = None
+    if shift and getattr(module, "bias", None) is not None:
+        where = ("bias", member.name)
+    elif shift and isinstance(module, nn.Conv2d) and (norm := _batch_norm_after(graph, module)) is not None:
+        where = ("running_mean", graph.names[id(norm)])
+    return Reader(member, columns, where)
+
+
+def find_structures(graph: ChannelGraph, shift: bool = True, streams: bool = True) -> list[Structures]:
+    """The groups whose readers are all linear layers or (ungrouped) convolutions, in model order: every
+    uncoupled group and, with `streams`, every residual stream without a LayerNorm. `shift`: give each reader
+    its mean-output column where it has one (the "obs" curvature's)."""
     found = []
     for group in graph.groups:
-        if group.coupled or len(group.consumers) != 1:
+        if not group.consumers or not all(_readable(m.module) for m in group.consumers):
             continue
-        reader = group.consumers[0]
-        module = reader.module
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or (isinstance(module, nn.Conv2d) and module.groups != 1):
+        if group.coupled and (not streams or any(isinstance(n.module, nn.LayerNorm) for n in group.norms)):
             continue
-        per_index = module.weight[0, 0].numel()  # k x k for a convolution, 1 for a linear layer
-        indices = torch.tensor(reader.channels).reshape(group.size, group.unit)
-        columns = (indices.unsqueeze(2) * per_index + torch.arange(per_index)).reshape(group.size, -1)
-        where = None
-        if shift and getattr(module, "bias", None) is not None:
-            where = ("bias", module)
-        elif shift and isinstance(module, nn.Conv2d) and (norm := _batch_norm_after(graph, module)) is not None:
-            where = ("running_mean", norm)
-        found.append(Structures(group, reader, columns, where))
+        found.append(Structures(group, [_reader(graph, group, m, shift) for m in group.consumers]))
     found.sort(key=lambda s: graph.order[s.name])
     return found
 
@@ -113,45 +142,45 @@ def _rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def rows_per_image(graph: ChannelGraph, structures: Structures, curvature: str) -> int:
-    """How many rows of rank one an image adds to the curvature: input positions for "obs", the reader's output
-    rows for "cap" (each image's gradient is d_out x d_in)."""
-    module = structures.reader.module
+def rows_per_image(graph: ChannelGraph, reader: Reader, curvature: str) -> int:
+    """How many rows of rank one an image adds to a reader's curvature: input positions for "obs", the reader's
+    output rows for "cap" (each image's gradient is d_out x d_in)."""
+    module = reader.module
     if curvature == "cap":
         return module.weight.shape[0]
-    shape = graph.shapes[structures.name][1]  # the output: one row per output position
+    shape = graph.shapes[reader.name][1]  # the output: one row per output position
     return math.prod(shape[1:]) if isinstance(module, nn.Conv2d) else math.prod(shape[:-1])
 
 
 def images_needed(graph: ChannelGraph, found: Iterable[Structures], curvature: str) -> tuple[int, str]:
-    """The fewest calibration images whose curvature can have full rank in every layer, and the widest layer."""
+    """The fewest calibration images whose curvature can have full rank in every reader, and the widest reader."""
     needed, widest = 0, ""
-    for s in found:
-        images = -(-s.d_in // rows_per_image(graph, s, curvature))
+    for reader in (r for s in found for r in s.readers):
+        images = -(-reader.d_in // rows_per_image(graph, reader, curvature))
         if images > needed:
-            needed, widest = images, s.name
+            needed, widest = images, reader.name
     return needed, widest
 
 
 @torch.no_grad()
 def hessians(model: nn.Module, found: list[Structures], batches: Iterable[Mapping[str, torch.Tensor]]) -> tuple[
         dict[str, torch.Tensor], int]:
-    """X X^T / n of every reader's input (plus the constant column of its shift), over all the batches;
-    returns them and the number of images seen."""
-    sums = {s.name: torch.zeros(s.d_in, s.d_in, dtype=torch.float64, device=s.reader.module.weight.device)
-            for s in found}
+    """X X^T / n of every reader's input (plus the constant column of its shift), over all the batches, by
+    reader name; returns them and the number of images seen."""
+    readers = [r for s in found for r in s.readers]
+    sums = {r.name: torch.zeros(r.d_in, r.d_in, dtype=torch.float64, device=r.module.weight.device) for r in readers}
     counts = dict.fromkeys(sums, 0)
-    by_module = {id(s.reader.module): s for s in found}
+    by_module = {id(r.module): r for r in readers}
 
     def record(module, inputs):
-        s = by_module[id(module)]
+        r = by_module[id(module)]
         rows = _rows(module, inputs[0].detach()).double()
-        if s.shift is not None:
+        if r.shift is not None:
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], dim=1)
-        sums[s.name].addmm_(rows.T, rows)
-        counts[s.name] += rows.shape[0]
+        sums[r.name].addmm_(rows.T, rows)
+        counts[r.name] += rows.shape[0]
 
-    hooks = [s.reader.module.register_forward_pre_hook(record) for s in found]
+    hooks = [r.module.register_forward_pre_hook(record) for r in readers]
     images = 0
     device = next(model.parameters()).device
     try:
@@ -167,12 +196,12 @@ def hessians(model: nn.Module, found: list[Structures], batches: Iterable[Mappin
 
 def fishers(model: nn.Module, found: list[Structures], batches: Iterable[Mapping[str, torch.Tensor]], num_grads: int,
             *, label_free: bool = False, loss_fn: Callable | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """sum_n G_n^T G_n / (num_grads x d_out) of every reader's weight gradients (one per batch, through
+    """sum_n G_n^T G_n / (num_grads x d_out) of every reader's weight gradients, by reader name (one per batch, through
     cap_hf.fisher.iter_gradients: eval mode, fp32, masked by nothing)."""
     from cap_hf.fisher import iter_gradients
 
-    targets = {s.name: s.reader.module for s in found}
-    shapes = {s.name: s.reader.module.weight.flatten(1).shape for s in found}
+    targets = {r.name: r.module for s in found for r in s.readers}
+    shapes = {name: module.weight.flatten(1).shape for name, module in targets.items()}
     sums = {name: torch.zeros(shape[1], shape[1], dtype=torch.float64, device=targets[name].weight.device)
             for name, shape in shapes.items()}
     for grads in iter_gradients(model, targets, batches, num_grads, label_free=label_free, loss_fn=loss_fn,

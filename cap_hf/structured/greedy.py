@@ -11,11 +11,13 @@ and H^-1 of the remaining columns is H^-1 - [H^-1]_:Q ([H^-1]_QQ)^-1 [H^-1]_Q: (
 `greedy_removal` removes the cheapest structure, updates W and H^-1 in place of a recomputation, and
 repeats: the order and the cumulative error at every level are the layer's database. The weights of a
 level are replayed from the same curvature (`stop=`), which gives the same arithmetic and costs no
-memory per level.
+memory per level. A structure read by several layers (a residual-stream channel) costs the sum of its
+readers' errors, each divided by its reader's scale, and every reader is updated with its own curvature.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +25,13 @@ import torch
 
 @dataclass
 class Removal:
-    """One layer's greedy removal: `order[i]` is the i-th structure removed, `errors[k]` the cumulative
-    error after k removals (errors[0] = 0), `weight` the layer's weights after `len(order)` removals."""
+    """A greedy removal: `order[i]` is the i-th structure removed, `errors[k]` the cumulative (scaled, summed
+    over readers) error after k removals (errors[0] = 0), `weights[r]` reader r's weights after `len(order)`
+    removals."""
 
     order: list[int]
     errors: list[float]
-    weight: torch.Tensor
+    weights: list[torch.Tensor]
 
 
 def inverse_curvature(curvature: torch.Tensor, relative_damp: float) -> torch.Tensor:
@@ -42,41 +45,63 @@ def inverse_curvature(curvature: torch.Tensor, relative_damp: float) -> torch.Te
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
+class _Reader:
+    """One reader's state during the removal: its weights, its inverse curvature, the columns of each
+    structure and of the removed ones."""
+
+    def __init__(self, weight: torch.Tensor, inverse: torch.Tensor, columns: torch.Tensor, scale: float):
+        self.w = weight.double().clone()
+        self.hinv = inverse.double().clone()
+        self.columns = columns
+        self.scale = scale
+        self.gone = torch.zeros(self.w.shape[1], dtype=torch.bool, device=self.w.device)
+        self.eye = torch.eye(columns.shape[1], dtype=self.hinv.dtype, device=self.hinv.device)
+
+    def scores(self, removed: torch.Tensor) -> torch.Tensor:
+        """Every structure's error (scaled); keeps what the update of the chosen one needs."""
+        q = self.columns
+        blocks = self.hinv[q.unsqueeze(2), q.unsqueeze(1)]  # (n, u, u)
+        blocks[removed] = self.eye  # removed structures: any invertible block, never chosen
+        self.inverse_blocks = torch.cholesky_inverse(torch.linalg.cholesky(blocks))
+        columns = self.w[:, q].permute(1, 0, 2)  # (n, d_out, u)
+        self.scaled = columns @ self.inverse_blocks  # w_Q ([H^-1]_QQ)^-1 for every row
+        return (self.scaled * columns).sum(dim=(1, 2)) / self.scale
+
+    def remove(self, j: int) -> None:
+        q = self.columns[j]
+        rows = self.hinv[q]  # (u, d_in)
+        self.w -= self.scaled[j] @ rows
+        self.hinv -= rows.T @ self.inverse_blocks[j] @ rows
+        self.gone[q] = True
+        self.w[:, self.gone] = 0.0  # exactly: rounding would leave ~1e-17 in columns removed before
+        self.hinv[self.gone] = 0.0
+        self.hinv[:, self.gone] = 0.0
+
+
 @torch.no_grad()
-def greedy_removal(weight: torch.Tensor, inverse: torch.Tensor, structures: torch.Tensor, stop: int) -> Removal:
+def greedy_removal(weights: Sequence[torch.Tensor], inverses: Sequence[torch.Tensor],
+                   structures: Sequence[torch.Tensor], stop: int, scales: Sequence[float] | None = None) -> Removal:
     """Remove `stop` structures one at a time, each the cheapest at its turn.
 
-    `weight` (d_out, d_in) and `inverse` (d_in, d_in; H^-1 with its dampening) are not modified;
-    `structures` (n, u) holds the column indices of each of n structures of u columns. Columns in no
-    structure (a bias column, say) are never removed but are updated with the others.
+    Per reader r: `weights[r]` (d_out, d_in) and `inverses[r]` (d_in, d_in; H^-1 with its dampening), which are
+    not modified; `structures[r]` (n, u_r) the column indices of each of the n structures; `scales[r]` divides
+    its errors (1 by default). Columns in no structure (a bias column, say) are never removed but are updated
+    with the others.
     """
-    n, unit = structures.shape
+    readers = [_Reader(w, h, q, 1.0 if scales is None else float(scales[i]))
+               for i, (w, h, q) in enumerate(zip(weights, inverses, structures, strict=True))]
+    n = structures[0].shape[0]
     if not 0 <= stop <= n:
         raise ValueError(f"stop must be in [0, {n}], got {stop}.")
-    w = weight.double().clone()
-    hinv = inverse.double().clone()
-    removed = torch.zeros(n, dtype=torch.bool, device=w.device)
-    gone = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)  # the columns of removed structures
+    removed = torch.zeros(n, dtype=torch.bool, device=readers[0].w.device)
     order, errors = [], [0.0]
-    eye = torch.eye(unit, dtype=hinv.dtype, device=hinv.device)
     for _ in range(stop):
-        blocks = hinv[structures.unsqueeze(2), structures.unsqueeze(1)]  # (n, u, u)
-        blocks[removed] = eye  # removed structures: any invertible block, never chosen
-        inverse_blocks = torch.cholesky_inverse(torch.linalg.cholesky(blocks))
-        columns = w[:, structures].permute(1, 0, 2)  # (n, d_out, u)
-        scaled = columns @ inverse_blocks  # (n, d_out, u): w_Q ([H^-1]_QQ)^-1 for every row
-        scores = (scaled * columns).sum(dim=(1, 2))
+        scores = sum(reader.scores(removed) for reader in readers)
         scores[removed] = torch.inf
         j = int(scores.argmin())
-        q = structures[j]
-        rows = hinv[q]  # (u, d_in)
-        w -= scaled[j] @ rows
-        hinv -= rows.T @ inverse_blocks[j] @ rows
-        gone[q] = True
-        w[:, gone] = 0.0  # exactly: rounding would leave ~1e-17 in columns removed before
-        hinv[gone] = 0.0
-        hinv[:, gone] = 0.0
+        for reader in readers:
+            reader.remove(j)
         removed[j] = True
         order.append(j)
         errors.append(errors[-1] + float(scores[j]))
-    return Removal(order, errors, w.to(weight.dtype))
+    return Removal(order, errors, [reader.w.to(weight.dtype) for reader, weight in zip(readers, weights, strict=True)])

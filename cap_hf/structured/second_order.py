@@ -5,12 +5,12 @@ on the project's channel groups, with the layer-wise Hessian ("obs") or the empi
 
 ```
 prune_second_order(model, image_size, batches, "obs", target_speedup=1.5)
-  graph = ChannelGraph(model)                  # groups.py; the uncoupled groups and their readers
+  graph = ChannelGraph(model)                  # groups.py; the groups and their readers (streams: several)
   units = find_units(...)                      # allocate.py; widths per group, cost tables per unit
   check: the target is reachable, the calibration data and the memory are enough
   curvature = hessians(...) | fishers(...)     # curvature.py
   database = greedy_removal(...) per group     # greedy.py: order + cumulative error at every width
-  options = allocate(costs, errors, budget)    # allocate.py: dynamic programming
+  options = allocate(costs, errors, budget)    # allocate.py: dynamic programming (carrying stream widths)
   small = remove_channels(compensated copy)    # the weights of each chosen width, replayed; then sliced
   (latency) measure; if short, tighten the budget by what the prediction missed and search again
 ```
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from cap_hf.plan import MemoryBudgetError
-from cap_hf.structured.allocate import METRICS, Unit, allocate, find_units, measure_units
+from cap_hf.structured.allocate import METRICS, Unit, allocate, find_units, measure_units, stream_widths
 from cap_hf.structured.curvature import (
     CURVATURES,
     Structures,
@@ -114,11 +114,13 @@ def check_second_order_request(method: str, target_speedup: float | None, flops_
 
 
 def curvature_bytes(found: Sequence[Structures]) -> tuple[int, str, int]:
-    """(bytes of every curvature held at once, the widest reader, its bytes while it is pruned): float64
-    d_in x d_in per reader; pruning one holds its curvature, the inverse and a working copy (3 of them)."""
-    total = sum(8 * s.d_in ** 2 for s in found)
-    widest = max(found, key=lambda s: s.d_in)
-    return total, widest.name, 3 * 8 * widest.d_in ** 2
+    """(bytes of every curvature held at once, the widest reader, the bytes while its group is pruned): float64
+    d_in x d_in per reader; pruning a group holds, per reader, its curvature, the inverse and a working copy."""
+    readers = [r for s in found for r in s.readers]
+    total = sum(8 * r.d_in ** 2 for r in readers)
+    widest = max(readers, key=lambda r: r.d_in)
+    peak = max(sum(3 * 8 * r.d_in ** 2 for r in s.readers) for s in found)
+    return total, widest.name, peak
 
 
 def _describe(metric: str, value: float) -> str:
@@ -128,9 +130,9 @@ def _describe(metric: str, value: float) -> str:
 def _reachable(metric: str, value: float, best: float) -> ValueError:
     what = f"{best:.3g}x" if metric == "latency" else f"{best:.3g}"
     limit = "largest" if metric == "latency" else "lowest"
-    return ValueError(f"{_describe(metric, value)} cannot be reached by removing heads, MLP neurons and block channels "
-                      f"(every group keeps at least one; residual streams are kept whole): the {limit} reachable is "
-                      f"{what}.")
+    return ValueError(f"{_describe(metric, value)} cannot be reached by removing heads, MLP neurons, block channels "
+                      f"and residual-stream channels (every group keeps at least one; streams through a LayerNorm "
+                      f"are kept whole): the {limit} reachable is {what}.")
 
 
 def prune_second_order(
@@ -149,6 +151,7 @@ def prune_second_order(
     speedup_batch_size: int = 64,
     repeats: int = 10,
     max_memory_gb: float | None = None,
+    uncoupled_only: bool = False,
     label_free: bool = False,
     loss_fn: Callable | None = None,
     seed: int = 0,
@@ -162,30 +165,37 @@ def prune_second_order(
     model is measured, and up to CORRECTIONS further searches move the budget: scaled by what the prediction
     missed, then bisected between one that met the target and one that missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the
     target can be reached, `calibration` is enough for the widest reader's curvature, the curvatures fit in
-    `max_memory_gb`.
+    `max_memory_gb`. `uncoupled_only` keeps the residual streams whole; a stream whose reader's curvature needs
+    more calibration than given is kept whole with a warning.
     """
     metric, target = check_second_order_request(method, target_speedup, flops_ratio, params_ratio, levels, round_to,
                                                 relative_damp)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     graph = ChannelGraph(model, image_size)
-    found = find_structures(graph, shift=method == "obs")
+    found = find_structures(graph, shift=method == "obs", streams=not uncoupled_only)
     if not found:
         raise ValueError(f"{type(model).__name__} has no heads, MLP neurons or block channels to remove.")
-    units = find_units(model, found, levels, round_to)
-
-    needed, widest = images_needed(graph, found, method)
+    what = "calibration images" if method == "obs" else "Fisher gradients (calibration batches)"
+    needed, widest = images_needed(graph, [s for s in found if not s.stream], method)
     if calibration < needed:
-        what = "calibration images" if method == "obs" else "Fisher gradients (calibration batches)"
         raise ValueError(f"{calibration} {what} cannot give a full-rank curvature of {widest}: it needs at least "
                          f"{needed}. Give more calibration data.")
+    for stream in [s for s in found if s.stream]:
+        stream_needs, reader = images_needed(graph, [stream], method)
+        if calibration < stream_needs:  # a wide stream read by a classifier on pooled features: one row an image
+            logger.warning("The residual stream %s is kept whole: the curvature of its reader %s needs at least %d %s "
+                           "(given %d).", stream.name, reader, stream_needs, what, calibration)
+            found.remove(stream)
+        needed = max(needed, stream_needs if stream in found else 0)
+    units = find_units(model, found, levels, round_to)
     if max_memory_gb is not None:
         total, name, peak = curvature_bytes(found)
         if total + peak > max_memory_gb * 2 ** 30:
             raise MemoryBudgetError(
                 f"max_memory_gb {max_memory_gb:g} is too small for the curvatures: {total / 2 ** 30:.2f} GB for all "
-                f"readers plus {peak / 2 ** 30:.2f} GB while the widest ({name}) is pruned; give at least "
-                f"{(total + peak) / 2 ** 30:.2f}.")
+                f"readers plus {peak / 2 ** 30:.2f} GB while the largest group is pruned (the widest reader is "
+                f"{name}); give at least {(total + peak) / 2 ** 30:.2f}.")
 
     measure_units(graph, units, metric, speedup_batch_size, repeats)
     if metric == "latency":
@@ -193,15 +203,20 @@ def prune_second_order(
     else:
         dense_total = float(count_macs(model, image_size) if metric == "macs" else count_parameters(model))
     fixed = dense_total - sum(float(u.costs[metric][-1]) for u in units)  # the last option keeps every width
-    lowest = fixed + sum(float(u.costs[metric].min()) for u in units)
+    lowest = fixed + sum(float(u.costs[metric][0]) for u in units)  # option 0: the fewest channels everywhere
     reachable = dense_total / lowest if metric == "latency" else lowest / dense_total
+    budget = dense_total / target if metric == "latency" else dense_total * target
     if metric == "latency" and reachable < target:
         # the units timed alone can miss the model's time (call overheads): measure the smallest model before refusing
         smallest = {s.group.index: list(range(s.group.size - width)) for u in units
-                    for s, width in zip(u.structures, u.options[int(u.costs[metric].argmin())], strict=True)}
+                    for s, width in zip(u.structures, u.options[0], strict=True)}
         dense_ms, pruned_ms = latencies_ms([model, remove_channels(model, graph, smallest)], image_size,
                                            speedup_batch_size, repeats)
         reachable = dense_ms / pruned_ms
+        if reachable >= target:  # the target's time in the tables' units: their ratio to the measured time,
+            wanted = dense_ms / target  # interpolated between the smallest model and the dense one
+            share = (wanted - pruned_ms) / (dense_ms - pruned_ms)
+            budget = wanted * (lowest / pruned_ms + share * (dense_total / dense_ms - lowest / pruned_ms))
     if (metric == "latency" and reachable < target) or (metric != "latency" and reachable > target):
         raise _reachable(metric, target, reachable)
     seconds["tables"] = time.perf_counter() - start
@@ -218,36 +233,44 @@ def prune_second_order(
     seconds["curvature"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    orders, errors, inverses = {}, {}, {}
+    orders, errors, inverses, scales_of = {}, {}, {}, {}
     for s in found:
-        inverses[s.name] = inverse_curvature(curvatures.pop(s.name) if method == "cap" else curvatures[s.name],
-                                             relative_damp)
-        weight = s.weight()
-        removal = greedy_removal(weight, inverses[s.name], s.columns, stop=s.group.size - 1)
-        scale = 1.0
-        if method == "obs":  # the output lost, as a fraction of the layer's output: layers of any scale compare
-            w = weight.double()
-            scale = float(torch.einsum("ij,jk,ik->", w, curvatures.pop(s.name), w)) or 1.0
-        orders[s.name], errors[s.name] = removal.order, np.asarray(removal.errors) / scale
+        weights = [r.weight(model) for r in s.readers]
+        scales = [1.0] * len(s.readers)
+        for i, r in enumerate(s.readers):
+            inverses[r.name] = inverse_curvature(curvatures[r.name], relative_damp)
+            if method == "obs":  # the output lost, as a fraction of the layer's output: layers of any scale compare
+                w = weights[i].double()
+                scales[i] = float(torch.einsum("ij,jk,ik->", w, curvatures[r.name], w)) or 1.0
+            del curvatures[r.name]
+        removal = greedy_removal(weights, [inverses[r.name] for r in s.readers], [r.columns for r in s.readers],
+                                 stop=s.group.size - 1, scales=scales)
+        orders[s.name], errors[s.name], scales_of[s.name] = removal.order, np.asarray(removal.errors), scales
     seconds["database"] = time.perf_counter() - start
 
-    unit_errors = [np.asarray([sum(errors[s.name][s.group.size - w] for s, w in zip(u.structures, option, strict=True))
-                               for option in u.options]) for u in units]
+    streams = [s for s in found if s.stream]
+    unit_errors = [np.asarray([sum(errors[s.name][s.group.size - w] for s, w in zip(u.structures, option, strict=True)
+                                   if not s.stream) for option in u.options]) for u in units]
+    widths_of = {st.name: stream_widths(st, levels, round_to) for st in streams}
+    stream_options = [_stream_options(u, streams, widths_of) for u in units]
+    stream_errors = [np.asarray([errors[st.name][st.group.size - w] for w in widths_of[st.name]]) for st in streams]
     start = time.perf_counter()
     search: list[dict] = []
-    budget = dense_total / target if metric == "latency" else dense_total * target
     current = budget
     met_at, missed_at = None, None  # the largest budget whose model met the target, the smallest that missed
     kept = None  # latency: the built model that met the target with the largest budget
     replays: dict = {}  # (reader, removals) -> the replayed Removal, shared by the searches' builds
     for attempt in range(1 + (CORRECTIONS if metric == "latency" else 0)):
-        picked = allocate([u.costs[metric] for u in units], unit_errors, current - fixed)
-        if picked is None:
-            raise _reachable(metric, target, reachable)
-        small, plan = _build(model, graph, units, picked, orders, inverses, replays)
+        picked = allocate([u.costs[metric] for u in units], unit_errors, current - fixed,
+                          stream_errors=stream_errors, stream_options=stream_options)
+        if picked is None:  # below the tables' smallest model (the checks above found it reaches the target)
+            picked = [0] * len(units)
+        small, plan = _build(model, graph, units, picked, orders, inverses, scales_of, replays)
+        error = sum(e[o] for e, o in zip(unit_errors, picked, strict=True))
+        error += sum(float(errors[st.name][len(plan.get(st.group.index, []))]) for st in streams)
         predicted = fixed + sum(float(u.costs[metric][o]) for u, o in zip(units, picked, strict=True))
         step = {"kept": False, "budget": current, "predicted": predicted, "removed": sum(map(len, plan.values())),
-                "error": float(sum(e[o] for e, o in zip(unit_errors, picked, strict=True)))}
+                "error": float(error)}
         if metric != "latency":
             step["measured"] = step["predicted"] / dense_total
             search.append(step)
@@ -266,8 +289,8 @@ def prune_second_order(
             missed_at = current
         if met_at is not None and missed_at is not None:
             current = (met_at + missed_at) / 2  # bisection between a budget that met and one that missed
-        else:  # the units timed alone miss the model's real time: scale the budget by what the prediction missed
-            current *= dense_ms * predicted / (pruned_ms * dense_total)
+        else:  # the units timed alone miss the model's real time: the target's time at this build's ratio of the two
+            current = dense_ms / target * predicted / pruned_ms
     if kept is not None:
         small, plan, picked, step = kept
     step["kept"] = True
@@ -294,32 +317,43 @@ def _first_images(batches: Iterable[Mapping[str, torch.Tensor]], count: int):
         yield {**batch, "pixel_values": batch["pixel_values"][:take]}
 
 
+def _stream_options(unit: Unit, streams: Sequence[Structures], widths: Mapping[str, list[int]]) -> np.ndarray:
+    """(options, streams): the position of each stream's width in its width list, per option of the unit (-1 for
+    the streams the unit does not depend on)."""
+    table = np.full((len(unit.options), len(streams)), -1, dtype=np.int64)
+    for k, stream in enumerate(streams):
+        if stream in unit.structures:
+            at = unit.structures.index(stream)
+            table[:, k] = [widths[stream.name].index(option[at]) for option in unit.options]
+    return table
+
+
 def _build(model: nn.Module, graph: ChannelGraph, units: Sequence[Unit], picked: Sequence[int],
-           orders: Mapping[str, list[int]], inverses: Mapping[str, torch.Tensor], replays: dict
+           orders: Mapping[str, list[int]], inverses: Mapping[str, torch.Tensor],
+           scales: Mapping[str, list[float]], replays: dict
            ) -> tuple[nn.Module, dict]:
-    """The model with each group cut to its chosen width: the reader's weights of that level replayed from the
-    database's curvature (once per width: `replays` keeps them), written into a copy, then the removed channels
-    sliced away."""
-    work = copy.deepcopy(model)
-    modules = dict(work.named_modules())
-    plan = {}
+    """The model with each group cut to its chosen width: the readers' weights of that level replayed from the
+    database's curvatures (once per width: `replays` keeps them), written into a copy, then the removed
+    channels sliced away."""
+    chosen: dict[str, tuple[Structures, int]] = {}
     for unit, option in zip(units, picked, strict=True):
         for s, width in zip(unit.structures, unit.options[option], strict=True):
-            count = s.group.size - width
-            if not count:
-                continue
-            removal = replays.get((s.name, count))
-            if removal is None:  # the latency search builds several models: each width is replayed once
-                removal = replays[(s.name, count)] = greedy_removal(s.weight(), inverses[s.name], s.columns, stop=count)
-            if removal.order != orders[s.name][:count]:
-                raise RuntimeError(f"The replayed removal of {s.name} differs from its database; please report this.")
-            twin = Structures(s.group, type(s.reader)(s.reader.name, modules[s.reader.name], s.reader.channels),
-                              s.columns, None if s.shift is None else (s.shift[0], _twin(work, model, s.shift[1])))
-            twin.write(removal.weight)
-            plan[s.group.index] = removal.order
+            if chosen.setdefault(s.name, (s, width))[1] != width:
+                raise RuntimeError(f"The search gave the stream {s.name} two widths; please report this.")
+    work = copy.deepcopy(model)
+    plan = {}
+    for s, width in chosen.values():
+        count = s.group.size - width
+        if not count:
+            continue
+        removal = replays.get((s.name, count))
+        if removal is None:  # the latency search builds several models: each width is replayed once
+            removal = replays[(s.name, count)] = greedy_removal(
+                [r.weight(model) for r in s.readers], [inverses[r.name] for r in s.readers],
+                [r.columns for r in s.readers], stop=count, scales=scales[s.name])
+        if removal.order != orders[s.name][:count]:
+            raise RuntimeError(f"The replayed removal of {s.name} differs from its database; please report this.")
+        for reader, weight in zip(s.readers, removal.weights, strict=True):
+            reader.write(work, weight)
+        plan[s.group.index] = removal.order
     return remove_channels(work, graph, plan), plan
-
-
-def _twin(work: nn.Module, model: nn.Module, module: nn.Module) -> nn.Module:
-    name = next(n for n, m in model.named_modules() if m is module)
-    return work.get_submodule(name)
