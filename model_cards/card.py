@@ -328,6 +328,11 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
     second_order = "second_order" in results
     procedure = (_scratch_procedure(results) if scratch else _second_order_procedure(results) if second_order else
                  _channel_procedure(results))
+    recalibrated = results.get("bn_recalibration")
+    if recalibrated:
+        procedure.append(f"Batch-norm statistics re-estimated on {recalibrated['images']} training images, no weight "
+                         f"trained ({recalibrated['batch_norms']} batch norms; top-1 before: "
+                         f"{_pct(recalibrated['accuracy_before'])}).")
     tuning = results.get("finetuning")
     if tuning:
         procedure.append(f"Fine-tuned {tuning['epochs']} epoch(s) on {tuning['train_samples']} training images, lr "

@@ -26,7 +26,13 @@ least per millisecond (or MAC, or parameter) saved:
 --method obs uses the layer-wise Hessian of --calibration_samples training images (no labels needed), cap the
 empirical Fisher of as many per-image gradients. One of --target_speedup (latency tables of every layer at
 --levels widths, timed at --speedup_batch_size; the built model is measured and the search tightened when it
-falls short), --flops_ratio or --params_ratio. Residual streams keep their width.
+falls short), --flops_ratio or --params_ratio. Residual streams are pruned too (a stream channel's error is the
+sum over the layers that read it; --uncoupled_only keeps them whole), except a ViT's, which passes through
+LayerNorms.
+
+With --dataset_name, every method that keeps trained weights then re-estimates the pruned model's
+batch-norm statistics on --bn_recalibration_samples training images (512; no labels, no weight trained;
+0 turns it off): results.json keeps the accuracy before it under bn_recalibration.
 
 Pruning from Scratch needs no trained model, only its config (a folder or Hub id with config.json and
 preprocessor_config.json; weights, if any, are used for the dense accuracy and as the distillation teacher):
@@ -62,7 +68,7 @@ from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, load_image_processor, processor_image_size
 from cap_hf.sources import check_sources
-from cap_hf.structured import pfs, prune_channels, second_order
+from cap_hf.structured import pfs, prune_channels, recalibrate_batch_norms, second_order
 from cap_hf.structured.channels import check_request
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import compare_models
@@ -94,6 +100,10 @@ class StructuredArguments:
         "help": "obs / cap: parameters of the pruned model over the dense model's, in (0, 1)."})
     calibration_samples: int = field(default=512, metadata={
         "help": "obs: training images for the Hessian; cap: per-image gradients for the Fisher."})
+    bn_recalibration_samples: int = field(default=512, metadata={
+        "help": "With --dataset_name, for methods that keep trained weights: re-estimate the batch norms' running "
+                "statistics of the pruned model on this many training images (no labels, no weight trained; all of "
+                "the split when smaller); 0 turns it off. Models without batch norms (ViTs) are unchanged."})
     levels: int = field(default=second_order.LEVELS, metadata={
         "help": "obs / cap: widths per group in the cost tables and the search (every width for smaller groups)."})
     relative_damp: float = field(default=second_order.RELATIVE_DAMP, metadata={
@@ -151,6 +161,8 @@ def check_arguments(args: StructuredArguments) -> None:
     check_structured_method(args.method)
     if args.finetune_epochs < 0 or args.train_epochs < 0:
         raise ValueError("--finetune_epochs and --train_epochs must be >= 0.")
+    if args.bn_recalibration_samples < 0:
+        raise ValueError(f"--bn_recalibration_samples must be >= 0 (0 turns it off), got {args.bn_recalibration_samples}.")
     if args.params_ratio is not None and args.method not in SECOND_ORDER:
         raise ValueError(f"--params_ratio is a target of {' and '.join(SECOND_ORDER)}; {args.method} takes "
                          "--pruning_ratio, --flops_ratio or --target_speedup.")
@@ -336,6 +348,13 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         results["accuracy_dense"] = evaluate_accuracy(model, loader)
     if loader is not None and not scratch:
         results["accuracy_pruned"] = evaluate_accuracy(small, loader)
+        if args.bn_recalibration_samples:
+            images = min(args.bn_recalibration_samples, len(train))
+            norms = recalibrate_batch_norms(small, calibration_loader(train, 64, training_args.seed), images)
+            if norms:
+                results["bn_recalibration"] = {"images": images, "batch_norms": norms,
+                                               "accuracy_before": results["accuracy_pruned"]}
+                results["accuracy_pruned"] = evaluate_accuracy(small, loader)
     epochs = args.train_epochs / args.flops_ratio if args.budget_train else args.train_epochs or args.finetune_epochs
     if epochs:
         training_args.num_train_epochs = epochs
@@ -371,7 +390,12 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
           f"{results['macs_dense']} -> {results['macs_pruned']}; {line}")
     print(f"target {'met' if results['target_met'] else 'MISSED'}: {describe_target(results['target'])}")
     if loader is not None:
-        print(f"top-1 {_pct(results.get('accuracy_dense'))} -> {_pct(results.get('accuracy_pruned'))}; model in {out}")
+        recalibrated = results.get("bn_recalibration")
+        steps = [f"{_pct(recalibrated['accuracy_before'])} pruned, batch norms re-estimated"] if recalibrated else []
+        if "accuracy_pruned_before_finetuning" in results:
+            steps.append(f"{_pct(results['accuracy_pruned_before_finetuning'])} before fine-tuning")
+        print(f"top-1 {_pct(results.get('accuracy_dense'))} -> {_pct(results.get('accuracy_pruned'))}"
+              + (f" ({'; '.join(steps)})" if steps else "") + f"; model in {out}")
     if repo_id:
         try:
             info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,

@@ -245,6 +245,29 @@ def test_bad_input_is_refused_before_any_work():
         remove_channels(model, graph, {0: list(range(graph.groups[0].size))})
 
 
+def test_recalibrated_batch_norms_hold_the_statistics_of_the_images_they_saw():
+    from cap_hf.structured import recalibrate_batch_norms
+
+    model = resnet()
+    stem = model.resnet.embedder.embedder
+    batches = [{"pixel_values": torch.randn(4, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]
+    outputs = []
+    hook = stem.convolution.register_forward_hook(lambda m, a, out: outputs.append(out.detach()))
+    count = recalibrate_batch_norms(model, batches, images=10)  # the last batch is cut to 2 images
+    hook.remove()
+    assert count == sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not model.training and not any(m.training for m in model.modules())
+    assert [out.shape[0] for out in outputs] == [4, 4, 2]
+    expected = torch.stack([out.mean(dim=(0, 2, 3)) for out in outputs]).mean(dim=0)  # the average of batch means
+    torch.testing.assert_close(stem.normalization.running_mean, expected, rtol=1e-4, atol=1e-5)
+    # a model without batch norms is left as it is, and its data is not read
+    from conftest import tiny_vit_config
+    from transformers import ViTForImageClassification
+    vit = ViTForImageClassification(tiny_vit_config()).eval()
+    assert recalibrate_batch_norms(vit, iter(()), images=10) == 0
+
+
 @pytest.fixture(scope="module")
 def digits_resnet(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "digits-resnet"
@@ -267,6 +290,8 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
                 "latency_ms_pruned", "accuracy_dense", "accuracy_pruned", "accuracy_pruned_before_finetuning"):
         assert key in results, key
     assert results["finetuning"]["epochs"] == 1 and results["finetuning"]["train_samples"] == 256
+    recalibrated = results["bn_recalibration"]  # before fine-tuning, on all 256 images (fewer than the default 512)
+    assert recalibrated["images"] == 256 and recalibrated["batch_norms"] > 0 and 0 <= recalibrated["accuracy_before"] <= 1
     assert results["finetuning"]["distill"] is True
     assert not list(out.glob("checkpoint-*"))  # the Trainer saved nothing of its own
     card = (out / "README.md").read_text()  # the structured model card, from results.json
@@ -276,6 +301,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     assert f"| latency, batch 8 (ms) | {dense8:.2f} | {pruned8:.2f} |" in card
     assert "| `resnet.embedder.embedder.convolution` | 8 |" in card
     assert "structured-pruning" in card and "narshana2023dfpc" in card and "`block_widths`" in card
+    assert "Batch-norm statistics re-estimated on 256 training images" in card
     assert results["method"] == "dfpc"
     assert results["params_pruned"] < results["params_dense"]
     assert results["macs_pruned"] < results["macs_dense"]

@@ -7,6 +7,7 @@
 - measure.py: parameters, MACs and latency
 - second_order.py: heads, neurons and block channels removed with second-order compensation (greedy.py: the
   per-layer kernel; curvature.py: Hessian / Fisher of each reader's input; allocate.py: cost tables and the search)
+- recalibrate.py: batch-norm statistics re-estimated on the pruned model from unlabelled images
 - shrink.py: keep given heads / neurons / block channels (explicit choices, no scores)
 - pfs.py: Pruning from Scratch (gates on an expanded random network, an architecture under a FLOPs target)
 """
@@ -14,8 +15,9 @@
 from cap_hf.structured import pfs
 from cap_hf.structured.channels import ChannelPruning, prune_channels
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, remove_channels
+from cap_hf.structured.recalibrate import recalibrate_batch_norms
 from cap_hf.structured.second_order import SecondOrderPruning, prune_second_order
 from cap_hf.structured.shrink import shrink_resnet, shrink_vit
 
 __all__ = ["pfs", "ChannelGraph", "ChannelGroup", "ChannelPruning", "SecondOrderPruning", "prune_channels",
-           "prune_second_order", "remove_channels", "shrink_resnet", "shrink_vit"]
+           "prune_second_order", "recalibrate_batch_norms", "remove_channels", "shrink_resnet", "shrink_vit"]
