@@ -1,16 +1,19 @@
-"""Benchmark: structured pruning (DFPC, L1, random, DFPC on uncoupled channels only) of a bottleneck ResNet
-or a ViT trained on Fashion-MNIST: top-1 against the measured CPU speed-up, without and with a short
-fine-tuning (distillation from the dense model).
+"""Benchmark: structured pruning (second-order obs / cap, DFPC, L1, random; -uncoupled: residual streams kept
+whole) of a bottleneck ResNet or a ViT trained on Fashion-MNIST: top-1 against the measured CPU speed-up,
+as pruned, after re-estimating the batch norms (no weight trained), and after a short fine-tuning
+(distillation from the dense model).
 
   OMP_NUM_THREADS=2 python scripts/bench_structured.py --arch resnet
   OMP_NUM_THREADS=2 python scripts/bench_structured.py --arch vit
 
 Makes what is missing (data folder; the dense model via scripts/train_dense.py), then for every method and
-target speed-up (or pruning ratio, with --ratios): prune_channels (the library's entry; a target is
-reached by measurement) -> the smaller model's parameters, MACs, latency at
+target speed-up (or pruning ratio, with --ratios): prune_channels or prune_second_order (the library's
+entries, on --calibration_samples training images for obs / cap; a target is reached by measurement) ->
+the smaller model's parameters, MACs, latency at
 batch 1 and 64 measured right after the dense model's in the same process (median of repeated passes),
-and top-1 on the 10k test images, before and after `--finetune_epochs` on `--finetune_samples` training
-images (cap_hf.trainer.fine_tune). Writes the table, command and machine to docs/benchmarks.md (section
+and top-1 on the 10k test images: as pruned, with its batch norms re-estimated on --calibration_samples
+training images (recalibrate_batch_norms), then after `--finetune_epochs` on `--finetune_samples`
+training images (cap_hf.trainer.fine_tune). Writes the table, command and machine to docs/benchmarks.md (section
 "Structured pruning: Fashion-MNIST <arch>") with a chart in docs/img/, and the raw records to
 OUTPUT_DIR/results.json.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,12 +37,14 @@ from benchlib import (
     write_section,
 )
 
+from cap_hf.calibration import calibration_loader
 from cap_hf.data import collate, prepare_splits
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.plots import plot_accuracy_lines
-from cap_hf.structured import prune_channels
+from cap_hf.structured import prune_channels, prune_second_order, recalibrate_batch_norms
 from cap_hf.structured.measure import compare_models, count_macs, count_parameters
+from cap_hf.structured.registry import SECOND_ORDER_METHODS
 from cap_hf.trainer import DistillationArguments, fine_tune
 
 ARCHES = {  # teacher folder, its train_dense flags, section of docs/benchmarks.md, chart
@@ -69,11 +75,12 @@ class BenchStructured:
     data_dir: str = "data/fashion-mnist"
     teacher_dir: str | None = None  # default: the arch's (outputs/fmnist-resnet, outputs/fmnist-vit-tiny)
     teacher_epochs: int = 5
-    methods: str = "dfpc,l1,random,dfpc-uncoupled"  # -uncoupled: residual streams kept whole; -mean / -none:
+    methods: str = "obs,cap,dfpc,l1"  # also random; -uncoupled: residual streams kept whole; -mean / -none:
     # that normalisation for this entry (e.g. dfpc-mean next to dfpc on auto)
     normalize: str = "auto"  # prune_channels' normalize: auto, mean, or none (raw scores, as the DFPC paper)
     speedups: str = "1.25,1.5,2"  # targets, measured at batch 64 (prune_channels' search)
     ratios: str | None = None  # fractions of the prunable channels instead of speed-up targets
+    calibration_samples: int = 512  # obs / cap curvature, and the batch-norm re-estimation of every method
     latency_repeats: int = 30
     finetune_epochs: float = 1.0  # 0: no fine-tuning
     finetune_samples: int = 20000
@@ -111,18 +118,31 @@ def main() -> None:
     for spec in args.methods.split(","):
         method, _, variant = spec.partition("-")
         for goal in goals:
+            start = time.perf_counter()
             try:
-                normalize = variant if variant in ("mean", "none") else args.normalize
-                small, pruned = prune_channels(model, size, method, uncoupled_only=variant == "uncoupled",
-                                               normalize=normalize, **goal)
+                if method in SECOND_ORDER_METHODS:
+                    if "pruning_ratio" in goal:
+                        raise ValueError(f"{method} takes targets, not pruning ratios.")
+                    calibration = calibration_loader(train, 64 if method == "obs" else 1, 0)
+                    small, pruned = prune_second_order(model, size, calibration, method,
+                                                       calibration=args.calibration_samples,
+                                                       uncoupled_only=variant == "uncoupled", **goal)
+                    ratio, normalize = pruned.removed / pruned.prunable, "-"
+                else:
+                    normalize = variant if variant in ("mean", "none") else args.normalize
+                    small, pruned = prune_channels(model, size, method, uncoupled_only=variant == "uncoupled",
+                                                   normalize=normalize, **goal)
+                    ratio, normalize = pruned.ratio, pruned.normalize
             except ValueError as err:  # beyond what this variant can reach
                 print(f"{spec} {goal}: {err}")
                 records.append({"method": spec, **goal, "unreachable": str(err)})
                 continue
-            record = {"method": spec, **goal, "ratio": pruned.ratio, "removed": pruned.removed,
-                      "prunable": pruned.prunable, "normalize": pruned.normalize, "widths": widths(small.config),
-                      **compare_models(model, small, size, (1, 64), args.latency_repeats)}
+            record = {"method": spec, **goal, "ratio": ratio, "removed": pruned.removed, "prunable": pruned.prunable,
+                      "normalize": normalize, "prune_seconds": time.perf_counter() - start,
+                      "widths": widths(small.config), **compare_models(model, small, size, (1, 64), args.latency_repeats)}
             record["accuracy"] = evaluate_accuracy(small, loader)
+            if recalibrate_batch_norms(small, calibration_loader(train, 64, 0), args.calibration_samples):
+                record["accuracy_recalibrated"] = evaluate_accuracy(small, loader)
             if args.finetune_epochs:
                 training = DistillationArguments(
                     output_dir=tempfile.mkdtemp(), num_train_epochs=args.finetune_epochs,
@@ -142,6 +162,10 @@ def main() -> None:
     done = [r for r in records if "unreachable" not in r]
     series = {spec: [(r["speedup"]["64"], 100 * r["accuracy"]) for r in done if r["method"] == spec]
               for spec in args.methods.split(",")}
+    series.update({f"{spec} + BN re-estimated": [(r["speedup"]["64"], 100 * r["accuracy_recalibrated"]) for r in done
+                                                  if r["method"] == spec and "accuracy_recalibrated" in r]
+                   for spec in args.methods.split(",")})
+    series = {name: points for name, points in series.items() if points}
     if args.finetune_epochs:
         series.update({f"{spec} + fine-tuning": [(r["speedup"]["64"], 100 * r["accuracy_finetuned"]) for r in done
                                                  if r["method"] == spec] for spec in args.methods.split(",")})
@@ -167,25 +191,31 @@ def main() -> None:
              f"only). Scores normalised per group: {args.normalize} -> {', '.join(normalized)}, entries -mean / -none force "
              "one (mean: each group's scores over their mean; none: "
              "raw scores compared across groups, as the DFPC paper's code). Latency: median of one forward pass over the repeats, the dense and the pruned model taking "
-             "turns pass by pass in this process; speed-up = dense ms / pruned ms. The pruning uses no data. "
-             f"Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
+             "turns pass by pass in this process; speed-up = dense ms / pruned ms. DFPC, L1 and random use no data; "
+             f"obs and cap use {args.calibration_samples} training images (obs: the layer-wise Hessian; cap: one "
+             "gradient per image for the Fisher). Pruning time (s): the library call, cost tables and latency "
+             "search included. BN re-estimated: the pruned model's batch-norm statistics re-estimated on "
+             f"{args.calibration_samples} training images, no weight trained (recalibrate_batch_norms); fine-tuning "
+             f"starts from that model. Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
              f"{args.finetune_learning_rate:g} linear decay, wd 0.05, batch 128, distillation from the dense model "
              "(T=2, alpha=0.5), cap_hf.trainer.fine_tune.", "",
              "| method | goal | ratio | channels removed | params (M) | MACs (M) | ms b1 (dense -> pruned) | "
-             "ms b64 (dense -> pruned) | speed-up b1 | speed-up b64 | top-1 (%) | drop (points) | top-1 fine-tuned (%) "
-             "| drop fine-tuned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ms b64 (dense -> pruned) | speed-up b1 | speed-up b64 | pruning (s) | top-1 (%) | drop (points) | "
+             "top-1 BN re-estimated (%) | top-1 fine-tuned (%) | drop fine-tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         goal = f"{r['target_speedup']:g}x" if "target_speedup" in r else f"ratio {r['pruning_ratio']:g}"
         if "unreachable" in r:
-            lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 11)
+            lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 13)
             continue
         dense_ms, pruned_ms, speedup = r["latency_ms_dense"], r["latency_ms_pruned"], r["speedup"]
         lines.append(f"| {r['method']} | {goal} | {r['ratio']:.2f} | {r['removed']}/{r['prunable']} "
                      f"| {r['params_pruned'] / 1e6:.3f} | {r['macs_pruned'] / 1e6:.1f} | {dense_ms['1']:.2f} -> "
                      f"{pruned_ms['1']:.2f} | {dense_ms['64']:.1f} -> {pruned_ms['64']:.1f} | {speedup['1']:.2f}x "
-                     f"| {speedup['64']:.2f}x | {100 * r['accuracy']:.2f} "
-                     f"| {100 * (dense_accuracy - r['accuracy']):.2f} | {tuned_cell(r, 'accuracy_finetuned')} "
+                     f"| {speedup['64']:.2f}x | {r['prune_seconds']:.0f} | {100 * r['accuracy']:.2f} "
+                     f"| {100 * (dense_accuracy - r['accuracy']):.2f} | "
+                     + (f"{100 * r['accuracy_recalibrated']:.2f}" if "accuracy_recalibrated" in r else "-")
+                     + f" | {tuned_cell(r, 'accuracy_finetuned')} "
                      f"| {tuned_cell(r, 'drop')} |")
     if args.arch == "vit":
         lines += ["", "Widths kept (hidden; heads per layer; MLP per layer):", ""]

@@ -136,7 +136,7 @@ def test_allocate_with_streams_keeps_each_stream_at_one_width_and_finds_the_leas
                 continue
             if sum(costs[u][o] for u, o in enumerate(combo)) > budget:
                 continue
-            total = sum(errors[u][o] for u, o in enumerate(combo)) + sum(e[a] for e, a in zip(stream_errors, chosen))
+            total = sum(errors[u][o] for u, o in enumerate(combo)) + sum(e[a] for e, a in zip(stream_errors, chosen, strict=True))
             best = total if best is None else min(best, total)
         if best is None:
             assert picked is None
@@ -144,7 +144,7 @@ def test_allocate_with_streams_keeps_each_stream_at_one_width_and_finds_the_leas
         chosen = np.max([links[u][o] for u, o in enumerate(picked)], axis=0)
         assert all(np.all((links[u][o] < 0) | (links[u][o] == chosen)) for u, o in enumerate(picked))
         assert sum(costs[u][o] for u, o in enumerate(picked)) <= budget
-        total = sum(errors[u][o] for u, o in enumerate(picked)) + sum(e[a] for e, a in zip(stream_errors, chosen))
+        total = sum(errors[u][o] for u, o in enumerate(picked)) + sum(e[a] for e, a in zip(stream_errors, chosen, strict=True))
         assert total == pytest.approx(best, abs=1e-3)
 
 
