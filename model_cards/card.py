@@ -276,7 +276,10 @@ def _second_order_procedure(results: dict) -> list[str]:
             f"dampening {run['relative_damp']:g} x its mean diagonal. In each layer the attention heads, MLP neurons "
             "or block channels were removed one at a time, cheapest first, and the remaining weights updated to make "
             "up for each removal (the OBS update of a group of columns; a layer's bias or its batch norm's mean moves "
-            "with them); residual streams keep their width.",
+            "with them). " + ("Residual streams were kept whole." if results.get("uncoupled_only") else
+                              "A residual-stream channel (a ResNet's; a ViT's stream passes through LayerNorms and "
+                              "is kept whole) costs the sum of the errors of every layer that reads it, each "
+                              "compensated on its own."),
             f"Widths chosen per layer by dynamic programming over {run['levels']} widths per group: least summed "
             f"error under {target}" + (f", {len(searches)} search(es) against the measured model" if
                                        run["metric"] == "latency" else "")

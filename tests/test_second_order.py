@@ -199,6 +199,15 @@ def test_residual_streams_are_pruned_and_compensated_beyond_what_block_channels_
     with torch.no_grad():
         dense, compensated, uncompensated = (m(pixel_values=x).logits for m in (model, small, plain))
     assert float((compensated - dense).pow(2).mean()) < float((uncompensated - dense).pow(2).mean())
+    # one search per weight of the streams' errors; the model kept is the closest to the dense one
+    from cap_hf.structured.second_order import STREAM_WEIGHTS, output_distance
+    searches = run.results()["second_order"]["searches"]
+    assert [step["stream_weight"] for step in searches] == list(STREAM_WEIGHTS)
+    kept = [step for step in searches if step["kept"]]
+    assert len(kept) == 1 and kept[0]["output_distance"] == min(step["output_distance"] for step in searches)
+    held = [b["pixel_values"] for b in random_batches(16, size=16)]
+    assert kept[0]["output_distance"] == pytest.approx(output_distance(model, small, held), rel=1e-6)
+    assert output_distance(model, model, held) == 0.0
     # a stream whose reader (the classifier, one row an image) needs more images than given is kept whole
     last = next(g for g in graph.groups if g.coupled and any(c.name.startswith("classifier") for c in g.consumers))
     with caplog.at_level("WARNING"):
@@ -208,6 +217,24 @@ def test_residual_streams_are_pruned_and_compensated_beyond_what_block_channels_
     # a ViT's stream passes through LayerNorms: kept whole
     vit = ViTForImageClassification(tiny_vit_config()).eval()
     assert not any(s.stream for s in find_structures(ChannelGraph(vit, 8)))
+
+
+def test_a_backbone_is_pruned_without_labels_and_compared_by_its_features():
+    """ResNetModel: no logits; its last stream (its output) may shrink, so the choice among the streams' weights
+    compares the features by linear CKA."""
+    from cap_hf.structured.second_order import output_distance
+
+    model = tiny_resnet(classifier=False)
+    batches = [{"pixel_values": b["pixel_values"]} for b in random_batches(16, size=16)]
+    small, run = prune_second_order(model, 16, batches, "obs", flops_ratio=0.5, calibration=64)
+    assert count_macs(small, 16) <= 0.5 * count_macs(model, 16)
+    held = [b["pixel_values"] for b in batches]
+    distance = output_distance(model, small, held)
+    assert 0.0 <= distance < 1.0
+    with torch.no_grad():
+        widths = model(pixel_values=held[0]).pooler_output.shape[1], small(pixel_values=held[0]).pooler_output.shape[1]
+    if widths[0] == widths[1]:  # same width: the relative error of the pooled features
+        assert distance == pytest.approx(next(s["output_distance"] for s in run.search if s["kept"]), rel=1e-6)
 
 
 def test_bad_requests_are_refused_before_the_curvature():

@@ -323,6 +323,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     (["--pruning_ratio", 0.3, "--method", "taylor"], "choose one of dfpc, l1, random, obs, cap, pfs, uniform"),
     (["--pruning_ratio", 0.3, "--finetune_epochs", 1], "--finetune_epochs needs --dataset_name"),
     (["--pruning_ratio", 0.3, "--round_to", 0], "round_to must be a positive number of channels"),
+    (["--pruning_ratio", 0.3, "--bn_recalibration_samples", -1], "--bn_recalibration_samples must be >= 0"),
     (["--pruning_ratio", 0.999], r"cannot be reached without emptying a channel group \(every group\); the largest "
                                  r"reachable is 0\.\d+"),
     (["--pruning_ratio", 0.95, "--uncoupled_only", "true"], r"\(uncoupled channels only\); the largest reachable is 0\.\d+"),

@@ -13,6 +13,8 @@ prune_second_order(model, image_size, batches, "obs", target_speedup=1.5)
   options = allocate(costs, errors, budget)    # allocate.py: dynamic programming (carrying stream widths)
   small = remove_channels(compensated copy)    # the weights of each chosen width, replayed; then sliced
   (latency) measure; if short, tighten the budget by what the prediction missed and search again
+  with streams: one such search per weight of the streams' errors (STREAM_WEIGHTS); the model whose output
+  is closest to the dense model's on the first calibration images is kept
 ```
 """
 
@@ -48,6 +50,9 @@ LEVELS = 16  # widths per group in the cost tables (every width for groups of up
 RELATIVE_DAMP = 0.01  # dampening: this fraction of the curvature's mean diagonal (ZipLM's)
 CORRECTIONS = 4  # latency targets: searches after the first (the budget scaled by the miss, then bisected)
 SLACK = 0.05  # a measured speed-up this far above the target is close enough (else the budget is loosened)
+STREAM_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the streams' errors times each, one search each: the layer-wise errors miss
+# how a stream's loss builds up through the depth; the model closest to the dense one on the calibration images wins
+SELECTION_IMAGES = 256  # calibration images that choose among them
 
 
 @dataclass
@@ -166,7 +171,10 @@ def prune_second_order(
     missed, then bisected between one that met the target and one that missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the
     target can be reached, `calibration` is enough for the widest reader's curvature, the curvatures fit in
     `max_memory_gb`. `uncoupled_only` keeps the residual streams whole; a stream whose reader's curvature needs
-    more calibration than given is kept whole with a warning.
+    more calibration than given is kept whole with a warning. With streams, the search runs once per weight
+    of their errors against the others' (STREAM_WEIGHTS) and keeps the model (among those that met the target)
+    whose output is closest to the dense model's on the first SELECTION_IMAGES calibration images
+    (`output_distance`: no labels).
     """
     metric, target = check_second_order_request(method, target_speedup, flops_ratio, params_ratio, levels, round_to,
                                                 relative_damp)
@@ -223,11 +231,12 @@ def prune_second_order(
 
     start = time.perf_counter()
     source = batches() if callable(batches) else batches
+    held: list[torch.Tensor] = []  # the first calibration images, to choose the streams' weight on
     if method == "obs":
-        curvatures, seen = hessians(model, found, _first_images(source, calibration))
+        curvatures, seen = hessians(model, found, _keeping(_first_images(source, calibration), held))
     else:
-        curvatures, seen = fishers(model, found, source, calibration, label_free=label_free, loss_fn=loss_fn,
-                                   seed=seed), calibration
+        curvatures, seen = fishers(model, found, _keeping(source, held), calibration, label_free=label_free,
+                                   loss_fn=loss_fn, seed=seed), calibration
     if seen < needed:
         raise ValueError(f"The calibration batches held {seen} images; the curvature of {widest} needs at least {needed}.")
     seconds["curvature"] = time.perf_counter() - start
@@ -254,45 +263,60 @@ def prune_second_order(
     widths_of = {st.name: stream_widths(st, levels, round_to) for st in streams}
     stream_options = [_stream_options(u, streams, widths_of) for u in units]
     stream_errors = [np.asarray([errors[st.name][st.group.size - w] for w in widths_of[st.name]]) for st in streams]
+    replays: dict = {}  # (group, removals) -> the replayed Removal, shared by every build
+
+    def search_budget(weight: float) -> tuple[nn.Module, dict, list[int], list[dict], dict]:
+        """The model for one weight of the streams' errors: one DP for a counted target; for latency, up to
+        1 + CORRECTIONS builds, each measured, keeping the one that met the target with the largest budget."""
+        steps, current = [], budget
+        met_at, missed_at = None, None  # the largest budget whose model met the target, the smallest that missed
+        kept = None
+        for attempt in range(1 + (CORRECTIONS if metric == "latency" else 0)):
+            picked = allocate([u.costs[metric] for u in units], unit_errors, current - fixed,
+                              stream_errors=[weight * e for e in stream_errors], stream_options=stream_options)
+            if picked is None:  # below the tables' smallest model (the checks above found it reaches the target)
+                picked = [0] * len(units)
+            small, plan = _build(model, graph, units, picked, orders, inverses, scales_of, replays)
+            error = sum(e[o] for e, o in zip(unit_errors, picked, strict=True))
+            error += sum(float(errors[st.name][len(plan.get(st.group.index, []))]) for st in streams)
+            predicted = fixed + sum(float(u.costs[metric][o]) for u, o in zip(units, picked, strict=True))
+            step = {"kept": False, "stream_weight": weight, "budget": current, "predicted": predicted,
+                    "removed": sum(map(len, plan.values())), "error": float(error)}
+            steps.append(step)
+            if metric != "latency":
+                step["measured"] = step["predicted"] / dense_total
+                return small, plan, picked, steps, step
+            dense_ms, pruned_ms = latencies_ms([model, small], image_size, speedup_batch_size, 3 * repeats)
+            step.update(measured=dense_ms / pruned_ms, predicted_speedup=dense_total / predicted)
+            logger.info("Streams' errors x%g, search %d: predicted %.2fx, measured %.2fx at batch %d", weight,
+                        attempt + 1, step["predicted_speedup"], step["measured"], speedup_batch_size)
+            if step["measured"] >= target:
+                kept = (small, plan, picked, steps, step)
+                met_at = current
+                if step["measured"] <= target * (1 + SLACK):
+                    break
+            else:
+                missed_at = current
+            if met_at is not None and missed_at is not None:
+                current = (met_at + missed_at) / 2  # bisection between a budget that met and one that missed
+            else:  # units timed alone miss the model's real time: the target's time at this build's ratio of the two
+                current = dense_ms / target * predicted / pruned_ms
+        return kept or (small, plan, picked, steps, step)
+
     start = time.perf_counter()
     search: list[dict] = []
-    current = budget
-    met_at, missed_at = None, None  # the largest budget whose model met the target, the smallest that missed
-    kept = None  # latency: the built model that met the target with the largest budget
-    replays: dict = {}  # (reader, removals) -> the replayed Removal, shared by the searches' builds
-    for attempt in range(1 + (CORRECTIONS if metric == "latency" else 0)):
-        picked = allocate([u.costs[metric] for u in units], unit_errors, current - fixed,
-                          stream_errors=stream_errors, stream_options=stream_options)
-        if picked is None:  # below the tables' smallest model (the checks above found it reaches the target)
-            picked = [0] * len(units)
-        small, plan = _build(model, graph, units, picked, orders, inverses, scales_of, replays)
-        error = sum(e[o] for e, o in zip(unit_errors, picked, strict=True))
-        error += sum(float(errors[st.name][len(plan.get(st.group.index, []))]) for st in streams)
-        predicted = fixed + sum(float(u.costs[metric][o]) for u, o in zip(units, picked, strict=True))
-        step = {"kept": False, "budget": current, "predicted": predicted, "removed": sum(map(len, plan.values())),
-                "error": float(error)}
-        if metric != "latency":
-            step["measured"] = step["predicted"] / dense_total
-            search.append(step)
-            break
-        dense_ms, pruned_ms = latencies_ms([model, small], image_size, speedup_batch_size, 3 * repeats)
-        step.update(measured=dense_ms / pruned_ms, predicted_speedup=dense_total / predicted)
-        logger.info("Search %d: predicted %.2fx, measured %.2fx at batch %d", attempt + 1, step["predicted_speedup"],
-                    step["measured"], speedup_batch_size)
-        search.append(step)
-        if step["measured"] >= target:
-            kept = (small, plan, picked, step)
-            met_at = current
-            if step["measured"] <= target * (1 + SLACK):
-                break
-        else:
-            missed_at = current
-        if met_at is not None and missed_at is not None:
-            current = (met_at + missed_at) / 2  # bisection between a budget that met and one that missed
-        else:  # the units timed alone miss the model's real time: the target's time at this build's ratio of the two
-            current = dense_ms / target * predicted / pruned_ms
-    if kept is not None:
-        small, plan, picked, step = kept
+    weights = STREAM_WEIGHTS if streams and held else (1.0,)
+    best = None
+    for weight in weights:
+        small, plan, picked, steps, step = search_budget(weight)
+        search += steps
+        met = metric != "latency" or step["measured"] >= target
+        if len(weights) > 1:
+            step["output_distance"] = output_distance(model, small, held)
+        key = (not met, step.get("output_distance", 0.0))
+        if best is None or key < best[0]:
+            best = (key, small, plan, picked, step)
+    _, small, plan, picked, step = best
     step["kept"] = True
     seconds["search"] = time.perf_counter() - start
 
@@ -304,6 +328,48 @@ def prune_second_order(
                                 {s.group.name: s.group.unit for s in found if s.group.unit > 1}, group_errors, table,
                                 search, seconds)
     return small, record
+
+
+def _keeping(batches: Iterable[Mapping[str, torch.Tensor]], held: list[torch.Tensor], count: int = SELECTION_IMAGES):
+    """The batches as they are, the first `count` images appended to `held` on the way."""
+    kept = 0
+    for batch in batches:
+        if kept < count:
+            pixels = batch["pixel_values"][:count - kept].detach()
+            held.append(pixels)
+            kept += pixels.shape[0]
+        yield batch
+
+
+def _features(output) -> torch.Tensor:
+    """(images, features): the logits, else the pooled output, else the last hidden state averaged over positions."""
+    value = getattr(output, "logits", None)
+    if value is None:
+        value = getattr(output, "pooler_output", None)
+    if value is None:
+        value = output.last_hidden_state
+    if value.dim() == 4:  # (batch, channels, h, w)
+        value = value.mean(dim=(2, 3))
+    elif value.dim() == 3:  # (batch, tokens, hidden)
+        value = value.mean(dim=1)
+    return value.flatten(1).double()
+
+
+@torch.no_grad()
+def output_distance(dense: nn.Module, pruned: nn.Module, images: Sequence[torch.Tensor], batch_size: int = 64
+                    ) -> float:
+    """How far the pruned model's output is from the dense model's on `images` (no labels): the squared error of
+    the logits over their energy, or, when the widths differ (a backbone whose last stream was pruned), 1 - the
+    linear CKA of the features."""
+    device = next(dense.parameters()).device
+    pairs = [(_features(dense(pixel_values=x.to(device))), _features(pruned(pixel_values=x.to(device))))
+             for x in torch.cat(list(images)).split(batch_size)]
+    a, b = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    if a.shape == b.shape:
+        return float((a - b).pow(2).sum() / a.pow(2).sum().clamp_min(1e-12))
+    a, b = a - a.mean(dim=0), b - b.mean(dim=0)
+    cka = (b.T @ a).pow(2).sum() / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-12)
+    return float(1 - cka)
 
 
 def _first_images(batches: Iterable[Mapping[str, torch.Tensor]], count: int):
