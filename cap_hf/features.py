@@ -149,6 +149,16 @@ def feature_cosine(features: torch.Tensor, reference: torch.Tensor) -> float:
     return float(F.cosine_similarity(features.double(), reference.double(), dim=-1).mean())
 
 
+def linear_cka(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """Linear CKA (Kornblith et al., 2019) of two sets of features of the same images, of any widths: 1 when one
+    is a rotation and scaling of the other, 0 when unrelated. What compares a backbone whose output width
+    changed (a pruned last stream) with its dense self, where a cosine cannot."""
+    a = features.flatten(1).double()
+    b = reference.flatten(1).double()
+    a, b = a - a.mean(dim=0), b - b.mean(dim=0)
+    return float((b.T @ a).pow(2).sum() / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-12))
+
+
 def linear_probe_accuracy(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, labels: torch.Tensor,
                           weight_decay: float = 1e-4, iterations: int = 200, seed: int = 0) -> float:
     """Top-1 of a linear classifier (multinomial logistic regression, full-batch L-BFGS, features
@@ -179,7 +189,7 @@ class FeatureEvaluator:
     """A backbone judged the way DINO users judge one, against its dense self; labels only here.
 
     `evaluator(model)` -> {'feature_cosine': mean cosine of the model's and the dense model's features
-    on the query images (`pooling`), and, when the bank and the queries have labels: 'knn_accuracy'
+    on the query images (`pooling`; 'feature_cka', their linear CKA, when the widths differ), and, when the bank and the queries have labels: 'knn_accuracy'
     (weighted k-NN, k=20, T=0.07, bank = `bank_loader`), 'linear_probe_accuracy' (a linear classifier
     on the frozen bank features)}. k-NN and probe use the CLS token of the last layer (the patch average
     with pooling='mean'): DINO's k-NN feature; for the probe, the simplest of the DINO variants."""
@@ -195,7 +205,10 @@ class FeatureEvaluator:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         queries, labels = self._features(model, self.query_loader, self.pooling)
-        metrics = {"feature_cosine": feature_cosine(queries, self.dense)}
+        if queries.shape == self.dense.shape:
+            metrics = {"feature_cosine": feature_cosine(queries, self.dense)}
+        else:  # the output width changed (structured pruning of the last stream): no cosine, the linear CKA
+            metrics = {"feature_cka": linear_cka(queries, self.dense)}
         if labels is None or self.bank_loader is None:
             return metrics
         bank, bank_labels = self._features(model, self.bank_loader, "mean" if self.pooling == "mean" else "cls")

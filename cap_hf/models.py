@@ -37,18 +37,29 @@ def processor_image_size(processor) -> tuple[int, int]:
 
 def make_vit_classifier(label_names: list[str], image_size: int, num_channels: int, patch_size: int,
                         hidden_size: int = 192, num_hidden_layers: int = 6, num_attention_heads: int = 3,
-                        intermediate_size: int | None = None, seed: int = 0) -> ViTForImageClassification:
-    """A randomly initialised ViT classifier; hidden 192 / 3 heads / MLP 768 is DeiT-Tiny's width."""
+                        intermediate_size: int | None = None, seed: int = 0, family: str = "vit",
+                        layerscale_value: float = 1.0):
+    """A randomly initialised ViT classifier (`family` "vit"), or a DINOv2-shaped one ("dinov2": layer scales
+    starting at `layerscale_value`, a head on CLS + patch mean); hidden 192 / 3 heads / MLP 768 is DeiT-Tiny's
+    width."""
     import torch
 
     torch.manual_seed(seed)
-    config = ViTConfig(
-        hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-        intermediate_size=intermediate_size or 4 * hidden_size, image_size=image_size, patch_size=patch_size,
-        num_channels=num_channels, num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)},
-    )
-    return ViTForImageClassification(config)
+    intermediate_size = intermediate_size or 4 * hidden_size
+    common = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+                  image_size=image_size, patch_size=patch_size, num_channels=num_channels, num_labels=len(label_names),
+                  id2label=dict(enumerate(label_names)), label2id={name: i for i, name in enumerate(label_names)})
+    if family == "dinov2":
+        from transformers import Dinov2Config, Dinov2ForImageClassification
+
+        if intermediate_size % hidden_size:
+            raise ValueError(f"A DINOv2's MLP width is a whole multiple of its hidden size (mlp_ratio); got "
+                             f"{intermediate_size} for hidden size {hidden_size}.")
+        return Dinov2ForImageClassification(Dinov2Config(mlp_ratio=intermediate_size // hidden_size,
+                                                         layerscale_value=layerscale_value, **common))
+    if family != "vit":
+        raise ValueError(f"family must be vit or dinov2, got {family!r}.")
+    return ViTForImageClassification(ViTConfig(intermediate_size=intermediate_size, **common))
 
 
 def make_resnet_classifier(label_names: list[str], num_channels: int, layer_type: str = "bottleneck",

@@ -104,7 +104,8 @@ def base_model_license(base_model: str | None) -> str | None:
 
 
 FEATURE_METRICS = (("knn_accuracy", "weighted k-NN top-1 (k=20, T=0.07)"), ("linear_probe_accuracy", "linear probe top-1"),
-                   ("feature_cosine", "mean cosine of the features to the dense model's"))
+                   ("feature_cosine", "mean cosine of the features to the dense model's"),
+                   ("feature_cka", "linear CKA of the features to the dense model's (widths differ)"))
 
 
 def _pct(value: float | None, digits: int = 2) -> str:
@@ -183,9 +184,8 @@ def build_model_card(
     repo_id = repo_id or folder.name
     sparse_acc, dense_acc = results.get("eval_accuracy"), results.get("dense_accuracy")
     # a backbone's evaluation (cap_hf.features.FeatureEvaluator): k-NN, linear probe, feature cosine
-    features = [(label, _pct(results.get(f"dense_{key}")) if key != "feature_cosine" else "1 (itself)",
-                 _pct(results[f"eval_{key}"]) if key != "feature_cosine" else f"{results[f'eval_{key}']:.4f}")
-                for key, label in FEATURE_METRICS if f"eval_{key}" in results]
+    features = feature_rows({key: results.get(f"dense_{key}") for key, _ in FEATURE_METRICS},
+                            {key: results[f"eval_{key}"] for key, _ in FEATURE_METRICS if f"eval_{key}" in results})
     if sparse_acc is None and "eval_knn_accuracy" in results:  # k-NN top-1 is a backbone's headline accuracy
         sparse_acc, dense_acc = results["eval_knn_accuracy"], results.get("dense_knn_accuracy")
 
@@ -247,6 +247,19 @@ def build_model_card(
     )
 
 
+def feature_rows(dense: dict, pruned: dict) -> list[tuple[str, str, str]]:
+    """(label, dense, pruned) of a backbone's evaluation (FEATURE_METRICS) for the metrics `pruned` holds; the
+    similarities to the dense model read 1 on the dense side."""
+    rows = []
+    for key, label in FEATURE_METRICS:
+        if pruned.get(key) is None:
+            continue
+        similarity = key.startswith("feature_")
+        rows.append((label, "1 (itself)" if similarity else _pct(dense.get(key)),
+                     f"{pruned[key]:.4f}" if similarity else _pct(pruned[key])))
+    return rows
+
+
 def _count(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 1e6:.3f} M"
 
@@ -267,7 +280,11 @@ def _second_order_procedure(results: dict) -> list[str]:
     run = results["second_order"]
     curvature = ("the layer-wise Hessian X X^T of each layer's input over "
                  f"{run['calibration']} calibration images (no labels)" if run["curvature"] == "obs" else
-                 f"the empirical Fisher of {run['calibration']} per-image gradients, shared by each layer's rows")
+                 f"the empirical Fisher of {run['calibration']} per-image gradients, shared by each layer's rows"
+                 + (" (gradients of random projections of the CLS features: no labels)"
+                    if run.get("fisher_objective") == "features" else ""))
+    if run.get("layer_scales_folded"):
+        curvature += f"; {run['layer_scales_folded']} layer scales folded into the weights before them first"
     target = {"latency": f"a measured speed-up of {run['target']:g}x at batch {results['target'].get('batch_size')}",
               "macs": f"{run['target']:g} of the dense model's MACs",
               "params": f"{run['target']:g} of the dense model's parameters"}[run["metric"]]
@@ -346,10 +363,13 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
         procedure.append(f"Trained from scratch (fresh random weights) {training['epochs']:g} epoch(s) on "
                          f"{training['train_samples']} training images, lr {training['learning_rate']}"
                          + (f", distilling from {training.get('teacher')}" if training.get("distill") else "") + ".")
+    classifier = saved_as_classifier(json.loads((folder / "config.json").read_text()).get("architectures")) \
+        if (folder / "config.json").is_file() else True
+    features = feature_rows(results.get("features_dense") or {}, results.get("features_pruned") or {})
     derived = is_hub_id(base_model) and not scratch  # trained from scratch: no weights come from the base model
     card_data = ModelCardData(
         base_model=base_model if derived else None, base_model_relation="finetune" if derived else None,
-        library_name="transformers", pipeline_tag="image-classification",
+        library_name="transformers", pipeline_tag="image-classification" if classifier else "image-feature-extraction",
         datasets=[dataset] if is_hub_id(dataset) else None, license=license, model_name=repo_id,
         tags=["pruned", "structured-pruning", "channel-pruning", method, "cap_hf", "vision"])
     speedups = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in results.get("speedup", {}).items())
@@ -368,6 +388,7 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
                    for batch, ms in results["latency_ms_dense"].items()],
         accuracy_dense=_pct(results.get("accuracy_dense")), accuracy_pruned=_pct(results.get("accuracy_pruned")),
         accuracy_before=_pct(results["accuracy_pruned_before_finetuning"]) if tuning else None,
+        features=features, auto_class="AutoModelForImageClassification" if classifier else "AutoModel",
         speedups=speedups or "n/a",
         latency_note=f"median of {latency.get('repeats')} forward passes on {latency.get('device')}, "
                      f"{latency.get('threads')} threads, dense and pruned taking turns",
@@ -392,7 +413,8 @@ def _target(target: dict | None) -> str | None:
 
 
 WIDTH_FIELDS = {"pruned_resnet": ("embedding_size", "hidden_sizes", "block_widths", "block_shortcuts"),
-                "pruned_vit": ("hidden_size", "head_dim", "layer_num_heads", "layer_intermediate_sizes")}
+                "pruned_vit": ("hidden_size", "head_dim", "layer_num_heads", "layer_intermediate_sizes"),
+                "pruned_dinov2": ("hidden_size", "head_dim", "layer_num_heads", "layer_intermediate_sizes")}
 
 
 def _model_type(folder: Path) -> str | None:

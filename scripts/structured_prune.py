@@ -30,6 +30,12 @@ falls short), --flops_ratio or --params_ratio. Residual streams are pruned too (
 sum over the layers that read it; --uncoupled_only keeps them whole), except a ViT's, which passes through
 LayerNorms.
 
+A backbone without a head (DINO's ViTModel, a Dinov2Model, a ResNetModel: a checkpoint saved without
+*ForImageClassification) is pruned as it is, without labels (obs: the Hessian of the layers' inputs; cap: the
+Fisher of its CLS features) and judged by a weighted k-NN (bank: --knn_bank_split, default the train split), a
+linear probe and the cosine of its features to the dense model's (their linear CKA where the output width
+changed); labels are used only there. A backbone is not fine-tuned here.
+
 With --dataset_name, every method that keeps trained weights then re-estimates the pruned model's
 batch-norm statistics on --bn_recalibration_samples training images (512; no labels, no weight trained;
 0 turns it off): results.json keeps the accuracy before it under bn_recalibration.
@@ -64,9 +70,10 @@ from cap_hf.calibration import calibration_loader
 from cap_hf.checkpoint import CheckpointError
 from cap_hf.cli import parse_args, run
 from cap_hf.data import collate, prepare_splits
+from cap_hf.features import FeatureEvalArguments, FeatureFisherLoss, backbone_evaluator, is_backbone
 from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
-from cap_hf.models import load_classifier, load_image_processor, processor_image_size
+from cap_hf.models import load_classifier, load_image_processor, load_model, processor_image_size
 from cap_hf.sources import check_sources
 from cap_hf.structured import pfs, prune_channels, recalibrate_batch_norms, second_order
 from cap_hf.structured.channels import check_request
@@ -85,7 +92,8 @@ TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_tr
 
 @dataclass
 class StructuredArguments:
-    model_name_or_path: str = field(metadata={"help": "Hub id or folder of an image classifier (ResNet or ViT)."})
+    model_name_or_path: str = field(metadata={
+        "help": "Hub id or folder of an image classifier or a backbone (ResNet, ViT / DeiT / DINO, DINOv2)."})
     method: str = field(default="dfpc", metadata={
         "help": "dfpc (data-free BGSC saliency), l1 or random on a trained model; obs or cap (second-order: removal "
                 "with compensation, from calibration data); pfs (Pruning from Scratch) or uniform (its baseline: every "
@@ -206,10 +214,11 @@ def check_arguments(args: StructuredArguments) -> None:
 
 
 def load_dense(args: StructuredArguments):
-    """(model in eval mode, image processor, trained): for pfs / uniform a folder with only a config is
-    enough (the model is then the config's, randomly initialised, and not trained)."""
+    """(model in eval mode, image processor, trained): the model as it was saved (a classifier, or a backbone
+    such as DINO's ViTModel or a Dinov2Model); for pfs / uniform a folder with only a config is enough (the model
+    is then the config's classifier, randomly initialised, and not trained)."""
     if args.method not in SCRATCH:
-        model, processor = load_classifier(args.model_name_or_path)
+        model, processor = load_model(args.model_name_or_path)
         return model.eval(), processor, True
     processor = load_image_processor(args.model_name_or_path)
     try:
@@ -260,8 +269,20 @@ def search_from_scratch(args, model, image_size, train, training_args) -> tuple[
     }
 
 
+def check_backbone(args: StructuredArguments) -> None:
+    """ValueError for what a backbone (no classification head) cannot be given."""
+    if args.method in SCRATCH:
+        raise ValueError(f"--method {args.method} trains a classifier from scratch; {args.model_name_or_path} is a "
+                         "backbone without a head. Use obs, cap, dfpc, l1 or random.")
+    if args.finetune_epochs:
+        raise ValueError(f"{args.model_name_or_path} is a backbone without a head: --finetune_epochs needs a "
+                         "classifier. Prune the backbone alone (its k-NN accuracy and features are reported), or "
+                         "prune a *ForImageClassification checkpoint.")
+
+
 def prune_with_curvature(args, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
-    """obs / cap on calibration images of the train split (eval transforms, a fixed shuffle)."""
+    """obs / cap on calibration images of the train split (eval transforms, a fixed shuffle). A backbone's cap
+    Fisher is that of its CLS features (cap_hf.features.FeatureFisherLoss: no labels)."""
     if len(train) < args.calibration_samples:
         raise ValueError(f"--calibration_samples {args.calibration_samples} is more than the {len(train)} images of the "
                          "train split; lower it or use a larger split.")
@@ -273,6 +294,7 @@ def prune_with_curvature(args, model, image_size, train, training_args) -> tuple
         params_ratio=args.params_ratio, calibration=args.calibration_samples, levels=args.levels,
         round_to=args.round_to, relative_damp=args.relative_damp, speedup_batch_size=args.speedup_batch_size,
         repeats=args.search_repeats, max_memory_gb=args.max_memory_gb, uncoupled_only=args.uncoupled_only,
+        loss_fn=FeatureFisherLoss("cls", seed=training_args.seed) if is_backbone(model) else None,
         seed=training_args.seed)
     return small, run.results()
 
@@ -282,8 +304,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, training_args = parse_args((StructuredArguments, DistillationArguments), argv, TRAINING_DEFAULTS,
-                                         description=__doc__, prog="python scripts/structured_prune.py")
+        args, feature_args, training_args = parse_args(
+            (StructuredArguments, FeatureEvalArguments, DistillationArguments), argv, TRAINING_DEFAULTS,
+            description=__doc__, prog="python scripts/structured_prune.py")
         check_arguments(args)
         batch_sizes = [int(b) for b in args.latency_batch_sizes.split(",") if b.strip()]
         if args.target_speedup is not None and args.speedup_batch_size not in batch_sizes:
@@ -301,6 +324,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     try:
         model, processor, trained = load_dense(args)
         check_supported(model)
+        backbone = is_backbone(model)
+        if backbone:
+            check_backbone(args)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     image_size = (args.image_size, args.image_size) if args.image_size else processor_image_size(processor)
@@ -310,11 +336,19 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             train, evaluation, names = prepare_splits(
                 args.dataset_name, processor, model.config.num_channels, args.image_column_name,
                 args.label_column_name, None, args.eval_split, args.max_train_samples, args.max_eval_samples,
-                train_needs_labels=bool(args.finetune_epochs) or scratch, seed=training_args.seed)
+                train_needs_labels=bool(args.finetune_epochs) or scratch or (args.method == "cap" and not backbone),
+                eval_needs_labels=not backbone, seed=training_args.seed)
+            if backbone:  # k-NN, linear probe and feature similarity against the dense model (labels only here)
+                evaluate = backbone_evaluator(
+                    model, processor, args.dataset_name, evaluation, feature_args, image_column=args.image_column_name,
+                    label_column=args.label_column_name, eval_split=args.eval_split, seed=training_args.seed,
+                    batch_size=args.eval_batch_size, num_workers=training_args.dataloader_num_workers)
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: {err}") from None
         loader = torch.utils.data.DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=collate,
                                              num_workers=training_args.dataloader_num_workers)
+        if not backbone:
+            evaluate = lambda m: {"accuracy": evaluate_accuracy(m, loader)}  # noqa: E731
         if scratch and names is not None and len(names) != model.config.num_labels:
             logger.info("%s has %d classes, the config %d: the architecture is trained for the data's.",
                         args.dataset_name, len(names), model.config.num_labels)
@@ -345,16 +379,16 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                            "repeats": args.latency_repeats,
                            "statistic": "median of one forward pass, dense and pruned taking turns"}}
     if loader is not None and trained:
-        results["accuracy_dense"] = evaluate_accuracy(model, loader)
+        results.update(_evaluation(evaluate(model), "dense"))
     if loader is not None and not scratch:
-        results["accuracy_pruned"] = evaluate_accuracy(small, loader)
+        results.update(_evaluation(evaluate(small), "pruned"))
         if args.bn_recalibration_samples:
             images = min(args.bn_recalibration_samples, len(train))
             norms = recalibrate_batch_norms(small, calibration_loader(train, 64, training_args.seed), images)
             if norms:
                 results["bn_recalibration"] = {"images": images, "batch_norms": norms,
                                                "accuracy_before": results["accuracy_pruned"]}
-                results["accuracy_pruned"] = evaluate_accuracy(small, loader)
+                results.update(_evaluation(evaluate(small), "pruned"))
     epochs = args.train_epochs / args.flops_ratio if args.budget_train else args.train_epochs or args.finetune_epochs
     if epochs:
         training_args.num_train_epochs = epochs
@@ -394,8 +428,10 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         steps = [f"{_pct(recalibrated['accuracy_before'])} pruned, batch norms re-estimated"] if recalibrated else []
         if "accuracy_pruned_before_finetuning" in results:
             steps.append(f"{_pct(results['accuracy_pruned_before_finetuning'])} before fine-tuning")
-        print(f"top-1 {_pct(results.get('accuracy_dense'))} -> {_pct(results.get('accuracy_pruned'))}"
-              + (f" ({'; '.join(steps)})" if steps else "") + f"; model in {out}")
+        similarity = {k: v for k, v in (results.get("features_pruned") or {}).items() if k.startswith("feature_")}
+        print(f"{'k-NN top-1' if backbone else 'top-1'} {_pct(results.get('accuracy_dense'))} -> "
+              f"{_pct(results.get('accuracy_pruned'))}" + (f" ({'; '.join(steps)})" if steps else "")
+              + "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in similarity.items()) + f"; model in {out}")
     if repo_id:
         try:
             info = push_checkpoint(out, repo_id, private=training_args.hub_private_repo,
@@ -441,6 +477,14 @@ def describe_target(target: dict) -> str:
         return (f"--target_speedup {target['value']:g} at batch {target['batch_size']}, final measurement "
                 f"{target['achieved']:.2f}x{search}")
     return f"--{target['kind']} {target['value']:g}, achieved {target['achieved']:.3f}"
+
+
+def _evaluation(metrics: dict, which: str) -> dict:
+    """results.json's keys of one evaluation: a classifier's accuracy_<which>; a backbone's features_<which> (k-NN,
+    probe, feature similarity) with its k-NN top-1 as accuracy_<which> (None without labels)."""
+    if set(metrics) == {"accuracy"}:
+        return {f"accuracy_{which}": metrics["accuracy"]}
+    return {f"features_{which}": metrics, f"accuracy_{which}": metrics.get("knn_accuracy")}
 
 
 def _pct(value: float | None) -> str:

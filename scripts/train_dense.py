@@ -1,4 +1,4 @@
-"""Train a dense ViT or ResNet classifier from a config on an image dataset, so benchmarks can make their
+"""Train a dense ViT, DINOv2-shaped or ResNet classifier from a config on an image dataset, so benchmarks can make their
 own teachers.
 
   python scripts/train_dense.py --dataset_name data/fashion-mnist --output_dir outputs/fmnist-vit \
@@ -29,7 +29,9 @@ from cap_hf.sources import check_sources
 
 @dataclass
 class ModelArguments:
-    arch: str = field(default="vit", metadata={"help": "vit, or resnet (transformers ResNetForImageClassification)."})
+    arch: str = field(default="vit", metadata={
+        "help": "vit, dinov2 (transformers Dinov2ForImageClassification: layer scales, a head on CLS + patch mean), or "
+                "resnet (transformers ResNetForImageClassification)."})
     image_size: int = field(default=28, metadata={"help": "Input resolution (images are resized to it)."})
     num_channels: int = field(default=1, metadata={"help": "1 for grayscale data, 3 for RGB."})
     patch_size: int = field(default=7, metadata={"help": "ViT patch size; must divide image_size."})
@@ -37,6 +39,7 @@ class ModelArguments:
     num_hidden_layers: int = field(default=6)
     num_attention_heads: int = field(default=3)
     intermediate_size: int | None = field(default=None, metadata={"help": "MLP width (default 4x hidden)."})
+    layerscale_value: float = field(default=1.0, metadata={"help": "dinov2: the layer scales' initial value."})
     layer_type: str = field(default="bottleneck", metadata={"help": "ResNet blocks: bottleneck or basic."})
     embedding_size: int = field(default=32, metadata={"help": "ResNet stem width."})
     hidden_sizes: str = field(default="64,128,256", metadata={"help": "ResNet stage widths, comma-separated."})
@@ -63,9 +66,9 @@ def main(argv: list[str] | None = None) -> None:
         check_sources(dataset=data_args.dataset_name)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    if model_args.arch not in ("vit", "resnet"):
-        raise SystemExit(f"--arch must be vit or resnet, got {model_args.arch!r}.")
-    if model_args.arch == "vit" and model_args.image_size % model_args.patch_size:
+    if model_args.arch not in ("vit", "dinov2", "resnet"):
+        raise SystemExit(f"--arch must be vit, dinov2 or resnet, got {model_args.arch!r}.")
+    if model_args.arch != "resnet" and model_args.image_size % model_args.patch_size:
         raise SystemExit(f"--patch_size {model_args.patch_size} must divide --image_size {model_args.image_size}.")
     if os.path.isdir(training_args.output_dir) and os.listdir(training_args.output_dir) \
             and not data_args.overwrite_output_dir:
@@ -90,10 +93,14 @@ def main(argv: list[str] | None = None) -> None:
         model = make_resnet_classifier(names, model_args.num_channels, model_args.layer_type, model_args.embedding_size,
                                        sizes, depths, seed=training_args.seed)
     else:
-        model = make_vit_classifier(names, model_args.image_size, model_args.num_channels, model_args.patch_size,
-                                    model_args.hidden_size, model_args.num_hidden_layers,
-                                    model_args.num_attention_heads, model_args.intermediate_size,
-                                    seed=training_args.seed)
+        try:
+            model = make_vit_classifier(names, model_args.image_size, model_args.num_channels, model_args.patch_size,
+                                        model_args.hidden_size, model_args.num_hidden_layers,
+                                        model_args.num_attention_heads, model_args.intermediate_size,
+                                        seed=training_args.seed, family=model_args.arch,
+                                        layerscale_value=model_args.layerscale_value)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
     trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                       data_collator=collate, compute_metrics=compute_metrics, processing_class=processor)
     train_result = trainer.train()

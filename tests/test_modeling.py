@@ -85,12 +85,19 @@ def test_save_and_load_with_auto_classes(vit, tmp_path):
     assert isinstance(AutoModel.from_pretrained(tmp_path), PrunedViTModel)
 
 
-@pytest.mark.parametrize("family", ["vit", "resnet"])
+@pytest.mark.parametrize("family", ["vit", "resnet", "dinov2"])
 def test_trust_remote_code_without_cap_hf(vit, tmp_path, family):
     from cap_hf.structured import shrink_resnet
 
     if family == "vit":
         small, x = shrink_vit(vit, KEEP_HEADS, KEEP_NEURONS).eval(), torch.randn(3, 1, 8, 8)
+    elif family == "dinov2":
+        from test_structured_dinov2 import dinov2
+
+        from cap_hf.structured.groups import ChannelGraph, remove_channels
+
+        model = dinov2()
+        small, x = remove_channels(model, ChannelGraph(model, 8), {0: [3], 1: [1], 4: [0, 2]}), torch.randn(3, 1, 8, 8)
     else:
         small, x = shrink_resnet(tiny_resnet(), {1: [[0, 1], [3]]}).eval(), torch.randn(3, 1, 16, 16)
     folder = tmp_path / "small"

@@ -142,7 +142,7 @@ def masked(model, graph, plan):
             for a in group.producers:
                 modules[a.name].weight[gone] = 0
                 modules[a.name].bias[gone] = 0
-            embeddings = dense.vit.embeddings
+            embeddings = dense.base_model.embeddings
             embeddings.cls_token[..., gone] = 0
             embeddings.position_embeddings[..., gone] = 0
             kept = [c for c in range(group.size) if c not in set(gone)]

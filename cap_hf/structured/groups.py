@@ -26,9 +26,19 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
-from transformers import ResNetForImageClassification, ResNetModel, ViTForImageClassification, ViTModel
+from transformers import (
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    ResNetForImageClassification,
+    ResNetModel,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 from cap_hf.modeling import (
+    PrunedDinov2Config,
+    PrunedDinov2ForImageClassification,
+    PrunedDinov2Model,
     PrunedResNetConfig,
     PrunedResNetForImageClassification,
     PrunedResNetModel,
@@ -41,9 +51,13 @@ from cap_hf.structured.measure import images
 NORMS = (nn.BatchNorm2d, nn.LayerNorm)
 PRODUCERS = (nn.Conv2d, nn.Linear)
 SUPPORTED = ("transformers ResNetModel / ResNetForImageClassification (basic and bottleneck blocks), ViTModel / "
-             "ViTForImageClassification (ViT, DeiT without distillation token, DINO v1 checkpoints) and cap_hf's "
-             "PrunedResNet / PrunedViT")
-SUPPORTED_CLASSES = (ResNetModel, ResNetForImageClassification, ViTModel, ViTForImageClassification)
+             "ViTForImageClassification (ViT, DeiT without distillation token, DINO v1 checkpoints), Dinov2Model / "
+             "Dinov2ForImageClassification (DINOv2 without registers, MLP or SwiGLU) and cap_hf's PrunedResNet / "
+             "PrunedViT / PrunedDinov2")
+SUPPORTED_CLASSES = (ResNetModel, ResNetForImageClassification, ViTModel, ViTForImageClassification, Dinov2Model,
+                     Dinov2ForImageClassification)
+VIT_CLASSES = (ViTModel, ViTForImageClassification)
+DINOV2_CLASSES = (Dinov2Model, Dinov2ForImageClassification)
 
 
 @dataclass
@@ -75,9 +89,10 @@ class ChannelGroup:
 
     @property
     def coupled(self) -> bool:
-        """Several layers write or read these channels (a residual stream): DFPC's coupled channels. The
-        query, key and value projections of an attention group write its heads together: one writer."""
-        writers = 1 if self.unit > 1 else len(self.producers)
+        """Several layers write or read these channels (a residual stream): DFPC's coupled channels. Writers
+        inside one module count as one: the query, key and value projections of an attention group, the gate
+        and up projections of a SwiGLU MLP."""
+        writers = len({m.name.rpartition(".")[0] for m in self.producers})
         return writers > 1 or len(self.consumers) > 1
 
     def indices(self, member: Member, channels) -> list[int]:
@@ -244,7 +259,31 @@ def remove_channels(model: nn.Module, graph: ChannelGraph, removed: Mapping[int,
         handler = dependencies.get_pruner_of_module(root).prune_out_channels
         member = next(m for m in group.producers if m.name == group.root)
         dependencies.get_pruning_group(root, handler, group.indices(member, channels)).prune()
+        _narrow_stream_extras(work, model, group, member, channels)
     return export_pruned(work)
+
+
+def _narrow_stream_extras(model: nn.Module, dense: nn.Module, group: ChannelGroup, member: Member, channels) -> None:
+    """What the traced graph misses of a transformer's residual stream, narrowed by hand: the embeddings'
+    mask token (unused by a forward pass without masked positions) and a DINOv2 classifier's input, the CLS
+    token and the patch mean side by side (Torch-Pruning narrows one half of that concatenation only)."""
+    if not member.name.endswith("patch_embeddings.projection"):
+        return
+    gone = set(group.indices(member, channels))
+    kept = [i for i in range(member.module.out_channels) if i not in gone]
+    embeddings = model.get_submodule(member.name.rpartition(".")[0].rpartition(".")[0])
+    token = getattr(embeddings, "mask_token", None)
+    if token is not None and token.shape[-1] == member.module.out_channels:
+        embeddings.mask_token = nn.Parameter(token.detach()[..., kept].clone(), requires_grad=token.requires_grad)
+    if isinstance(dense, Dinov2ForImageClassification) and isinstance(dense.classifier, nn.Linear):
+        width = member.module.out_channels
+        columns = kept + [width + i for i in kept]
+        old = dense.classifier
+        new = nn.Linear(len(columns), old.out_features, bias=old.bias is not None).to(old.weight)
+        new.weight.copy_(old.weight[:, columns])
+        if old.bias is not None:
+            new.bias.copy_(old.bias)
+        model.classifier = new
 
 
 def _stages(resnet: ResNetModel):
@@ -273,17 +312,34 @@ def _export_resnet(model: nn.Module) -> nn.Module:
     return PrunedResNetForImageClassification(config) if hasattr(model, "classifier") else PrunedResNetModel(config)
 
 
-def _export_vit(model: nn.Module) -> nn.Module:
-    vit = model.vit if hasattr(model, "vit") else model
+def _transformer_layers(model: nn.Module):
+    """(base model, its encoder layers) of a ViT or a DINOv2, classifier or backbone."""
+    if isinstance(model, DINOV2_CLASSES):
+        base = getattr(model, "dinov2", model)
+        return base, list(base.encoder.layer)
+    base = getattr(model, "vit", model)
+    return base, list(base.layers)
+
+
+def _mlp_width(mlp: nn.Module) -> int:
+    """An MLP's hidden width: fc1's outputs, or a SwiGLU's gate."""
+    return (mlp.gate_proj if hasattr(mlp, "gate_proj") else mlp.fc1).out_features
+
+
+def _export_transformer(model: nn.Module) -> nn.Module:
+    base, layers = _transformer_layers(model)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     values = _config_values(config, "head_dim", "layer_num_heads", "layer_intermediate_sizes")
     values.update(
-        hidden_size=vit.embeddings.patch_embeddings.projection.out_channels,
+        hidden_size=base.embeddings.patch_embeddings.projection.out_channels,
         head_dim=head_dim,  # the dense model's: the attention scaling must not change
-        layer_num_heads=[layer.attention.q_proj.out_features // head_dim for layer in vit.layers],
-        layer_intermediate_sizes=[layer.mlp.fc1.out_features for layer in vit.layers],
+        layer_num_heads=[layer.attention.q_proj.out_features // head_dim for layer in layers],
+        layer_intermediate_sizes=[_mlp_width(layer.mlp) for layer in layers],
     )
+    if isinstance(model, DINOV2_CLASSES):
+        config = PrunedDinov2Config(**values)
+        return PrunedDinov2ForImageClassification(config) if hasattr(model, "classifier") else PrunedDinov2Model(config)
     config = PrunedViTConfig(**values)
     if hasattr(model, "classifier"):
         return PrunedViTForImageClassification(config)
@@ -292,9 +348,11 @@ def _export_vit(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def export_pruned(model: nn.Module) -> nn.Module:
-    """The same weights in a model class whose config records every width (PrunedResNet, PrunedViT), so
-    that `save_pretrained` / `from_pretrained` round-trip. Module names and computation are unchanged."""
-    small = _export_vit(model) if isinstance(model, (ViTModel, ViTForImageClassification)) else _export_resnet(model)
+    """The same weights in a model class whose config records every width (PrunedResNet, PrunedViT,
+    PrunedDinov2), so that `save_pretrained` / `from_pretrained` round-trip. Module names and computation are
+    unchanged."""
+    transformer = isinstance(model, VIT_CLASSES + DINOV2_CLASSES)
+    small = _export_transformer(model) if transformer else _export_resnet(model)
     small.to(device=next(model.parameters()).device, dtype=next(model.parameters()).dtype)
     small.load_state_dict(model.state_dict(), strict=True)
     return small.eval()

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cap_hf.features import FeatureFisherLoss, linear_cka
 from cap_hf.plan import MemoryBudgetError
 from cap_hf.structured.allocate import METRICS, Unit, allocate, find_units, measure_units, stream_widths
 from cap_hf.structured.curvature import (
@@ -73,6 +74,8 @@ class SecondOrderPruning:
     table: list[dict] = field(default_factory=list)  # per unit: options, costs, chosen
     search: list[dict] = field(default_factory=list)  # per search: budget, predicted, measured; "kept" marks the result
     seconds: dict[str, float] = field(default_factory=dict)
+    layer_scales_folded: int = 0  # a DINOv2's layer scales, folded into the weights before them (fold_layer_scales)
+    fisher_objective: str = "cross_entropy"  # cap: the loss of the gradients ("features": a backbone's, no labels)
 
     @property
     def removed(self) -> int:
@@ -92,7 +95,9 @@ class SecondOrderPruning:
                 "second_order": {"curvature": self.method, "metric": self.metric, "target": self.target,
                                  "calibration": self.calibration, "relative_damp": self.relative_damp,
                                  "levels": self.levels, "group_errors": self.errors, "cost_table": self.table,
-                                 "searches": self.search, "seconds": self.seconds}}
+                                 "searches": self.search, "seconds": self.seconds,
+                                 "layer_scales_folded": self.layer_scales_folded,
+                                 **({"fisher_objective": self.fisher_objective} if self.method == "cap" else {})}}
 
 
 def check_second_order_request(method: str, target_speedup: float | None, flops_ratio: float | None,
@@ -180,6 +185,9 @@ def prune_second_order(
                                                 relative_damp)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    folded = fold_layer_scales(model)
+    folded_scales = sum(1 for m in model.modules() if hasattr(m, "lambda1")) if folded is not model else 0
+    model = folded
     graph = ChannelGraph(model, image_size)
     found = find_structures(graph, shift=method == "obs", streams=not uncoupled_only)
     if not found:
@@ -326,8 +334,37 @@ def prune_second_order(
     group_errors = {s.group.name: float(errors[s.name][s.group.size - widths[s.group.name][1]]) for s in found}
     record = SecondOrderPruning(method, metric, target, seen, relative_damp, levels, round_to, plan, widths,
                                 {s.group.name: s.group.unit for s in found if s.group.unit > 1}, group_errors, table,
-                                search, seconds)
+                                search, seconds, folded_scales,
+                                "features" if isinstance(loss_fn, FeatureFisherLoss) else
+                                "label_free" if label_free or loss_fn is not None else "cross_entropy")
     return small, record
+
+
+@torch.no_grad()
+def fold_layer_scales(model: nn.Module) -> nn.Module:
+    """`model` itself when it has no layer scales; else a copy that computes the same function with every layer
+    scale (a DINOv2's lambda1, after o_proj and the MLP's output layer) folded into the weights before it and set
+    to 1: the readers' reconstruction errors are then those of what each layer adds to the residual stream, so
+    a layer the stream barely hears costs little to prune."""
+    if not any(hasattr(m, "lambda1") for m in model.modules()):
+        return model
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        for scale_name, reader_path in (("layer_scale1", "attention.o_proj"), ("layer_scale2", "mlp.fc2"),
+                                        ("layer_scale2", "mlp.down_proj")):
+            scale = getattr(layer, scale_name, None)
+            try:
+                linear = layer.get_submodule(reader_path)
+            except AttributeError:
+                continue
+            if scale is None or not hasattr(scale, "lambda1"):
+                continue
+            gain = scale.lambda1.detach().clone()
+            linear.weight.mul_(gain.unsqueeze(1))
+            if linear.bias is not None:
+                linear.bias.mul_(gain)
+            scale.lambda1.fill_(1.0)
+    return model
 
 
 def _keeping(batches: Iterable[Mapping[str, torch.Tensor]], held: list[torch.Tensor], count: int = SELECTION_IMAGES):
@@ -367,9 +404,7 @@ def output_distance(dense: nn.Module, pruned: nn.Module, images: Sequence[torch.
     a, b = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     if a.shape == b.shape:
         return float((a - b).pow(2).sum() / a.pow(2).sum().clamp_min(1e-12))
-    a, b = a - a.mean(dim=0), b - b.mean(dim=0)
-    cka = (b.T @ a).pow(2).sum() / ((a.T @ a).norm() * (b.T @ b).norm()).clamp_min(1e-12)
-    return float(1 - cka)
+    return 1.0 - linear_cka(b, a)
 
 
 def _first_images(batches: Iterable[Mapping[str, torch.Tensor]], count: int):
