@@ -12,7 +12,8 @@ from torch import nn
 TRANSFORMER_TARGETS = r".*\.attention\.(q_proj|k_proj|v_proj|o_proj)|.*\.mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)"
 # Never pruned by default: patch/stem embeddings and classification heads (the paper keeps them dense).
 DEFAULT_IGNORE = r"(.*\.)?(embeddings?|embedder|patch_embeddings?|stem)(\..*)?|(.*\.)?(classifier|head|heads|pooler|fc_norm)(\..*)?"
-TRANSFORMER_FAMILIES = {"vit", "deit", "dinov2", "dinov2_with_registers", "vit_msn", "vit_mae", "beit", "dino"}
+TRANSFORMER_FAMILIES = {"vit", "deit", "dinov2", "dinov2_with_registers", "vit_msn", "vit_mae", "beit", "dino", "pruned_vit",
+                       "pruned_dinov2"}  # cap_hf.modeling: structurally pruned ViTs and DINOv2s
 
 PRUNABLE_TYPES = (nn.Linear, nn.Conv2d)
 

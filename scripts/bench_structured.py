@@ -42,7 +42,7 @@ from cap_hf.data import collate, prepare_splits
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.plots import plot_accuracy_lines
-from cap_hf.structured import prune_channels, prune_second_order, recalibrate_batch_norms
+from cap_hf.structured import StructuredConfig, prune_channels, prune_second_order, recalibrate_batch_norms
 from cap_hf.structured.measure import compare_models, count_macs, count_parameters
 from cap_hf.structured.registry import SECOND_ORDER_METHODS
 from cap_hf.trainer import DistillationArguments, fine_tune
@@ -121,17 +121,15 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 if method in SECOND_ORDER_METHODS:
-                    if "pruning_ratio" in goal:
-                        raise ValueError(f"{method} takes targets, not pruning ratios.")
+                    config = StructuredConfig(method, uncoupled_only=variant == "uncoupled",
+                                              calibration_samples=args.calibration_samples, **goal)
                     calibration = calibration_loader(train, 64 if method == "obs" else 1, 0)
-                    small, pruned = prune_second_order(model, size, calibration, method,
-                                                       calibration=args.calibration_samples,
-                                                       uncoupled_only=variant == "uncoupled", **goal)
+                    small, pruned = prune_second_order(model, size, calibration, config)
                     ratio, normalize = pruned.removed / pruned.prunable, "-"
                 else:
-                    normalize = variant if variant in ("mean", "none") else args.normalize
-                    small, pruned = prune_channels(model, size, method, uncoupled_only=variant == "uncoupled",
-                                                   normalize=normalize, **goal)
+                    config = StructuredConfig(method, uncoupled_only=variant == "uncoupled",
+                                              normalize=variant if variant in ("mean", "none") else args.normalize, **goal)
+                    small, pruned = prune_channels(model, size, config)
                     ratio, normalize = pruned.ratio, pruned.normalize
             except ValueError as err:  # beyond what this variant can reach
                 print(f"{spec} {goal}: {err}")

@@ -75,11 +75,17 @@ from cap_hf.hub import HubError, check_push, push_checkpoint
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, load_image_processor, load_model, processor_image_size
 from cap_hf.sources import check_sources
-from cap_hf.structured import pfs, prune_channels, recalibrate_batch_norms, second_order
-from cap_hf.structured.channels import check_request
+from cap_hf.structured import (
+    StructuredConfig,
+    pfs,
+    prune_channels,
+    prune_second_order,
+    recalibrate_batch_norms,
+)
+from cap_hf.structured.config import describe_target, judge_target
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import compare_models
-from cap_hf.structured.registry import SCRATCH_METHODS, SECOND_ORDER_METHODS, check_structured_method
+from cap_hf.structured.registry import SCRATCH_METHODS
 from cap_hf.trainer import DistillationArguments, fine_tune
 from model_cards import write_model_card
 
@@ -94,37 +100,10 @@ TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_tr
 class StructuredArguments:
     model_name_or_path: str = field(metadata={
         "help": "Hub id or folder of an image classifier or a backbone (ResNet, ViT / DeiT / DINO, DINOv2)."})
-    method: str = field(default="dfpc", metadata={
-        "help": "dfpc (data-free BGSC saliency), l1 or random on a trained model; obs or cap (second-order: removal "
-                "with compensation, from calibration data); pfs (Pruning from Scratch) or uniform (its baseline: every "
-                "gated width scaled alike) from a config, trained from scratch."})
-    pruning_ratio: float | None = field(default=None, metadata={
-        "help": "Fraction of the prunable channels to remove (one of --pruning_ratio, --flops_ratio, --target_speedup)."})
-    flops_ratio: float | None = field(default=None, metadata={
-        "help": "MACs of the pruned model over the dense (for pfs: the original, unexpanded) model's, in (0, 1)."})
-    target_speedup: float | None = field(default=None, metadata={
-        "help": "Measured speed-up to reach at --speedup_batch_size (one of the three targets)."})
-    params_ratio: float | None = field(default=None, metadata={
-        "help": "obs / cap: parameters of the pruned model over the dense model's, in (0, 1)."})
-    calibration_samples: int = field(default=512, metadata={
-        "help": "obs: training images for the Hessian; cap: per-image gradients for the Fisher."})
     bn_recalibration_samples: int = field(default=512, metadata={
         "help": "With --dataset_name, for methods that keep trained weights: re-estimate the batch norms' running "
                 "statistics of the pruned model on this many training images (no labels, no weight trained; all of "
                 "the split when smaller); 0 turns it off. Models without batch norms (ViTs) are unchanged."})
-    levels: int = field(default=second_order.LEVELS, metadata={
-        "help": "obs / cap: widths per group in the cost tables and the search (every width for smaller groups)."})
-    relative_damp: float = field(default=second_order.RELATIVE_DAMP, metadata={
-        "help": "obs / cap: dampening, a fraction of the curvature's mean diagonal."})
-    max_memory_gb: float | None = field(default=None, metadata={
-        "help": "obs / cap: refuse to start when the curvatures would not fit in this many GB."})
-    uncoupled_only: bool = field(default=False, metadata={
-        "help": "Prune only channels with one producer and one consumer (residual streams kept whole)."})
-    normalize: str = field(default="auto", metadata={
-        "help": "mean: each group's scores over their mean before the global order; none: raw, as the paper; "
-                "auto: the one measured best for the architecture (mean for ResNets, none for ViTs)."})
-    round_to: int = field(default=1, metadata={
-        "help": "Keep every group's width a multiple of this (e.g. 8: kernels run slower on odd widths)."})
     dataset_name: str | None = field(default=None, metadata={"help": "Evaluate dense and pruned on its eval split."})
     image_column_name: str = field(default="image")
     label_column_name: str = field(default="label")
@@ -155,77 +134,53 @@ class StructuredArguments:
     image_size: int | None = field(default=None, metadata={"help": "Input size (default: the image processor's)."})
     latency_batch_sizes: str = field(default="1,64", metadata={"help": "Batch sizes of the reported latencies."})
     latency_repeats: int = field(default=30, metadata={"help": "Timed forward passes per reported latency."})
-    speedup_batch_size: int = field(default=64, metadata={"help": "Batch size the speed-up target is measured at."})
-    search_repeats: int = field(default=10, metadata={"help": "Timed passes per candidate of the speed-up search."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
 SCRATCH = tuple(SCRATCH_METHODS)  # methods that search an architecture and train it from scratch
-SECOND_ORDER = tuple(SECOND_ORDER_METHODS)  # methods that remove and compensate with calibration data
 
 
-def check_arguments(args: StructuredArguments) -> None:
-    """ValueError for a request that cannot be run, before anything is loaded."""
-    check_structured_method(args.method)
+def check_arguments(args: StructuredArguments, config: StructuredConfig) -> None:
+    """ValueError for a request that cannot be run, before anything is loaded: the request's own checks
+    (StructuredConfig.check), then what this script adds (data, training)."""
+    config.check()
     if args.finetune_epochs < 0 or args.train_epochs < 0:
         raise ValueError("--finetune_epochs and --train_epochs must be >= 0.")
     if args.bn_recalibration_samples < 0:
         raise ValueError(f"--bn_recalibration_samples must be >= 0 (0 turns it off), got {args.bn_recalibration_samples}.")
-    if args.params_ratio is not None and args.method not in SECOND_ORDER:
-        raise ValueError(f"--params_ratio is a target of {' and '.join(SECOND_ORDER)}; {args.method} takes "
-                         "--pruning_ratio, --flops_ratio or --target_speedup.")
-    if args.method in SECOND_ORDER:
-        if args.pruning_ratio is not None:
-            raise ValueError(f"--method {args.method} spends its removals where they cost least: give --target_speedup, "
-                             "--flops_ratio or --params_ratio instead of --pruning_ratio.")
-        second_order.check_second_order_request(args.method, args.target_speedup, args.flops_ratio, args.params_ratio,
-                                                args.levels, args.round_to, args.relative_damp)
-        if args.normalize != "auto":
-            raise ValueError(f"--normalize is DFPC's; {args.method} ranks channels by its own errors.")
-        if not args.dataset_name:
-            raise ValueError(f"--method {args.method} needs calibration images: give --dataset_name (its train split).")
-        if args.calibration_samples < 1:
-            raise ValueError(f"--calibration_samples must be positive, got {args.calibration_samples}.")
-        if args.train_epochs or args.budget_train:
-            raise ValueError(f"--train_epochs / --budget_train are for pfs and uniform; {args.method} fine-tunes "
-                             "with --finetune_epochs.")
+    if config.kind != "scratch" and (args.train_epochs or args.budget_train):
+        raise ValueError(f"--train_epochs / --budget_train are for pfs and uniform; {config.method} fine-tunes "
+                         "with --finetune_epochs.")
+    if config.kind == "second_order" and not args.dataset_name:
+        raise ValueError(f"--method {config.method} needs calibration images: give --dataset_name (its train split).")
+    if config.kind == "channels" and args.finetune_epochs and not args.dataset_name:
+        raise ValueError("--finetune_epochs needs --dataset_name (its train split).")
+    if config.kind != "scratch":
         return
-    if args.method not in SCRATCH:
-        check_request(args.method, args.pruning_ratio, args.target_speedup, args.round_to, args.normalize,
-                      args.flops_ratio)
-        if args.finetune_epochs and not args.dataset_name:
-            raise ValueError("--finetune_epochs needs --dataset_name (its train split).")
-        if args.train_epochs or args.budget_train:
-            raise ValueError(f"--train_epochs / --budget_train are for pfs and uniform; {args.method} fine-tunes "
-                             "with --finetune_epochs.")
-        return
-    if args.flops_ratio is None or args.pruning_ratio is not None or args.target_speedup is not None:
-        raise ValueError(f"--method {args.method} takes --flops_ratio (and neither --pruning_ratio nor --target_speedup).")
-    pfs.check_flops_ratio(args.flops_ratio)
     if not args.dataset_name or not args.train_epochs:
-        raise ValueError(f"--method {args.method} trains the architecture from scratch: give --dataset_name and "
+        raise ValueError(f"--method {config.method} trains the architecture from scratch: give --dataset_name and "
                          "--train_epochs.")
-    if args.finetune_epochs or args.uncoupled_only:
-        raise ValueError(f"--finetune_epochs / --uncoupled_only do not apply to --method {args.method}.")
+    if args.finetune_epochs or config.uncoupled_only:
+        raise ValueError(f"--finetune_epochs / --uncoupled_only do not apply to --method {config.method}.")
     if not 0 < args.gate_val_fraction < 1:
         raise ValueError(f"--gate_val_fraction must be in (0, 1), got {args.gate_val_fraction}.")
     pfs.check_gate_arguments(args.expand_ratio, args.gate_epochs, args.gate_lr, args.gate_lambda, args.gate_sparsity,
                              args.stream_expand_ratio)
 
 
-def load_dense(args: StructuredArguments):
+def load_dense(args: StructuredArguments, config: StructuredConfig):
     """(model in eval mode, image processor, trained): the model as it was saved (a classifier, or a backbone
     such as DINO's ViTModel or a Dinov2Model); for pfs / uniform a folder with only a config is enough (the model
     is then the config's classifier, randomly initialised, and not trained)."""
-    if args.method not in SCRATCH:
+    if config.method not in SCRATCH:
         model, processor = load_model(args.model_name_or_path)
         return model.eval(), processor, True
     processor = load_image_processor(args.model_name_or_path)
     try:
         return AutoModelForImageClassification.from_pretrained(args.model_name_or_path).eval(), processor, True
     except OSError:  # no weights: the config alone
-        config = AutoConfig.from_pretrained(args.model_name_or_path)
-        return AutoModelForImageClassification.from_config(config).eval(), processor, False
+        model_config = AutoConfig.from_pretrained(args.model_name_or_path)
+        return AutoModelForImageClassification.from_config(model_config).eval(), processor, False
 
 
 def batches(dataset, batch_size: int, seed: int, workers: int, shuffle: bool = False):
@@ -235,44 +190,34 @@ def batches(dataset, batch_size: int, seed: int, workers: int, shuffle: bool = F
                                                num_workers=workers, generator=generator)
 
 
-def search_from_scratch(args, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
+def search_from_scratch(args, config, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
     """pfs: gates on the expanded network, then the architecture; uniform: the same expanded network with its
     gated widths scaled alike. The model returned has random weights."""
-    if args.method == "uniform":
+    if config.method == "uniform":
         start = time.perf_counter()
-        small, achieved = pfs.uniform_architecture(model.config, image_size, args.flops_ratio, args.expand_ratio,
+        small, achieved = pfs.uniform_architecture(model.config, image_size, config.flops_ratio, args.expand_ratio,
                                                    args.stream_expand_ratio, seed=training_args.seed)
         return small, {"flops_ratio_achieved": achieved, "search_seconds": time.perf_counter() - start,
                        "expand_ratio": args.expand_ratio, "stream_expand_ratio": args.stream_expand_ratio}
     parts = train.train_test_split(test_size=args.gate_val_fraction, seed=training_args.seed)
     workers = training_args.dataloader_num_workers
     small, run = pfs.prune_from_scratch(
-        model.config, image_size, args.flops_ratio,
+        model.config, image_size, config.flops_ratio,
         batches(parts["train"], args.gate_batch_size, training_args.seed, workers, shuffle=True),
         batches(parts["test"], args.eval_batch_size, training_args.seed, workers), expand_ratio=args.expand_ratio,
         gate_epochs=args.gate_epochs, gate_lr=args.gate_lr, gate_lambda=args.gate_lambda,
         gate_sparsity=args.gate_sparsity, stream_ratio=args.stream_expand_ratio, seed=training_args.seed,
         device="cuda" if torch.cuda.is_available() else "cpu")
     small = small.to(next(model.parameters()).device)  # measured next to the dense model, on its device
-    return small, {
-        "removed_channels": run.removed, "prunable_channels": run.prunable, "pruning_ratio": run.removed / run.prunable,
-        "group_widths": {name: list(w) for name, w in run.widths.items()}, "head_groups": run.units,
-        "flops_ratio_achieved": run.flops_ratio_achieved, "search_seconds": run.search_seconds,
-        "expand_ratio": run.expand_ratio, "stream_expand_ratio": run.stream_ratio, "macs_expanded": run.macs_expanded,
-        "round_to": 1, "normalize": None, "speedup_search": [],  # DFPC's keys, for tools that read both
-        "gates": {"epochs": args.gate_epochs, "lr": args.gate_lr, "lambda": args.gate_lambda,
-                  "sparsity": args.gate_sparsity, "train_samples": len(parts["train"]),
-                  "val_samples": len(parts["test"]), "kept_epoch": run.gates.epoch,
-                  "val_accuracy": run.gates.accuracy, "seconds": run.gates.seconds, "history": run.gates.history,
-                  "collapsed_groups": run.collapsed},
-        "flops_search": [{"gates_kept": c, "flops_ratio": r} for c, r in run.search],
-    }
+    results = run.results()
+    results["gates"].update(train_samples=len(parts["train"]), val_samples=len(parts["test"]))
+    return small, results
 
 
-def check_backbone(args: StructuredArguments) -> None:
+def check_backbone(args: StructuredArguments, config: StructuredConfig) -> None:
     """ValueError for what a backbone (no classification head) cannot be given."""
-    if args.method in SCRATCH:
-        raise ValueError(f"--method {args.method} trains a classifier from scratch; {args.model_name_or_path} is a "
+    if config.method in SCRATCH:
+        raise ValueError(f"--method {config.method} trains a classifier from scratch; {args.model_name_or_path} is a "
                          "backbone without a head. Use obs, cap, dfpc, l1 or random.")
     if args.finetune_epochs:
         raise ValueError(f"{args.model_name_or_path} is a backbone without a head: --finetune_epochs needs a "
@@ -280,20 +225,17 @@ def check_backbone(args: StructuredArguments) -> None:
                          "prune a *ForImageClassification checkpoint.")
 
 
-def prune_with_curvature(args, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
+def prune_with_curvature(config, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
     """obs / cap on calibration images of the train split (eval transforms, a fixed shuffle). A backbone's cap
     Fisher is that of its CLS features (cap_hf.features.FeatureFisherLoss: no labels)."""
-    if len(train) < args.calibration_samples:
-        raise ValueError(f"--calibration_samples {args.calibration_samples} is more than the {len(train)} images of the "
+    if len(train) < config.calibration_samples:
+        raise ValueError(f"--calibration_samples {config.calibration_samples} is more than the {len(train)} images of the "
                          "train split; lower it or use a larger split.")
-    batch_size = 64 if args.method == "obs" else 1  # cap: one gradient per image
+    batch_size = 64 if config.method == "obs" else 1  # cap: one gradient per image
     loader = calibration_loader(train, batch_size, training_args.seed,
                                 num_workers=training_args.dataloader_num_workers)
-    small, run = second_order.prune_second_order(
-        model, image_size, loader, args.method, target_speedup=args.target_speedup, flops_ratio=args.flops_ratio,
-        params_ratio=args.params_ratio, calibration=args.calibration_samples, levels=args.levels,
-        round_to=args.round_to, relative_damp=args.relative_damp, speedup_batch_size=args.speedup_batch_size,
-        repeats=args.search_repeats, max_memory_gb=args.max_memory_gb, uncoupled_only=args.uncoupled_only,
+    small, run = prune_second_order(
+        model, image_size, loader, config,
         loss_fn=FeatureFisherLoss("cls", seed=training_args.seed) if is_backbone(model) else None,
         seed=training_args.seed)
     return small, run.results()
@@ -304,13 +246,13 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, feature_args, training_args = parse_args(
-            (StructuredArguments, FeatureEvalArguments, DistillationArguments), argv, TRAINING_DEFAULTS,
-            description=__doc__, prog="python scripts/structured_prune.py")
-        check_arguments(args)
+        args, config, feature_args, training_args = parse_args(
+            (StructuredArguments, StructuredConfig, FeatureEvalArguments, DistillationArguments), argv,
+            TRAINING_DEFAULTS, description=__doc__, prog="python scripts/structured_prune.py")
+        check_arguments(args, config)
         batch_sizes = [int(b) for b in args.latency_batch_sizes.split(",") if b.strip()]
-        if args.target_speedup is not None and args.speedup_batch_size not in batch_sizes:
-            batch_sizes.append(args.speedup_batch_size)  # the final measurement says whether the target holds
+        if config.target_speedup is not None and config.speedup_batch_size not in batch_sizes:
+            batch_sizes.append(config.speedup_batch_size)  # the final measurement says whether the target holds
         out = Path(training_args.output_dir)
         if out.exists() and any(out.iterdir()) and not args.overwrite_output_dir:
             raise ValueError(f"{out} is not empty (another run?); pass --overwrite_output_dir to replace it.")
@@ -319,14 +261,14 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                       teacher=training_args.teacher_name_or_path if training_args.distill else None)
     except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
-    scratch = args.method in SCRATCH
+    scratch = config.method in SCRATCH
 
     try:
-        model, processor, trained = load_dense(args)
+        model, processor, trained = load_dense(args, config)
         check_supported(model)
         backbone = is_backbone(model)
         if backbone:
-            check_backbone(args)
+            check_backbone(args, config)
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     image_size = (args.image_size, args.image_size) if args.image_size else processor_image_size(processor)
@@ -336,7 +278,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             train, evaluation, names = prepare_splits(
                 args.dataset_name, processor, model.config.num_channels, args.image_column_name,
                 args.label_column_name, None, args.eval_split, args.max_train_samples, args.max_eval_samples,
-                train_needs_labels=bool(args.finetune_epochs) or scratch or (args.method == "cap" and not backbone),
+                train_needs_labels=bool(args.finetune_epochs) or scratch or (config.method == "cap" and not backbone),
                 eval_needs_labels=not backbone, seed=training_args.seed)
             if backbone:  # k-NN, linear probe and feature similarity against the dense model (labels only here)
                 evaluate = backbone_evaluator(
@@ -358,22 +300,15 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
 
     try:
         if scratch:
-            small, results = search_from_scratch(args, model, image_size, train, training_args)
-        elif args.method in SECOND_ORDER:
-            small, results = prune_with_curvature(args, model, image_size, train, training_args)
+            small, results = search_from_scratch(args, config, model, image_size, train, training_args)
+        elif config.kind == "second_order":
+            small, results = prune_with_curvature(config, model, image_size, train, training_args)
         else:
-            small, run = prune_channels(model, image_size, args.method, pruning_ratio=args.pruning_ratio,
-                                        target_speedup=args.target_speedup, uncoupled_only=args.uncoupled_only,
-                                        seed=training_args.seed, speedup_batch_size=args.speedup_batch_size,
-                                        repeats=args.search_repeats, round_to=args.round_to,
-                                        normalize=args.normalize, flops_ratio=args.flops_ratio)
-            results = {"removed_channels": run.removed, "prunable_channels": run.prunable,
-                       "pruning_ratio": run.ratio, "round_to": args.round_to, "normalize": run.normalize,
-                       "group_widths": {name: list(w) for name, w in run.widths.items()}, "head_groups": run.units,
-                       "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in run.search]}
+            small, run = prune_channels(model, image_size, config, seed=training_args.seed)
+            results = run.results()
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    results = {"method": args.method, "uncoupled_only": args.uncoupled_only, "model": args.model_name_or_path,
+    results = {"method": config.method, "uncoupled_only": config.uncoupled_only, "model": args.model_name_or_path,
                "image_size": list(image_size), **results,
                "latency": {"device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
                            "repeats": args.latency_repeats,
@@ -389,7 +324,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                 results["bn_recalibration"] = {"images": images, "batch_norms": norms,
                                                "accuracy_before": results["accuracy_pruned"]}
                 results.update(_evaluation(evaluate(small), "pruned"))
-    epochs = args.train_epochs / args.flops_ratio if args.budget_train else args.train_epochs or args.finetune_epochs
+    epochs = args.train_epochs / config.flops_ratio if args.budget_train else args.train_epochs or args.finetune_epochs
     if epochs:
         training_args.num_train_epochs = epochs
         teacher = model if trained else None
@@ -406,13 +341,13 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             "teacher": (training_args.teacher_name_or_path or args.model_name_or_path) if training_args.distill else None,
             "train_runtime_s": metrics.get("train_runtime")}
     results.update(compare_models(model, small, image_size, batch_sizes, args.latency_repeats))
-    results.update(target_reached(args, results))
+    results.update(judge_target(config, results))
 
     out.mkdir(parents=True, exist_ok=True)
     small.save_pretrained(out)
     processor.save_pretrained(out)
     results["command"] = " ".join(["python", "scripts/structured_prune.py", *argv])
-    results["arguments"] = asdict(args)
+    results["arguments"] = {**asdict(args), **asdict(config)}
     results["training_arguments"] = training_args.to_dict()
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_model_card(out, repo_id=repo_id)  # README.md from results.json, with the chart of channels kept per group
@@ -420,7 +355,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                      f"({results['speedup'][str(b)]:.2f}x)" for b in batch_sizes)
     what = f"MACs ratio {results['macs_pruned'] / results['macs_dense']:.3f}" if scratch else \
         f"removed {results['removed_channels']}/{results['prunable_channels']} channels"
-    print(f"{args.method}: {what}; params {results['params_dense']} -> {results['params_pruned']}, MACs "
+    print(f"{config.method}: {what}; params {results['params_dense']} -> {results['params_pruned']}, MACs "
           f"{results['macs_dense']} -> {results['macs_pruned']}; {line}")
     print(f"target {'met' if results['target_met'] else 'MISSED'}: {describe_target(results['target'])}")
     if loader is not None:
@@ -442,41 +377,6 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                              "would prune again).") from None
         print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
     return results
-
-
-def target_reached(args: StructuredArguments, results: dict) -> dict:
-    """What was asked and what the final measurement of the built model gives: {"target": {kind, value, achieved,
-    met, ...}, "target_met"}. A speed-up target is judged at --speedup_batch_size, where the search measured it."""
-    if args.target_speedup is not None:
-        confirmed = results.get("speedup_search", [])
-        target = {"kind": "speedup", "value": args.target_speedup, "batch_size": args.speedup_batch_size,
-                  "achieved": results["speedup"][str(args.speedup_batch_size)],
-                  "search": next((c for c in confirmed if c.get("kept")), confirmed[-1])["speedup"] if confirmed else None}
-        target["met"] = target["achieved"] >= target["value"]
-    elif args.flops_ratio is not None:
-        target = {"kind": "flops_ratio", "value": args.flops_ratio,
-                  "achieved": results["macs_pruned"] / results["macs_dense"]}
-        target["met"] = target["achieved"] <= target["value"] + 1e-9
-    elif args.params_ratio is not None:
-        target = {"kind": "params_ratio", "value": args.params_ratio,
-                  "achieved": results["params_pruned"] / results["params_dense"]}
-        target["met"] = target["achieved"] <= target["value"] + 1e-9
-    else:
-        target = {"kind": "pruning_ratio", "value": args.pruning_ratio, "achieved": results["pruning_ratio"]}
-        target["met"] = results["removed_channels"] >= round(args.pruning_ratio * results["prunable_channels"])
-    if not target["met"]:
-        logger.warning("The final measurement misses the target: %s.%s", describe_target(target),
-                       " Small models' speed-ups move by about 0.1x between measurements; raise --search_repeats and "
-                       "--latency_repeats, or aim higher." if target["kind"] == "speedup" else "")
-    return {"target": target, "target_met": bool(target["met"])}
-
-
-def describe_target(target: dict) -> str:
-    if target["kind"] == "speedup":
-        search = f"; the search confirmed {target['search']:.2f}x" if target.get("search") else ""
-        return (f"--target_speedup {target['value']:g} at batch {target['batch_size']}, final measurement "
-                f"{target['achieved']:.2f}x{search}")
-    return f"--{target['kind']} {target['value']:g}, achieved {target['achieved']:.3f}"
 
 
 def _evaluation(metrics: dict, which: str) -> dict:

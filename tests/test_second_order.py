@@ -159,7 +159,7 @@ def test_a_flops_target_gives_a_smaller_vit_closer_to_the_dense_one_than_removal
     torch.manual_seed(0)
     model = ViTForImageClassification(tiny_vit_config(intermediate_size=128)).eval()
     batches = random_batches(32, batch_size=4 if method == "obs" else 1)
-    small, run = prune_second_order(model, 8, batches, method, flops_ratio=0.6, calibration=128 if method == "obs" else 32)
+    small, run = prune_second_order(model, 8, batches, method, flops_ratio=0.6, calibration_samples=128 if method == "obs" else 32)
     assert count_macs(small, 8) <= 0.6 * count_macs(model, 8)
     assert isinstance(small, PrunedViTForImageClassification) and run.removed > 0
     assert run.results()["second_order"]["curvature"] == method
@@ -174,7 +174,7 @@ def test_a_flops_target_gives_a_smaller_vit_closer_to_the_dense_one_than_removal
 
 def test_a_params_target_on_a_resnet_is_met():
     model = tiny_resnet()
-    small, run = prune_second_order(model, 16, random_batches(8, size=16), "obs", params_ratio=0.9, calibration=32)
+    small, run = prune_second_order(model, 16, random_batches(8, size=16), "obs", params_ratio=0.9, calibration_samples=32)
     assert count_parameters(small) <= 0.9 * count_parameters(model)
     assert run.widths and all(after >= 1 for _, after in run.widths.values())
 
@@ -186,11 +186,11 @@ def test_residual_streams_are_pruned_and_compensated_beyond_what_block_channels_
     graph = ChannelGraph(model, 16)
     streams = {g.name for g in graph.groups if g.coupled}
     with pytest.raises(ValueError, match="the lowest reachable is") as refused:
-        prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=0.01, calibration=64,
+        prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=0.01, calibration_samples=64,
                            uncoupled_only=True)
     floor = float(re.search(r"lowest reachable is ([0-9.e-]+?)\.?$", str(refused.value)).group(1))
     target = 0.8 * floor
-    small, run = prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=target, calibration=64)
+    small, run = prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=target, calibration_samples=64)
     assert count_macs(small, 16) <= target * count_macs(model, 16)
     assert any(run.widths[name][1] < run.widths[name][0] for name in streams)
     from cap_hf.structured.groups import remove_channels
@@ -212,7 +212,7 @@ def test_residual_streams_are_pruned_and_compensated_beyond_what_block_channels_
     last = next(g for g in graph.groups if g.coupled and any(c.name.startswith("classifier") for c in g.consumers))
     with caplog.at_level("WARNING"):
         _, few = prune_second_order(model, 16, random_batches(16, size=16), "obs", flops_ratio=0.8,
-                                    calibration=last.size)
+                                    calibration_samples=last.size)
     assert f"{last.name} is kept whole" in caplog.text and last.index not in few.plan
     # a ViT's stream passes through LayerNorms: kept whole
     vit = ViTForImageClassification(tiny_vit_config()).eval()
@@ -226,7 +226,7 @@ def test_a_backbone_is_pruned_without_labels_and_compared_by_its_features():
 
     model = tiny_resnet(classifier=False)
     batches = [{"pixel_values": b["pixel_values"]} for b in random_batches(16, size=16)]
-    small, run = prune_second_order(model, 16, batches, "obs", flops_ratio=0.5, calibration=64)
+    small, run = prune_second_order(model, 16, batches, "obs", flops_ratio=0.5, calibration_samples=64)
     assert count_macs(small, 16) <= 0.5 * count_macs(model, 16)
     held = [b["pixel_values"] for b in batches]
     distance = output_distance(model, small, held)
@@ -244,18 +244,18 @@ def test_bad_requests_are_refused_before_the_curvature():
         raise AssertionError("calibration data read")
 
     with pytest.raises(ValueError, match="the lowest reachable is"):
-        prune_second_order(model, 16, never, "obs", flops_ratio=0.05, calibration=64)
+        prune_second_order(model, 16, never, "obs", flops_ratio=0.05, calibration_samples=64)
     with pytest.raises(ValueError, match="it needs at least"):
-        prune_second_order(model, 16, never, "obs", flops_ratio=0.9, calibration=1)
+        prune_second_order(model, 16, never, "obs", flops_ratio=0.9, calibration_samples=1)
     with pytest.raises(MemoryBudgetError, match="give at least"):
-        prune_second_order(model, 16, never, "obs", flops_ratio=0.9, calibration=64, max_memory_gb=1e-6)
+        prune_second_order(model, 16, never, "obs", flops_ratio=0.9, calibration_samples=64, max_memory_gb=1e-6)
     with pytest.raises(ValueError, match="exactly one"):
-        prune_second_order(model, 16, never, "obs", flops_ratio=0.9, params_ratio=0.9, calibration=64)
+        prune_second_order(model, 16, never, "obs", flops_ratio=0.9, params_ratio=0.9, calibration_samples=64)
     with pytest.raises(ValueError, match="does not support"):
         from transformers import ConvNextConfig, ConvNextForImageClassification
         convnext = ConvNextForImageClassification(ConvNextConfig(num_channels=1, hidden_sizes=[8, 16], depths=[1, 1],
                                                                  num_stages=2)).eval()
-        prune_second_order(convnext, 16, never, "obs", flops_ratio=0.9, calibration=64)
+        prune_second_order(convnext, 16, never, "obs", flops_ratio=0.9, calibration_samples=64)
 
 
 def test_structured_prune_script_obs_then_cap_on_top(digits_model, digits_dir, tmp_path):

@@ -337,11 +337,13 @@ def test_structured_prune_script_bad_input(digits_resnet, tmp_path, extra, messa
 
 def test_a_missed_speedup_target_is_said_in_the_log_the_results_and_the_card(caplog):
     """The search confirmed the target, the final measurement of the built model did not: said, not hidden."""
-    script = load_script("structured_prune")
-    args = script.StructuredArguments(model_name_or_path="m", target_speedup=1.5, speedup_batch_size=64)
+    from cap_hf.structured import StructuredConfig
+    from cap_hf.structured.config import judge_target
+
+    config = StructuredConfig("dfpc", target_speedup=1.5, speedup_batch_size=64)
     results = {"speedup": {"1": 1.2, "64": 1.46}, "speedup_search": [{"removed_channels": 40, "speedup": 1.54}]}
     with caplog.at_level("WARNING"):
-        reached = script.target_reached(args, results)
+        reached = judge_target(config, results)
     assert reached["target_met"] is False and reached["target"]["achieved"] == 1.46
     assert "misses the target: --target_speedup 1.5 at batch 64, final measurement 1.46x; the search confirmed 1.54x" \
         in caplog.text
@@ -350,7 +352,7 @@ def test_a_missed_speedup_target_is_said_in_the_log_the_results_and_the_card(cap
     line = _target(reached["target"])
     assert "Target: 1.5x faster at batch 64" in line and "1.46x: **missed**" in line and "1.54x" in line
     results["speedup"]["64"] = 1.51
-    assert script.target_reached(args, results)["target_met"] is True
+    assert judge_target(config, results)["target_met"] is True
 
 
 def test_structured_prune_script_refuses_convnexts_and_folders_of_other_runs(digits_resnet, tmp_path):
@@ -401,6 +403,33 @@ def test_speedup_search_confirms_its_answer_with_more_passes(monkeypatch):
 
     monkeypatch.setattr(channels, "latencies_ms", flattering)
     model = resnet()
-    small, run = prune_channels(model, SIZE, "dfpc", target_speedup=1.5, repeats=10)
+    small, run = prune_channels(model, SIZE, "dfpc", target_speedup=1.5, search_repeats=10)
     assert size(model) / size(small) >= 1.5  # on the short readings alone it would stop near 1.05x
     assert run.search[-1][1] >= 1.5 and any(value < 1.5 for _, value in run.search[-3:-1])
+
+
+def test_the_structured_request_is_declared_once_and_checked_in_one_place():
+    import dataclasses
+    import inspect
+
+    from cap_hf.structured import StructuredConfig, prune_second_order
+
+    names = {f.name for f in dataclasses.fields(StructuredConfig)}
+    script = load_script("structured_prune")
+    assert not names & {f.name for f in dataclasses.fields(script.StructuredArguments)}  # the script parses the config
+    for function in (prune_channels, prune_second_order):  # no second default in the library
+        assert not names & set(inspect.signature(function).parameters)
+    with pytest.raises(ValueError, match="--params_ratio is not a target of dfpc, which takes --pruning_ratio or "
+                                         "--target_speedup or --flops_ratio"):
+        StructuredConfig("dfpc", params_ratio=0.5).check()
+    with pytest.raises(ValueError, match="instead of --pruning_ratio"):
+        StructuredConfig("obs", pruning_ratio=0.5).check()
+    with pytest.raises(ValueError, match="exactly one of target_speedup, flops_ratio and params_ratio"):
+        StructuredConfig("cap").check()
+    with pytest.raises(ValueError, match="levels must be at least 2"):
+        StructuredConfig("obs", flops_ratio=0.5, levels=1).check()
+    StructuredConfig("obs", params_ratio=0.5).check()
+    assert StructuredConfig("obs", params_ratio=0.5).kind == "second_order"
+    model = resnet()
+    with pytest.raises(ValueError, match="target_speedup must be above 1"):  # checked before the graph is traced
+        prune_channels(model, SIZE, StructuredConfig("l1", target_speedup=0.5))

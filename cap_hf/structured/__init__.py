@@ -3,6 +3,8 @@
 - groups.py: channel groups (coupled residual streams and uncoupled block channels) read off the model
   by Torch-Pruning's DependencyGraph; physical removal; export into cap_hf.modeling classes
 - dfpc.py: DFPC's data-free saliency (BGSC) and the L1 / random baselines; the global greedy order
+- config.py: StructuredConfig, the request of a run declared once (the library's argument, the script's flags),
+  its checks and the judgement of its target on the built model
 - channels.py: one run (a pruning ratio, or the fewest channels that reach a FLOPs ratio or a measured speed-up)
 - measure.py: parameters, MACs and latency
 - second_order.py: heads, neurons and block channels removed with second-order compensation (greedy.py: the
@@ -14,10 +16,11 @@
 
 from cap_hf.structured import pfs
 from cap_hf.structured.channels import ChannelPruning, prune_channels
+from cap_hf.structured.config import StructuredConfig
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, remove_channels
 from cap_hf.structured.recalibrate import recalibrate_batch_norms
 from cap_hf.structured.second_order import SecondOrderPruning, prune_second_order
 from cap_hf.structured.shrink import shrink_resnet, shrink_vit
 
-__all__ = ["pfs", "ChannelGraph", "ChannelGroup", "ChannelPruning", "SecondOrderPruning", "prune_channels",
+__all__ = ["pfs", "StructuredConfig", "ChannelGraph", "ChannelGroup", "ChannelPruning", "SecondOrderPruning", "prune_channels",
            "prune_second_order", "recalibrate_batch_norms", "remove_channels", "shrink_resnet", "shrink_vit"]

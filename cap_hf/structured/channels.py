@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from cap_hf.structured.config import StructuredConfig, as_config
 from cap_hf.structured.dfpc import (
     channel_scores,
     check_method,
-    check_normalize,
     prunable_channels,
     removal_order,
     removal_plan,
@@ -41,10 +41,18 @@ class ChannelPruning:
     widths: dict[str, tuple[int, int]]  # group name -> (channels before, after)
     units: dict[str, int] = field(default_factory=dict)  # group name -> indices per channel, for attention heads
     search: list[tuple[int, float]] = field(default_factory=list)
+    round_to: int = 1
 
     @property
     def ratio(self) -> float:
         return self.removed / self.prunable
+
+    def results(self) -> dict:
+        """The keys of structured_prune.py's results.json that this run fills."""
+        return {"removed_channels": self.removed, "prunable_channels": self.prunable, "pruning_ratio": self.ratio,
+                "round_to": self.round_to, "normalize": self.normalize,
+                "group_widths": {name: list(w) for name, w in self.widths.items()}, "head_groups": self.units,
+                "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in self.search]}
 
 
 def _reachable_error(what: str, wanted: float, best: float, uncoupled_only: bool) -> ValueError:
@@ -62,54 +70,37 @@ def fewest(enough, high: int) -> int:
     return high
 
 
-def check_request(method: str, pruning_ratio: float | None, target_speedup: float | None, round_to: int = 1,
-                  normalize: str = "auto", flops_ratio: float | None = None) -> None:
-    """ValueError for a request that cannot be run, before any work."""
-    check_normalize(normalize)
-    if round_to < 1:
-        raise ValueError(f"round_to must be a positive number of channels, got {round_to}.")
-    check_method(method)
-    if sum(target is not None for target in (pruning_ratio, target_speedup, flops_ratio)) != 1:
-        raise ValueError("Give exactly one of pruning_ratio, target_speedup and flops_ratio.")
-    for name, value in (("pruning_ratio", pruning_ratio), ("flops_ratio", flops_ratio)):
-        if value is not None and not 0 < value < 1:
-            raise ValueError(f"{name} must be in (0, 1), got {value}.")
-    if target_speedup is not None and not target_speedup > 1:
-        raise ValueError(f"target_speedup must be above 1, got {target_speedup}.")
-
-
 def prune_channels(
     model: nn.Module,
     image_size: int | Sequence[int],
-    method: str = "dfpc",
+    config: StructuredConfig | str = "dfpc",
     *,
-    pruning_ratio: float | None = None,
-    target_speedup: float | None = None,
-    uncoupled_only: bool = False,
     seed: int = 0,
-    speedup_batch_size: int = 64,
-    repeats: int = 10,
-    round_to: int = 1,
-    normalize: str = "auto",
-    flops_ratio: float | None = None,
+    **fields,
 ) -> tuple[nn.Module, ChannelPruning]:
     """A physically smaller copy of `model` (eval mode) and what was removed.
 
-    One of `pruning_ratio` (the fraction of the prunable channels to remove), `flops_ratio` (the fewest
-    channels whose removal leaves at most this fraction of the dense model's MACs) and `target_speedup` (the
-    measured latency of the dense model over the pruned one at `speedup_batch_size`, on this machine and
-    thread count, at least this). `round_to` keeps every group's width a multiple of it (or whole);
-    `normalize` is channel_scores' (each group's scores over their mean, raw as in the paper, or auto: the
-    one measured best for the architecture, recorded resolved in the result). The
+    `config`: a StructuredConfig, or a method name ("dfpc", "l1", "random") with its fields as keywords
+    (`prune_channels(model, 224, "dfpc", target_speedup=1.5)`). One of `pruning_ratio` (the fraction of the
+    prunable channels to remove), `flops_ratio` (the fewest channels whose removal leaves at most this
+    fraction of the dense model's MACs) and `target_speedup` (the measured latency of the dense model over the
+    pruned one at `speedup_batch_size`, on this machine and thread count, at least this). `round_to` keeps
+    every group's width a multiple of it (or whole); `normalize` is channel_scores' (each group's scores over
+    their mean, raw as in the paper, or auto: the one measured best for the architecture, recorded resolved in
+    the result). The
     speed-up search bisects the number of channels taken from the front of the removal order (the order
     is fixed once the scores are), measuring every candidate, the dense and the pruned model taking turns:
-    about log2(channels) candidates of `repeats` timed passes each. The answer is then re-measured with
-    3 x `repeats` passes and, if that reading falls short (timing noise), moved along the order in steps
+    about log2(channels) candidates of `search_repeats` timed passes each. The answer is then re-measured with
+    3 x `search_repeats` passes and, if that reading falls short (timing noise), moved along the order in steps
     of 2% of the removable channels until it holds.
     """
-    check_request(method, pruning_ratio, target_speedup, round_to, normalize, flops_ratio)
+    config = as_config(config, **fields)
+    check_method(config.method)
+    method, uncoupled_only, round_to = config.method, config.uncoupled_only, config.round_to
+    pruning_ratio, flops_ratio, target_speedup = config.pruning_ratio, config.flops_ratio, config.target_speedup
+    speedup_batch_size, repeats = config.speedup_batch_size, config.search_repeats
     graph = ChannelGraph(model, image_size)
-    normalize = resolve_normalize(graph, normalize)
+    normalize = resolve_normalize(graph, config.normalize)
     order = removal_order(graph.groups, channel_scores(graph, method, seed, normalize), uncoupled_only)
     prunable = prunable_channels(graph.groups, uncoupled_only)
     sizes = {g.index: g.size for g in graph.groups}
@@ -161,4 +152,4 @@ def prune_channels(
     removed = sum(len(channels) for channels in plan.values())
     units = {g.name: g.unit for g in graph.groups if g.unit > 1}
     return small, ChannelPruning(method, normalize, uncoupled_only, removed, prunable, plan, widths, units=units,
-                                 search=search)
+                                 search=search, round_to=round_to)

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cap_hf.structured.config import NORMALIZERS
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
 from cap_hf.structured.registry import CHANNEL_METHODS, check_structured_method
 
 SCORES = tuple(CHANNEL_METHODS)  # the scores channel_scores computes
-NORMALIZERS = ("auto", "mean", "none")
 
 
 def _norm_scale(norm: Member | None) -> torch.Tensor | None:

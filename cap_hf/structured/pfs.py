@@ -306,6 +306,21 @@ class ScratchPruning:
     search: list[tuple[int, float]]
     collapsed: list[str]  # groups whose gates all ended at zero (kept at one channel)
     search_seconds: float
+    gate_settings: dict = field(default_factory=dict)  # epochs, lr, lambda, sparsity of the gate learning
+
+    def results(self) -> dict:
+        """The keys of structured_prune.py's results.json that this run fills (with DFPC's keys, for tools that
+        read both)."""
+        return {
+            "removed_channels": self.removed, "prunable_channels": self.prunable,
+            "pruning_ratio": self.removed / self.prunable,
+            "group_widths": {name: list(w) for name, w in self.widths.items()}, "head_groups": self.units,
+            "flops_ratio_achieved": self.flops_ratio_achieved, "search_seconds": self.search_seconds,
+            "expand_ratio": self.expand_ratio, "stream_expand_ratio": self.stream_ratio,
+            "macs_expanded": self.macs_expanded, "round_to": 1, "normalize": None, "speedup_search": [],
+            "gates": {**self.gate_settings, "kept_epoch": self.gates.epoch, "val_accuracy": self.gates.accuracy,
+                      "seconds": self.gates.seconds, "history": self.gates.history, "collapsed_groups": self.collapsed},
+            "flops_search": [{"gates_kept": c, "flops_ratio": r} for c, r in self.search]}
 
 
 def prune_from_scratch(config, image_size: int | Sequence[int], flops_ratio: float,
@@ -354,7 +369,8 @@ def prune_from_scratch(config, image_size: int | Sequence[int], flops_ratio: flo
     stream = 1.0 if expanded_cfg.model_type == "pruned_vit" else expand_ratio if stream_ratio is None else stream_ratio
     result = ScratchPruning(expand_ratio, stream, flops_ratio, found.flops_ratio, base_macs, expanded_macs,
                             widths, units, removed, sum(g.size for g in gates.groups), learning, found.steps, collapsed,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start,
+                            {"epochs": gate_epochs, "lr": gate_lr, "lambda": gate_lambda, "sparsity": gate_sparsity})
     return fresh, result
 
 

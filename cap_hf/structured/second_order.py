@@ -32,9 +32,9 @@ from torch import nn
 
 from cap_hf.features import FeatureFisherLoss, linear_cka
 from cap_hf.plan import MemoryBudgetError
-from cap_hf.structured.allocate import METRICS, Unit, allocate, find_units, measure_units, stream_widths
+from cap_hf.structured.allocate import Unit, allocate, find_units, measure_units, stream_widths
+from cap_hf.structured.config import StructuredConfig, as_config
 from cap_hf.structured.curvature import (
-    CURVATURES,
     Structures,
     find_structures,
     fishers,
@@ -47,8 +47,6 @@ from cap_hf.structured.measure import count_macs, count_parameters, latencies_ms
 
 logger = logging.getLogger(__name__)
 
-LEVELS = 16  # widths per group in the cost tables (every width for groups of up to 16 channels)
-RELATIVE_DAMP = 0.01  # dampening: this fraction of the curvature's mean diagonal (ZipLM's)
 CORRECTIONS = 4  # latency targets: searches after the first (the budget scaled by the miss, then bisected)
 SLACK = 0.05  # a measured speed-up this far above the target is close enough (else the budget is loosened)
 STREAM_WEIGHTS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)  # the streams' errors times each, one search each: the layer-wise errors miss
@@ -100,29 +98,6 @@ class SecondOrderPruning:
                                  **({"fisher_objective": self.fisher_objective} if self.method == "cap" else {})}}
 
 
-def check_second_order_request(method: str, target_speedup: float | None, flops_ratio: float | None,
-                               params_ratio: float | None, levels: int = LEVELS, round_to: int = 1,
-                               relative_damp: float = RELATIVE_DAMP) -> tuple[str, float]:
-    """(metric, target) of a valid request; ValueError before any work otherwise."""
-    if method not in CURVATURES:
-        raise ValueError(f"Unknown second-order method {method!r}; choose one of {', '.join(CURVATURES)}.")
-    given = [(m, v) for m, v in zip(METRICS, (target_speedup, flops_ratio, params_ratio), strict=True) if v is not None]
-    if len(given) != 1:
-        raise ValueError("Give exactly one of target_speedup, flops_ratio and params_ratio.")
-    metric, value = given[0]
-    if metric == "latency" and not value > 1:
-        raise ValueError(f"target_speedup must be above 1, got {value}.")
-    if metric != "latency" and not 0 < value < 1:
-        raise ValueError(f"{'flops_ratio' if metric == 'macs' else 'params_ratio'} must be in (0, 1), got {value}.")
-    if levels < 2:
-        raise ValueError(f"levels must be at least 2 widths per group, got {levels}.")
-    if round_to < 1:
-        raise ValueError(f"round_to must be a positive number of channels, got {round_to}.")
-    if not relative_damp > 0:
-        raise ValueError(f"relative_damp must be positive, got {relative_damp}.")
-    return metric, value
-
-
 def curvature_bytes(found: Sequence[Structures]) -> tuple[int, str, int]:
     """(bytes of every curvature held at once, the widest reader, the bytes while its group is pruned): float64
     d_in x d_in per reader; pruning a group holds, per reader, its curvature, the inverse and a working copy."""
@@ -149,40 +124,38 @@ def prune_second_order(
     model: nn.Module,
     image_size: int | Sequence[int],
     batches: Iterable[Mapping[str, torch.Tensor]] | Callable[[], Iterable[Mapping[str, torch.Tensor]]],
-    method: str = "obs",
+    config: StructuredConfig | str = "obs",
     *,
-    target_speedup: float | None = None,
-    flops_ratio: float | None = None,
-    params_ratio: float | None = None,
-    calibration: int,
-    levels: int = LEVELS,
-    round_to: int = 1,
-    relative_damp: float = RELATIVE_DAMP,
-    speedup_batch_size: int = 64,
-    repeats: int = 10,
-    max_memory_gb: float | None = None,
-    uncoupled_only: bool = False,
     label_free: bool = False,
     loss_fn: Callable | None = None,
     seed: int = 0,
+    **fields,
 ) -> tuple[nn.Module, SecondOrderPruning]:
     """A physically smaller, compensated copy of `model` (eval mode) and what was done.
 
-    `batches` (or a callable returning them) are calibration batches of {"pixel_values"[, "labels"]}:
-    `calibration` images in all for "obs" (the Hessian), `calibration` batches = gradients for "cap" (the
-    Fisher; labels, or `label_free` / `loss_fn` as in cap_hf.fisher.iter_gradients). One target:
+    `config`: a StructuredConfig, or "obs" / "cap" with its fields as keywords (`prune_second_order(model, 224,
+    batches, "obs", flops_ratio=0.5, calibration_samples=512)`). `batches` (or a callable returning them) are
+    calibration batches of {"pixel_values"[, "labels"]}: `calibration_samples` images in all for "obs" (the
+    Hessian), as many batches = gradients for "cap" (the Fisher; labels, or `label_free` / `loss_fn` as in
+    cap_hf.fisher.iter_gradients). One target:
     `target_speedup` (measured at `speedup_batch_size` on this machine: the cost tables are timed, the built
     model is measured, and up to CORRECTIONS further searches move the budget: scaled by what the prediction
     missed, then bisected between one that met the target and one that missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the
-    target can be reached, `calibration` is enough for the widest reader's curvature, the curvatures fit in
+    target can be reached, `calibration_samples` is enough for the widest reader's curvature, the curvatures fit in
     `max_memory_gb`. `uncoupled_only` keeps the residual streams whole; a stream whose reader's curvature needs
     more calibration than given is kept whole with a warning. With streams, the search runs once per weight
     of their errors against the others' (STREAM_WEIGHTS) and keeps the model (among those that met the target)
     whose output is closest to the dense model's on the first SELECTION_IMAGES calibration images
     (`output_distance`: no labels).
     """
-    metric, target = check_second_order_request(method, target_speedup, flops_ratio, params_ratio, levels, round_to,
-                                                relative_damp)
+    config = as_config(config, **fields)
+    if config.kind != "second_order":
+        raise ValueError(f"prune_second_order takes obs or cap, got {config.method!r} (prune_channels scores channels).")
+    method, calibration, levels, round_to = config.method, config.calibration_samples, config.levels, config.round_to
+    relative_damp, uncoupled_only, max_memory_gb = config.relative_damp, config.uncoupled_only, config.max_memory_gb
+    speedup_batch_size, repeats = config.speedup_batch_size, config.search_repeats
+    name, target = config.target
+    metric = {"target_speedup": "latency", "flops_ratio": "macs", "params_ratio": "params"}[name]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     folded = fold_layer_scales(model)
