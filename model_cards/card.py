@@ -363,8 +363,8 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
         procedure.append(f"Trained from scratch (fresh random weights) {training['epochs']:g} epoch(s) on "
                          f"{training['train_samples']} training images, lr {training['learning_rate']}"
                          + (f", distilling from {training.get('teacher')}" if training.get("distill") else "") + ".")
-    classifier = saved_as_classifier(json.loads((folder / "config.json").read_text()).get("architectures")) \
-        if (folder / "config.json").is_file() else True
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    classifier = saved_as_classifier(config.get("architectures")) if config else True
     features = feature_rows(results.get("features_dense") or {}, results.get("features_pruned") or {})
     derived = is_hub_id(base_model) and not scratch  # trained from scratch: no weights come from the base model
     card_data = ModelCardData(
@@ -393,7 +393,7 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
         latency_note=f"median of {latency.get('repeats')} forward passes on {latency.get('device')}, "
                      f"{latency.get('threads')} threads, dense and pruned taking turns",
         procedure=procedure + list(notes or ()), chart=WIDTHS_CHART_FILE, widths=widths, repo_id=load_id,
-        width_fields=", ".join(f"`{f}`" for f in WIDTH_FIELDS.get(_model_type(folder), ("hidden_size",))),
+        width_fields=", ".join(f"`{f}`" for f in WIDTH_FIELDS.get(config.get("model_type"), ("hidden_size",))),
         command=results.get("command", ""), citation=CITATIONS["ziplm"] + ("\n\n" + CITATIONS["cap"] if method == "cap" else "")
         if second_order else CITATIONS.get(method, CITATIONS["dfpc"]),
         target=_target(results.get("target")))
@@ -415,11 +415,6 @@ def _target(target: dict | None) -> str | None:
 WIDTH_FIELDS = {"pruned_resnet": ("embedding_size", "hidden_sizes", "block_widths", "block_shortcuts"),
                 "pruned_vit": ("hidden_size", "head_dim", "layer_num_heads", "layer_intermediate_sizes"),
                 "pruned_dinov2": ("hidden_size", "head_dim", "layer_num_heads", "layer_intermediate_sizes")}
-
-
-def _model_type(folder: Path) -> str | None:
-    config = folder / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
 
 
 def recorded_sources(folder: str | Path) -> dict[str, str | None]:

@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         small, metrics = fine_tune(small, teacher, training_args, train, evaluation)
         if not scratch:
             results["accuracy_pruned_before_finetuning"] = results["accuracy_pruned"]
-        results["accuracy_pruned"] = evaluate_accuracy(small, loader)
+        results.update(_evaluation(evaluate(small), "pruned"))
         results["training" if scratch else "finetuning"] = {
             "epochs": epochs, "train_samples": len(train), "distill": training_args.distill,
             "learning_rate": training_args.learning_rate,

@@ -88,8 +88,10 @@ def test_removed_heads_neurons_and_stream_channels_give_a_pruned_dinov2_that_com
 
 def test_layer_scales_fold_into_the_weights_before_them_exactly():
     model = dinov2()
-    folded = fold_layer_scales(model)
-    assert folded is not model and fold_layer_scales(folded.base_model.embeddings) is folded.base_model.embeddings
+    folded, count = fold_layer_scales(model)
+    assert folded is not model and count == 2 * LAYERS
+    embeddings = folded.base_model.embeddings
+    assert fold_layer_scales(embeddings) == (embeddings, 0)
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(outputs(folded, x), outputs(model, x), rtol=1e-5, atol=1e-5)
     scales = [m.lambda1 for m in folded.modules() if hasattr(m, "lambda1")]

@@ -28,23 +28,29 @@ class PrunedViTConfig(ViTConfig):
     layer_intermediate_sizes: list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        layers = self.num_hidden_layers
-        if self.layer_num_heads is None:
-            self.layer_num_heads = [self.num_attention_heads] * layers
-        if self.layer_intermediate_sizes is None:
-            self.layer_intermediate_sizes = [self.intermediate_size] * layers
-        self.layer_num_heads = [int(h) for h in self.layer_num_heads]
-        self.layer_intermediate_sizes = [int(m) for m in self.layer_intermediate_sizes]
-        for name in ("layer_num_heads", "layer_intermediate_sizes"):
-            values = getattr(self, name)
-            if len(values) != layers:
-                raise ValueError(f"{name} has {len(values)} entries but the model has {layers} layers.")
-            if min(values) < 1:
-                raise ValueError(f"{name} must be >= 1 in every layer, got {values}; a layer cannot lose all "
-                                 "of its heads or neurons in this model class.")
+        complete_layer_widths(self, self.intermediate_size)
         super().__post_init__(**kwargs)
+
+
+def complete_layer_widths(config, intermediate_size: int) -> None:
+    """Fill a pruned transformer config's per-layer fields left unset (head_dim from the dense model, every layer
+    at `num_attention_heads` heads and `intermediate_size` MLP neurons) and check them (PrunedViT, PrunedDinov2)."""
+    if config.head_dim is None:
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    layers = config.num_hidden_layers
+    if config.layer_num_heads is None:
+        config.layer_num_heads = [config.num_attention_heads] * layers
+    if config.layer_intermediate_sizes is None:
+        config.layer_intermediate_sizes = [intermediate_size] * layers
+    config.layer_num_heads = [int(h) for h in config.layer_num_heads]
+    config.layer_intermediate_sizes = [int(m) for m in config.layer_intermediate_sizes]
+    for name in ("layer_num_heads", "layer_intermediate_sizes"):
+        values = getattr(config, name)
+        if len(values) != layers:
+            raise ValueError(f"{name} has {len(values)} entries but the model has {layers} layers.")
+        if min(values) < 1:
+            raise ValueError(f"{name} must be >= 1 in every layer, got {values}; a layer cannot lose all "
+                             "of its heads or neurons in this model class.")
 
 
 __all__ = ["PrunedViTConfig"]

@@ -1,27 +1,22 @@
 """DINOv2 with per-layer head counts and MLP widths (physically smaller after structured pruning).
 
 The modules and forward pass are transformers' DINOv2; only the Linear layers of each encoder layer are
-rebuilt at their own sizes. Imports only transformers and torch, so it travels with the checkpoint.
+rebuilt at their own sizes. Imports only transformers, torch and its neighbours (the attention from
+modeling_pruned_vit.py), so they travel with the checkpoint.
 """
 
 from torch import nn
 from transformers import Dinov2ForImageClassification, Dinov2Model
 
 from .configuration_pruned_dinov2 import PrunedDinov2Config
+from .modeling_pruned_vit import resize_attention
 
 
 def _resize_layers(dinov2: Dinov2Model, config: PrunedDinov2Config) -> None:
-    hidden, head_dim = config.hidden_size, config.head_dim
+    hidden = config.hidden_size
     for layer, heads, width in zip(dinov2.encoder.layer, config.layer_num_heads, config.layer_intermediate_sizes,
                                    strict=True):
-        attention = layer.attention
-        attention.num_attention_heads = heads
-        attention.head_dim = head_dim
-        attention.scaling = head_dim**-0.5
-        attention.q_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
-        attention.k_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
-        attention.v_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
-        attention.o_proj = nn.Linear(heads * head_dim, hidden, bias=True)
+        resize_attention(layer.attention, config, heads)
         mlp = layer.mlp
         if config.use_swiglu_ffn:
             mlp.gate_proj = nn.Linear(hidden, width, bias=True)

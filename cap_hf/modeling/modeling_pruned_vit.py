@@ -10,17 +10,22 @@ from transformers import ViTForImageClassification, ViTModel
 from .configuration_pruned_vit import PrunedViTConfig
 
 
-def _resize_layers(vit: ViTModel, config: PrunedViTConfig) -> None:
+def resize_attention(attention: nn.Module, config, heads: int) -> None:
+    """A transformers-5 attention module (q/k/v/o_proj) rebuilt with `heads` heads of the config's head_dim."""
     hidden, head_dim = config.hidden_size, config.head_dim
+    attention.num_attention_heads = heads
+    attention.head_dim = head_dim
+    attention.scaling = head_dim**-0.5
+    attention.q_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
+    attention.k_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
+    attention.v_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
+    attention.o_proj = nn.Linear(heads * head_dim, hidden, bias=True)
+
+
+def _resize_layers(vit: ViTModel, config: PrunedViTConfig) -> None:
+    hidden = config.hidden_size
     for layer, heads, width in zip(vit.layers, config.layer_num_heads, config.layer_intermediate_sizes, strict=True):
-        attention = layer.attention
-        attention.num_attention_heads = heads
-        attention.head_dim = head_dim
-        attention.scaling = head_dim**-0.5
-        attention.q_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
-        attention.k_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
-        attention.v_proj = nn.Linear(hidden, heads * head_dim, bias=config.qkv_bias)
-        attention.o_proj = nn.Linear(heads * head_dim, hidden, bias=True)
+        resize_attention(layer.attention, config, heads)
         layer.mlp.fc1 = nn.Linear(hidden, width)
         layer.mlp.fc2 = nn.Linear(width, hidden)
 

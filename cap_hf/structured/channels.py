@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from cap_hf.structured.config import StructuredConfig, as_config
+from cap_hf.structured.config import StructuredConfig, as_config, removal_record
 from cap_hf.structured.dfpc import (
     channel_scores,
     check_method,
@@ -49,9 +49,8 @@ class ChannelPruning:
 
     def results(self) -> dict:
         """The keys of structured_prune.py's results.json that this run fills."""
-        return {"removed_channels": self.removed, "prunable_channels": self.prunable, "pruning_ratio": self.ratio,
-                "round_to": self.round_to, "normalize": self.normalize,
-                "group_widths": {name: list(w) for name, w in self.widths.items()}, "head_groups": self.units,
+        return {**removal_record(self.removed, self.prunable, self.widths, self.units), "round_to": self.round_to,
+                "normalize": self.normalize,
                 "speedup_search": [{"removed_channels": c, "speedup": s} for c, s in self.search]}
 
 

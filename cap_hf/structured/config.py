@@ -78,8 +78,7 @@ class StructuredConfig:
     def check(self) -> None:
         """ValueError for a request that cannot be run, before anything is loaded."""
         check_structured_method(self.method)
-        if self.normalize not in NORMALIZERS:
-            raise ValueError(f"Unknown normalize {self.normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
+        check_normalize(self.normalize)
         if self.round_to < 1:
             raise ValueError(f"round_to must be a positive number of channels, got {self.round_to}.")
         allowed = targets_of(self.method)
@@ -110,6 +109,18 @@ class StructuredConfig:
                 raise ValueError(f"relative_damp must be positive, got {self.relative_damp}.")
             if self.calibration_samples < 1:
                 raise ValueError(f"calibration_samples must be positive, got {self.calibration_samples}.")
+
+
+def check_normalize(normalize: str) -> None:
+    if normalize not in NORMALIZERS:
+        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
+
+
+def removal_record(removed: int, prunable: int, widths: dict, units: dict) -> dict:
+    """The results.json keys every structured run fills: channels removed of those it may prune, each group's
+    width before and after, and the groups whose channels are attention heads (indices per channel)."""
+    return {"removed_channels": removed, "prunable_channels": prunable, "pruning_ratio": removed / prunable,
+            "group_widths": {name: list(w) for name, w in widths.items()}, "head_groups": units}
 
 
 def targets_of(method: str) -> tuple[str, ...]:

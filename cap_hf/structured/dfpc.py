@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cap_hf.structured.config import NORMALIZERS
+from cap_hf.structured.config import check_normalize
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
 from cap_hf.structured.registry import CHANNEL_METHODS, check_structured_method
 
@@ -155,11 +155,6 @@ def check_method(method: str) -> None:
     if method not in SCORES:
         raise ValueError(f"{method!r} does not score a trained model's channels ({', '.join(SCORES)} do); it searches an "
                          "architecture to train from scratch: cap_hf.structured.pfs.")
-
-
-def check_normalize(normalize: str) -> None:
-    if normalize not in NORMALIZERS:
-        raise ValueError(f"Unknown normalize {normalize!r}; choose one of {', '.join(NORMALIZERS)}.")
 
 
 def resolve_normalize(graph: ChannelGraph, normalize: str) -> str:

@@ -37,6 +37,7 @@ from cap_hf.modeling import (
     PrunedViTForImageClassification,
 )
 from cap_hf.structured.channels import fewest
+from cap_hf.structured.config import removal_record
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, _config_values, remove_channels
 from cap_hf.structured.measure import count_macs
 
@@ -312,9 +313,7 @@ class ScratchPruning:
         """The keys of structured_prune.py's results.json that this run fills (with DFPC's keys, for tools that
         read both)."""
         return {
-            "removed_channels": self.removed, "prunable_channels": self.prunable,
-            "pruning_ratio": self.removed / self.prunable,
-            "group_widths": {name: list(w) for name, w in self.widths.items()}, "head_groups": self.units,
+            **removal_record(self.removed, self.prunable, self.widths, self.units),
             "flops_ratio_achieved": self.flops_ratio_achieved, "search_seconds": self.search_seconds,
             "expand_ratio": self.expand_ratio, "stream_expand_ratio": self.stream_ratio,
             "macs_expanded": self.macs_expanded, "round_to": 1, "normalize": None, "speedup_search": [],

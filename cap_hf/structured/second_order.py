@@ -33,7 +33,7 @@ from torch import nn
 from cap_hf.features import FeatureFisherLoss, linear_cka
 from cap_hf.plan import MemoryBudgetError
 from cap_hf.structured.allocate import Unit, allocate, find_units, measure_units, stream_widths
-from cap_hf.structured.config import StructuredConfig, as_config
+from cap_hf.structured.config import StructuredConfig, as_config, removal_record
 from cap_hf.structured.curvature import (
     Structures,
     find_structures,
@@ -85,9 +85,8 @@ class SecondOrderPruning:
 
     def results(self) -> dict:
         """The keys of structured_prune.py's results.json that this run fills."""
-        return {"removed_channels": self.removed, "prunable_channels": self.prunable,
-                "pruning_ratio": self.removed / self.prunable, "round_to": self.round_to, "normalize": None,
-                "group_widths": {name: list(w) for name, w in self.widths.items()}, "head_groups": self.units,
+        return {**removal_record(self.removed, self.prunable, self.widths, self.units), "round_to": self.round_to,
+                "normalize": None,
                 "speedup_search": [{"removed_channels": s["removed"], "speedup": s["measured"], "kept": s["kept"]}
                                    for s in self.search if self.metric == "latency"],
                 "second_order": {"curvature": self.method, "metric": self.metric, "target": self.target,
@@ -158,9 +157,7 @@ def prune_second_order(
     metric = {"target_speedup": "latency", "flops_ratio": "macs", "params_ratio": "params"}[name]
     seconds: dict[str, float] = {}
     start = time.perf_counter()
-    folded = fold_layer_scales(model)
-    folded_scales = sum(1 for m in model.modules() if hasattr(m, "lambda1")) if folded is not model else 0
-    model = folded
+    model, folded_scales = fold_layer_scales(model)
     graph = ChannelGraph(model, image_size)
     found = find_structures(graph, shift=method == "obs", streams=not uncoupled_only)
     if not found:
@@ -314,30 +311,23 @@ def prune_second_order(
 
 
 @torch.no_grad()
-def fold_layer_scales(model: nn.Module) -> nn.Module:
-    """`model` itself when it has no layer scales; else a copy that computes the same function with every layer
-    scale (a DINOv2's lambda1, after o_proj and the MLP's output layer) folded into the weights before it and set
-    to 1: the readers' reconstruction errors are then those of what each layer adds to the residual stream, so
-    a layer the stream barely hears costs little to prune."""
-    if not any(hasattr(m, "lambda1") for m in model.modules()):
-        return model
+def fold_layer_scales(model: nn.Module) -> tuple[nn.Module, int]:
+    """(`model` itself, 0) when it has no layer scales; else (a copy that computes the same function with every
+    layer scale (a DINOv2 layer's lambda1 after o_proj, and after the MLP's fc2 / down_proj) folded into the
+    weights before it and set to 1, how many were folded). The readers' reconstruction errors are then those of
+    what each layer adds to the residual stream, so a layer the stream barely hears costs little to prune."""
+    if not any(hasattr(m, "layer_scale1") for m in model.modules()):
+        return model, 0
     model = copy.deepcopy(model)
-    for layer in model.modules():
-        for scale_name, reader_path in (("layer_scale1", "attention.o_proj"), ("layer_scale2", "mlp.fc2"),
-                                        ("layer_scale2", "mlp.down_proj")):
-            scale = getattr(layer, scale_name, None)
-            try:
-                linear = layer.get_submodule(reader_path)
-            except AttributeError:
-                continue
-            if scale is None or not hasattr(scale, "lambda1"):
-                continue
-            gain = scale.lambda1.detach().clone()
-            linear.weight.mul_(gain.unsqueeze(1))
+    layers = [m for m in model.modules() if hasattr(m, "layer_scale1")]
+    for layer in layers:
+        mlp_out = layer.mlp.down_proj if hasattr(layer.mlp, "down_proj") else layer.mlp.fc2
+        for scale, linear in ((layer.layer_scale1.lambda1, layer.attention.o_proj), (layer.layer_scale2.lambda1, mlp_out)):
+            linear.weight.mul_(scale.unsqueeze(1))
             if linear.bias is not None:
-                linear.bias.mul_(gain)
-            scale.lambda1.fill_(1.0)
-    return model
+                linear.bias.mul_(scale)
+            scale.fill_(1.0)
+    return model, 2 * len(layers)
 
 
 def _keeping(batches: Iterable[Mapping[str, torch.Tensor]], held: list[torch.Tensor], count: int = SELECTION_IMAGES):
