@@ -17,8 +17,8 @@ from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
 from cap_hf.config import PruningConfig
 from cap_hf.models import saved_as_classifier
 from cap_hf.plots import plot_layer_sparsity
-from cap_hf.structured.registry import METHODS as STRUCTURED_METHODS
-from cap_hf.structured.registry import SCRATCH_METHODS
+from cap_hf.structured.registry import CAP as CAP_CITATION
+from cap_hf.structured.registry import methods as structured_methods
 
 TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
 STRUCTURED_TEMPLATE = Path(__file__).with_name("structured_model_card.md")
@@ -35,14 +35,7 @@ METHOD_NAMES = {
     "magnitude": "magnitude pruning",
 }
 CITATIONS = {
-    "cap": """@inproceedings{kuznedelev2023cap,
-  title     = {{CAP}: Correlation-Aware Pruning for Highly-Accurate Sparse Vision Models},
-  author    = {Kuznedelev, Denis and Kurtic, Eldar and Frantar, Elias and Alistarh, Dan},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2023},
-  eprint    = {2210.09223},
-  archivePrefix = {arXiv}
-}""",
+    "cap": CAP_CITATION,
     "obs": """@inproceedings{singh2020woodfisher,
   title     = {{WoodFisher}: Efficient Second-Order Approximation for Neural Network Compression},
   author    = {Singh, Sidak Pal and Alistarh, Dan},
@@ -57,24 +50,8 @@ CITATIONS = {
 }""",
 }
 CITATIONS["fastcap"] = CITATIONS["cap"]
-CITATIONS["dfpc"] = """@inproceedings{narshana2023dfpc,
-  title     = {{DFPC}: Data flow driven pruning of coupled channels without data},
-  author    = {Narshana, Tanay and Murti, Chaitanya and Bhattacharyya, Chiranjib},
-  booktitle = {International Conference on Learning Representations},
-  year      = {2023}
-}"""
-CITATIONS["ziplm"] = """@inproceedings{kurtic2023ziplm,
-  title     = {{ZipLM}: Inference-Aware Structured Pruning of Language Models},
-  author    = {Kurtic, Eldar and Frantar, Elias and Alistarh, Dan},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2023}
-}"""
-CITATIONS["pfs"] = CITATIONS["uniform"] = """@inproceedings{wang2020pruning,
-  title     = {Pruning from Scratch},
-  author    = {Wang, Yulong and Zhang, Xiaolu and Xie, Lingxi and Zhou, Jun and Su, Hang and Zhang, Bo and Hu, Xiaolin},
-  booktitle = {AAAI Conference on Artificial Intelligence},
-  year      = {2020}
-}"""
+
+
 def is_hub_id(name: str | None) -> bool:
     """A Hub repo id (not a local path, not one of cap_hf's builtin datasets)."""
     if not name or name.startswith("builtin:") or Path(name).expanduser().exists():
@@ -264,9 +241,15 @@ def _count(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 1e6:.3f} M"
 
 
+def _title(method: str) -> str:
+    """What a card calls a structured method (its name where the registry does not know it)."""
+    known = structured_methods()
+    return known[method].title if method in known else method
+
+
 def _channel_procedure(results: dict) -> list[str]:
     method = results["method"]
-    return [f"Channel scores: {STRUCTURED_METHODS.get(method, method)}, computed once on the dense model without "
+    return [f"Channel scores: {_title(method)}, computed once on the dense model without "
             f"data; each group's scores {'over their mean' if results.get('normalize') == 'mean' else 'raw'}; "
             f"{'uncoupled channels only' if results.get('uncoupled_only') else 'coupled (residual-stream) and uncoupled groups'}.",
             f"Removed {results['removed_channels']} of {results['prunable_channels']} prunable channels "
@@ -289,7 +272,7 @@ def _second_order_procedure(results: dict) -> list[str]:
               "macs": f"{run['target']:g} of the dense model's MACs",
               "params": f"{run['target']:g} of the dense model's parameters"}[run["metric"]]
     searches = run["searches"]
-    return [f"Second-order structured pruning ({STRUCTURED_METHODS[results['method']]}): curvature {curvature}, "
+    return [f"Second-order structured pruning ({_title(results['method'])}): curvature {curvature}, "
             f"dampening {run['relative_damp']:g} x its mean diagonal. In each layer the attention heads, MLP neurons "
             "or block channels were removed one at a time, cheapest first, and the remaining weights updated to make "
             "up for each removal (the OBS update of a group of columns; a layer's bias or its batch norm's mean moves "
@@ -344,7 +327,8 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
     if widths:
         plot_group_widths(widths, folder / WIDTHS_CHART_FILE, title=f"{method}: channels kept per group")
     latency = results.get("latency", {})
-    scratch = method in SCRATCH_METHODS
+    known = structured_methods()
+    scratch = method in known and known[method].kind == "scratch"
     second_order = "second_order" in results
     procedure = (_scratch_procedure(results) if scratch else _second_order_procedure(results) if second_order else
                  _channel_procedure(results))
@@ -375,9 +359,9 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
     speedups = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in results.get("speedup", {}).items())
     where = f"`{base_model}`" if base_model else "a dense model"
     params = f"{_count(results['params_pruned'])} parameters instead of {_count(results['params_dense'])}"
-    summary = (f"The architecture of {where} narrowed by {STRUCTURED_METHODS[method]} and trained from scratch, using "
+    summary = (f"The architecture of {where} narrowed by {_title(method)} and trained from scratch, using "
                f"cap_hf: {params}." if scratch else
-               f"{where} with whole channels removed by {STRUCTURED_METHODS.get(method, method)}, using cap_hf: "
+               f"{where} with whole channels removed by {_title(method)}, using cap_hf: "
                f"a physically smaller model, {params}.")
     return ModelCard.from_template(
         card_data, template_path=str(STRUCTURED_TEMPLATE), model_name=repo_id, summary=summary,
@@ -394,8 +378,7 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
                      f"{latency.get('threads')} threads, dense and pruned taking turns",
         procedure=procedure + list(notes or ()), chart=WIDTHS_CHART_FILE, widths=widths, repo_id=load_id,
         width_fields=", ".join(f"`{f}`" for f in WIDTH_FIELDS.get(config.get("model_type"), ("hidden_size",))),
-        command=results.get("command", ""), citation=CITATIONS["ziplm"] + ("\n\n" + CITATIONS["cap"] if method == "cap" else "")
-        if second_order else CITATIONS.get(method, CITATIONS["dfpc"]),
+        command=results.get("command", ""), citation=known[method].citation if method in known else "",
         target=_target(results.get("target")))
 
 

@@ -44,7 +44,7 @@ from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.plots import plot_accuracy_lines
 from cap_hf.structured import StructuredConfig, prune_channels, prune_second_order, recalibrate_batch_norms
 from cap_hf.structured.measure import compare_models, count_macs, count_parameters
-from cap_hf.structured.registry import SECOND_ORDER_METHODS
+from cap_hf.structured.registry import names
 from cap_hf.trainer import DistillationArguments, fine_tune
 
 ARCHES = {  # teacher folder, its train_dense flags, section of docs/benchmarks.md, chart
@@ -120,7 +120,7 @@ def main() -> None:
         for goal in goals:
             start = time.perf_counter()
             try:
-                if method in SECOND_ORDER_METHODS:
+                if method in names("second_order"):
                     config = StructuredConfig(method, uncoupled_only=variant == "uncoupled",
                                               calibration_samples=args.calibration_samples, **goal)
                     calibration = calibration_loader(train, 64 if method == "obs" else 1, 0)

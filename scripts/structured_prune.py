@@ -85,7 +85,6 @@ from cap_hf.structured import (
 from cap_hf.structured.config import describe_target, judge_target
 from cap_hf.structured.groups import check_supported
 from cap_hf.structured.measure import compare_models
-from cap_hf.structured.registry import SCRATCH_METHODS
 from cap_hf.trainer import DistillationArguments, fine_tune
 from model_cards import write_model_card
 
@@ -137,9 +136,6 @@ class StructuredArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
-SCRATCH = tuple(SCRATCH_METHODS)  # methods that search an architecture and train it from scratch
-
-
 def check_arguments(args: StructuredArguments, config: StructuredConfig) -> None:
     """ValueError for a request that cannot be run, before anything is loaded: the request's own checks
     (StructuredConfig.check), then what this script adds (data, training)."""
@@ -172,7 +168,7 @@ def load_dense(args: StructuredArguments, config: StructuredConfig):
     """(model in eval mode, image processor, trained): the model as it was saved (a classifier, or a backbone
     such as DINO's ViTModel or a Dinov2Model); for pfs / uniform a folder with only a config is enough (the model
     is then the config's classifier, randomly initialised, and not trained)."""
-    if config.method not in SCRATCH:
+    if config.kind != "scratch":
         model, processor = load_model(args.model_name_or_path)
         return model.eval(), processor, True
     processor = load_image_processor(args.model_name_or_path)
@@ -216,7 +212,7 @@ def search_from_scratch(args, config, model, image_size, train, training_args) -
 
 def check_backbone(args: StructuredArguments, config: StructuredConfig) -> None:
     """ValueError for what a backbone (no classification head) cannot be given."""
-    if config.method in SCRATCH:
+    if config.kind == "scratch":
         raise ValueError(f"--method {config.method} trains a classifier from scratch; {args.model_name_or_path} is a "
                          "backbone without a head. Use obs, cap, dfpc, l1 or random.")
     if args.finetune_epochs:
@@ -261,7 +257,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                       teacher=training_args.teacher_name_or_path if training_args.distill else None)
     except (ValueError, HubError) as err:
         raise SystemExit(f"error: {err}") from None
-    scratch = config.method in SCRATCH
+    scratch = config.kind == "scratch"
 
     try:
         model, processor, trained = load_dense(args, config)

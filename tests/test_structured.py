@@ -14,15 +14,10 @@ from transformers import AutoModelForImageClassification, ConvNextConfig, ConvNe
 from cap_hf.modeling import PrunedResNetForImageClassification
 from cap_hf.models import make_image_processor
 from cap_hf.structured import prune_channels
-from cap_hf.structured.dfpc import (
-    bgsc_scores,
-    channel_scores,
-    l1_scores,
-    prunable_channels,
-    removal_order,
-    removal_plan,
-)
+from cap_hf.structured.criteria.dfpc import bgsc_scores
+from cap_hf.structured.criteria.l1 import l1_scores
 from cap_hf.structured.groups import ChannelGraph, remove_channels
+from cap_hf.structured.order import channel_scores, prunable_channels, removal_order, removal_plan
 
 SIZE = 32
 
@@ -168,6 +163,43 @@ def test_removal_order_is_global_lowest_first_and_never_empties_a_group():
         channel_scores(graph, "taylor")
     with pytest.raises(ValueError, match="Unknown normalize 'max'; choose one of auto, mean, none"):
         channel_scores(graph, "dfpc", normalize="max")
+
+
+def test_a_criterion_registered_from_outside_runs_end_to_end_with_its_own_card(digits_resnet, tmp_path, request):
+    """One file is one criterion: registered from outside the package, the script accepts it, removes the channels
+    it scores lowest, and the card names and cites it (not DFPC)."""
+    from cap_hf.structured.criteria import CRITERIA, Criterion, register
+
+    def l2_scores(graph, group, generator):
+        scores = torch.zeros(group.size * group.unit, dtype=torch.float64)
+        for producer in group.producers:
+            weight = producer.module.weight.detach()
+            scores += weight.reshape(weight.shape[0], -1).norm(dim=1)[producer.channels].double()
+        return scores.reshape(group.size, group.unit).sum(1)
+
+    request.addfinalizer(lambda: CRITERIA.pop("l2", None))  # registered for this test only
+    register(Criterion("l2", "L2 norm of the filters (a test's criterion)", "@misc{l2test, title={L2 test}}", l2_scores))
+    with pytest.raises(ValueError, match="named 'l2' is registered already"):
+        register(Criterion("l2", "again", "", l2_scores))
+    model = AutoModelForImageClassification.from_pretrained(digits_resnet)
+    graph = ChannelGraph(model, 8)
+    order = removal_order(graph.groups, channel_scores(graph, "l2", normalize="none"))
+    assert order != removal_order(graph.groups, channel_scores(graph, "l1", normalize="none"))
+    script = load_script("structured_prune")
+    out = tmp_path / "l2"
+    script.main([str(a) for a in ["--method", "l2", "--model_name_or_path", digits_resnet, "--pruning_ratio", 0.3,
+                                  "--normalize", "none", "--output_dir", out, "--latency_batch_sizes", "1",
+                                  "--latency_repeats", 2]])
+    results = json.loads((out / "results.json").read_text())
+    plan = removal_plan(order, results["removed_channels"])
+    widths = {g.name: [g.size, g.size - len(plan.get(g.index, []))] for g in graph.groups}
+    assert results["method"] == "l2" and results["group_widths"] == widths
+    card = (out / "README.md").read_text()
+    assert "L2 norm of the filters (a test's criterion)" in card and "@misc{l2test" in card
+    assert "narshana2023dfpc" not in card
+    with pytest.raises(SystemExit, match="choose one of dfpc, l1, random, l2, obs, cap, pfs, uniform"):
+        script.main(["--method", "l3", "--model_name_or_path", str(digits_resnet), "--pruning_ratio", "0.3",
+                     "--output_dir", str(tmp_path / "l3")])
 
 
 def test_mean_normalised_scores_are_the_raw_ones_over_each_groups_mean():

@@ -14,8 +14,10 @@ from transformers import AutoModelForImageClassification, ViTForImageClassificat
 from cap_hf.modeling import PrunedViTForImageClassification, PrunedViTModel
 from cap_hf.models import make_image_processor
 from cap_hf.structured import prune_channels
-from cap_hf.structured.dfpc import bgsc_scores, channel_scores, l1_scores, removal_order, removal_plan
+from cap_hf.structured.criteria.dfpc import bgsc_scores
+from cap_hf.structured.criteria.l1 import l1_scores
 from cap_hf.structured.groups import ChannelGraph, remove_channels
+from cap_hf.structured.order import channel_scores, removal_order, removal_plan
 
 LAYERS, HEADS, HEAD_DIM, HIDDEN, MLP = 3, 4, 8, 32, 64
 

@@ -2,7 +2,9 @@
 
 - groups.py: channel groups (coupled residual streams and uncoupled block channels) read off the model
   by Torch-Pruning's DependencyGraph; physical removal; export into cap_hf.modeling classes
-- dfpc.py: DFPC's data-free saliency (BGSC) and the L1 / random baselines; the global greedy order
+- criteria/: the channel criteria of a trained model, one file each (dfpc.py: DFPC's data-free saliency, BGSC;
+  l1.py; random.py), each registering itself; registry.py: every structured method's name, kind, title, citation
+- order.py: the global greedy order (scores once, normalised across groups, lowest first) and removal plans
 - config.py: StructuredConfig, the request of a run declared once (the library's argument, the script's flags),
   its checks and the judgement of its target on the built model
 - channels.py: one run (a pruning ratio, or the fewest channels that reach a FLOPs ratio or a measured speed-up)

@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from cap_hf.structured.config import StructuredConfig, as_config, removal_record
-from cap_hf.structured.dfpc import (
+from cap_hf.structured.groups import ChannelGraph, remove_channels
+from cap_hf.structured.measure import count_macs, latencies_ms
+from cap_hf.structured.order import (
     channel_scores,
     check_method,
     prunable_channels,
@@ -18,8 +20,6 @@ from cap_hf.structured.dfpc import (
     removal_plan,
     resolve_normalize,
 )
-from cap_hf.structured.groups import ChannelGraph, remove_channels
-from cap_hf.structured.measure import count_macs, latencies_ms
 
 logger = logging.getLogger(__name__)
 

@@ -11,12 +11,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 
-from cap_hf.structured.registry import (
-    CHANNEL_METHODS,
-    SCRATCH_METHODS,
-    SECOND_ORDER_METHODS,
-    check_structured_method,
-)
+from cap_hf.structured.registry import check_structured_method, methods
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +19,8 @@ NORMALIZERS = ("auto", "mean", "none")
 LEVELS = 16  # second order: widths per group in the cost tables (every width for groups of up to 16 channels)
 RELATIVE_DAMP = 0.01  # second order: dampening, this fraction of the curvature's mean diagonal (ZipLM's)
 TARGETS = ("pruning_ratio", "flops_ratio", "target_speedup", "params_ratio")
+KIND_TARGETS = {"channels": ("pruning_ratio", "target_speedup", "flops_ratio"),  # the targets each kind takes
+                "second_order": ("target_speedup", "flops_ratio", "params_ratio"), "scratch": ("flops_ratio",)}
 
 
 @dataclass
@@ -62,10 +59,8 @@ class StructuredConfig:
 
     @property
     def kind(self) -> str:
-        """"channels" (scores, then the greedy order), "second_order" or "scratch"."""
-        if self.method in SECOND_ORDER_METHODS:
-            return "second_order"
-        return "scratch" if self.method in SCRATCH_METHODS else "channels"
+        """"channels" (scores, then the greedy order), "second_order" or "scratch" (registry.KINDS)."""
+        return methods()[self.method].kind
 
     @property
     def target(self) -> tuple[str, float]:
@@ -124,14 +119,9 @@ def removal_record(removed: int, prunable: int, widths: dict, units: dict) -> di
 
 
 def targets_of(method: str) -> tuple[str, ...]:
-    """The targets a method takes."""
-    if method in SECOND_ORDER_METHODS:
-        return "target_speedup", "flops_ratio", "params_ratio"
-    if method in SCRATCH_METHODS:
-        return ("flops_ratio",)
-    if method in CHANNEL_METHODS:
-        return "pruning_ratio", "target_speedup", "flops_ratio"
-    return TARGETS
+    """The targets a method takes (every target for a name no method has)."""
+    known = methods()
+    return KIND_TARGETS[known[method].kind] if method in known else TARGETS
 
 
 def as_config(config: StructuredConfig | str, **fields) -> StructuredConfig:

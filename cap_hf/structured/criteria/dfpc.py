@@ -1,5 +1,5 @@
 """DFPC (Narshana, Murti, Bhattacharyya, ICLR 2023): data-free saliency of coupled channels, and the
-global greedy choice of channels to remove. Baselines in the same code: L1 norm and random scores.
+channel criterion of this project's DFPC runs (the global greedy order is cap_hf.structured.order's).
 
 BGSC, the data-free saliency, bounds how much removing channel k of a group can change the
 pre-activations of the layers that read it, for bounded inputs. Every operation on the path is
@@ -16,17 +16,19 @@ convolution of an all-ones input with |W_a| and one transposed convolution of an
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cap_hf.structured.config import check_normalize
+from cap_hf.structured.criteria.base import Criterion, per_channel, register
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, Member
-from cap_hf.structured.registry import CHANNEL_METHODS, check_structured_method
 
-SCORES = tuple(CHANNEL_METHODS)  # the scores channel_scores computes
+CITATION = """@inproceedings{narshana2023dfpc,
+  title     = {{DFPC}: Data flow driven pruning of coupled channels without data},
+  author    = {Narshana, Tanay and Murti, Chaitanya and Bhattacharyya, Chiranjib},
+  booktitle = {International Conference on Learning Representations},
+  year      = {2023}
+}"""
 
 
 def _norm_scale(norm: Member | None) -> torch.Tensor | None:
@@ -115,13 +117,8 @@ def _linear_producers(group: ChannelGroup) -> list[Member]:
     return values
 
 
-def _per_channel(group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
-    """Index scores [size * unit] summed into channel scores [size] (a head's indices into the head)."""
-    return scores.reshape(group.size, group.unit).sum(1)
-
-
 @torch.no_grad()
-def bgsc_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
+def bgsc_scores(graph: ChannelGraph, group: ChannelGroup, generator: torch.Generator | None = None) -> torch.Tensor:
     """DFPC's data-free saliency of every channel of `group` (sum over producer/consumer pairs)."""
     scores = torch.zeros(group.size * group.unit, dtype=torch.float64)
     readers = [(consumer, _consumer_map(graph, consumer), graph.norm_before(consumer, group))
@@ -137,93 +134,7 @@ def bgsc_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
                 cols = cols * scale[:, None, None]
             carried = _carry(graph, producer, consumer, rows)
             scores += (carried * cols).sum((1, 2)).double().cpu()
-    return _per_channel(group, scores)
+    return per_channel(group, scores)
 
 
-@torch.no_grad()
-def l1_scores(graph: ChannelGraph, group: ChannelGroup) -> torch.Tensor:
-    """The L1 baseline of the DFPC paper: the sum over producers of each output filter's L1 norm."""
-    scores = torch.zeros(group.size * group.unit, dtype=torch.float64)
-    for producer in group.producers:
-        weight = producer.module.weight.detach().abs()
-        scores += weight.reshape(weight.shape[0], -1).sum(1)[producer.channels].double().cpu()
-    return _per_channel(group, scores)
-
-
-def check_method(method: str) -> None:
-    check_structured_method(method)
-    if method not in SCORES:
-        raise ValueError(f"{method!r} does not score a trained model's channels ({', '.join(SCORES)} do); it searches an "
-                         "architecture to train from scratch: cap_hf.structured.pfs.")
-
-
-def resolve_normalize(graph: ChannelGraph, normalize: str) -> str:
-    """'auto' -> the normalisation measured best for the architecture (docs/benchmarks.md, structured pruning):
-    'mean' for a ResNet, 'none' for a ViT. Raw BGSC sums over a channel's positions, so on a ResNet the
-    channels of the low-resolution (cheap) stages score lowest and the last stage empties first; a ViT has
-    one position per token everywhere, and the raw sums over every producer/consumer pair are what keep the
-    residual stream and the heads (read by every layer) above the MLP neurons (read by one)."""
-    check_normalize(normalize)
-    if normalize != "auto":
-        return normalize
-    return "none" if any(g.unit > 1 for g in graph.groups) else "mean"
-
-
-def channel_scores(graph: ChannelGraph, method: str, seed: int = 0, normalize: str = "auto") -> dict[int, torch.Tensor]:
-    """{group index: one score per channel} for method 'dfpc' (BGSC), 'l1' or 'random'. Lower goes first.
-
-    normalize="mean" divides each group's scores by their mean before the global comparison (Torch-Pruning's
-    default); "none" compares raw scores across groups, as the paper's code does; "auto" picks per
-    architecture (resolve_normalize).
-    """
-    check_method(method)
-    normalize = resolve_normalize(graph, normalize)
-    if method == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return {g.index: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in graph.groups}
-    score = bgsc_scores if method == "dfpc" else l1_scores
-    scores = {g.index: score(graph, g) for g in graph.groups}
-    if normalize == "mean":
-        scores = {i: s / s.mean() if s.mean() > 0 else s for i, s in scores.items()}
-    return scores
-
-
-def removal_order(groups: Sequence[ChannelGroup], scores: Mapping[int, torch.Tensor],
-                  uncoupled_only: bool = False) -> list[tuple[int, int]]:
-    """(group, channel) in the order the global greedy removes them: lowest score first, scores
-    computed once (as in the paper), never the last channel of a group; with `uncoupled_only`, only
-    groups with one producer and one consumer (the paper's baseline that leaves coupled channels)."""
-    allowed = [g for g in groups if not (uncoupled_only and g.coupled)]
-    left = {g.index: g.size for g in allowed}
-    order = []
-    candidates = sorted((float(scores[g.index][c]), g.index, c) for g in allowed for c in range(g.size))
-    for _, index, channel in candidates:
-        if left[index] > 1:
-            left[index] -= 1
-            order.append((index, channel))
-    return order
-
-
-def removal_plan(order: Sequence[tuple[int, int]], count: int, sizes: Mapping[int, int] | None = None,
-                 round_to: int = 1) -> dict[int, list[int]]:
-    """The first `count` removals of `order` as {group index: channels}. With `round_to` > 1 every group
-    keeps a multiple of it (or all its channels): the last channels taken from a group (its highest scores
-    among those removed) are given back, since CPU and GPU kernels run much slower on odd widths."""
-    plan: dict[int, list[int]] = {}
-    for index, channel in order[:count]:
-        plan.setdefault(index, []).append(channel)
-    if round_to > 1:
-        if sizes is None:
-            raise ValueError("removal_plan needs the group sizes to round widths.")
-        for index, channels in list(plan.items()):
-            kept = sizes[index] - len(channels)
-            rounded = min(sizes[index], -(-kept // round_to) * round_to)
-            plan[index] = channels[: len(channels) - (rounded - kept)]
-            if not plan[index]:
-                del plan[index]
-    return plan
-
-
-def prunable_channels(groups: Sequence[ChannelGroup], uncoupled_only: bool = False) -> int:
-    """Channels in the groups a method may prune: the denominator of a pruning ratio."""
-    return sum(g.size for g in groups if not (uncoupled_only and g.coupled))
+register(Criterion("dfpc", "DFPC (data-free saliency of coupled channels, BGSC)", CITATION, bgsc_scores))
