@@ -1,6 +1,7 @@
 """Benchmark: structured pruning (second-order obs / cap, DFPC, L1, random; -uncoupled: residual streams kept
 whole) of a bottleneck ResNet or a ViT trained on Fashion-MNIST: top-1 against the measured CPU speed-up,
-as pruned, after re-estimating the batch norms (no weight trained), and after a short fine-tuning
+as pruned, after refitting the layers to the dense outputs and re-estimating the batch norms (no labels), and
+after a short fine-tuning
 (distillation from the dense model).
 
   OMP_NUM_THREADS=2 python scripts/bench_structured.py --arch resnet
@@ -11,8 +12,8 @@ target speed-up (or pruning ratio, with --ratios): prune_channels or prune_secon
 entries, on --calibration_samples training images for obs / cap; a target is reached by measurement) ->
 the smaller model's parameters, MACs, latency at
 batch 1 and 64 measured right after the dense model's in the same process (median of repeated passes),
-and top-1 on the 10k test images: as pruned, with its batch norms re-estimated on --calibration_samples
-training images (recalibrate_batch_norms), then after `--finetune_epochs` on `--finetune_samples`
+and top-1 on the 10k test images: as pruned, with its layers refitted (reconstruct) and then its batch norms
+re-estimated on --calibration_samples training images (recalibrate_batch_norms), then after `--finetune_epochs` on `--finetune_samples`
 training images (cap_hf.trainer.fine_tune). Writes the table, command and machine to docs/benchmarks.md (section
 "Structured pruning: Fashion-MNIST <arch>") with a chart in docs/img/, and the raw records to
 OUTPUT_DIR/results.json.
@@ -42,7 +43,13 @@ from cap_hf.data import collate, prepare_splits
 from cap_hf.metrics import evaluate_accuracy
 from cap_hf.models import load_classifier, processor_image_size
 from cap_hf.plots import plot_accuracy_lines
-from cap_hf.structured import StructuredConfig, prune_channels, prune_second_order, recalibrate_batch_norms
+from cap_hf.structured import (
+    StructuredConfig,
+    prune_channels,
+    prune_second_order,
+    recalibrate_batch_norms,
+    reconstruct,
+)
 from cap_hf.structured.measure import compare_models, count_macs, count_parameters
 from cap_hf.structured.registry import names
 from cap_hf.trainer import DistillationArguments, fine_tune
@@ -80,7 +87,9 @@ class BenchStructured:
     normalize: str = "auto"  # prune_channels' normalize: auto, mean, or none (raw scores, as the DFPC paper)
     speedups: str = "1.25,1.5,2"  # targets, measured at batch 64 (prune_channels' search)
     ratios: str | None = None  # fractions of the prunable channels instead of speed-up targets
-    calibration_samples: int = 512  # obs / cap curvature, and the batch-norm re-estimation of every method
+    flops_ratios: str | None = None  # MACs ratios instead of speed-up targets (no latency noise in the choice)
+    calibration_samples: int = 512  # obs / cap curvature, the reconstruction and batch-norm re-estimation of every method
+    reconstruction: bool = True  # refit the layers to the dense outputs (cap_hf.structured.reconstruct) before the BNs
     latency_repeats: int = 30
     finetune_epochs: float = 1.0  # 0: no fine-tuning
     finetune_samples: int = 20000
@@ -112,6 +121,8 @@ def main() -> None:
 
     if args.ratios:
         goals = [{"pruning_ratio": float(r)} for r in args.ratios.split(",")]
+    elif args.flops_ratios:
+        goals = [{"flops_ratio": float(r)} for r in args.flops_ratios.split(",")]
     else:
         goals = [{"target_speedup": float(x)} for x in args.speedups.split(",")]
     records = []
@@ -139,6 +150,10 @@ def main() -> None:
                       "normalize": normalize, "prune_seconds": time.perf_counter() - start,
                       "widths": widths(small.config), **compare_models(model, small, size, (1, 64), args.latency_repeats)}
             record["accuracy"] = evaluate_accuracy(small, loader)
+            if args.reconstruction:
+                record["reconstruction"] = reconstruct(model, small, pruned, size, calibration_loader(train, 64, 0),
+                                                       args.calibration_samples)
+                record["accuracy_reconstructed"] = evaluate_accuracy(small, loader)
             if recalibrate_batch_norms(small, calibration_loader(train, 64, 0), args.calibration_samples):
                 record["accuracy_recalibrated"] = evaluate_accuracy(small, loader)
             if args.finetune_epochs:
@@ -160,9 +175,9 @@ def main() -> None:
     done = [r for r in records if "unreachable" not in r]
     series = {spec: [(r["speedup"]["64"], 100 * r["accuracy"]) for r in done if r["method"] == spec]
               for spec in args.methods.split(",")}
-    series.update({f"{spec} + BN re-estimated": [(r["speedup"]["64"], 100 * r["accuracy_recalibrated"]) for r in done
-                                                  if r["method"] == spec and "accuracy_recalibrated" in r]
-                   for spec in args.methods.split(",")})
+    series.update({f"{spec} + {step}": [(r["speedup"]["64"], 100 * r[key]) for r in done if r["method"] == spec and key in r]
+                   for spec in args.methods.split(",")
+                   for key, step in (("accuracy_reconstructed", "reconstructed"), ("accuracy_recalibrated", "BN re-estimated"))})
     series = {name: points for name, points in series.items() if points}
     if args.finetune_epochs:
         series.update({f"{spec} + fine-tuning": [(r["speedup"]["64"], 100 * r["accuracy_finetuned"]) for r in done
@@ -192,19 +207,23 @@ def main() -> None:
              "turns pass by pass in this process; speed-up = dense ms / pruned ms. DFPC, L1 and random use no data; "
              f"obs and cap use {args.calibration_samples} training images (obs: the layer-wise Hessian; cap: one "
              "gradient per image for the Fisher). Pruning time (s): the library call, cost tables and latency "
-             "search included. BN re-estimated: the pruned model's batch-norm statistics re-estimated on "
+             "search included. Reconstructed: every convolution and linear layer of the pruned model refitted, in the order "
+             "the model runs them, to the dense model's layer outputs on "
+             f"{args.calibration_samples} training images (least squares on the pruned model's own inputs, "
+             "cap_hf.structured.reconstruct; '-' where it was off). BN re-estimated: then the batch-norm statistics re-estimated on "
              f"{args.calibration_samples} training images, no weight trained (recalibrate_batch_norms); fine-tuning "
              f"starts from that model. Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
              f"{args.finetune_learning_rate:g} linear decay, wd 0.05, batch 128, distillation from the dense model "
              "(T=2, alpha=0.5), cap_hf.trainer.fine_tune.", "",
              "| method | goal | ratio | channels removed | params (M) | MACs (M) | ms b1 (dense -> pruned) | "
              "ms b64 (dense -> pruned) | speed-up b1 | speed-up b64 | pruning (s) | top-1 (%) | drop (points) | "
-             "top-1 BN re-estimated (%) | top-1 fine-tuned (%) | drop fine-tuned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "top-1 reconstructed (%) | top-1 BN re-estimated (%) | top-1 fine-tuned (%) | drop fine-tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        goal = f"{r['target_speedup']:g}x" if "target_speedup" in r else f"ratio {r['pruning_ratio']:g}"
+        goal = (f"{r['target_speedup']:g}x" if "target_speedup" in r else f"MACs {r['flops_ratio']:g}"
+                if "flops_ratio" in r else f"ratio {r['pruning_ratio']:g}")
         if "unreachable" in r:
-            lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 13)
+            lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 14)
             continue
         dense_ms, pruned_ms, speedup = r["latency_ms_dense"], r["latency_ms_pruned"], r["speedup"]
         lines.append(f"| {r['method']} | {goal} | {r['ratio']:.2f} | {r['removed']}/{r['prunable']} "
@@ -212,12 +231,13 @@ def main() -> None:
                      f"{pruned_ms['1']:.2f} | {dense_ms['64']:.1f} -> {pruned_ms['64']:.1f} | {speedup['1']:.2f}x "
                      f"| {speedup['64']:.2f}x | {r['prune_seconds']:.0f} | {100 * r['accuracy']:.2f} "
                      f"| {100 * (dense_accuracy - r['accuracy']):.2f} | "
-                     + (f"{100 * r['accuracy_recalibrated']:.2f}" if "accuracy_recalibrated" in r else "-")
+                     + " | ".join(f"{100 * r[key]:.2f}" if key in r else "-"
+                                  for key in ("accuracy_reconstructed", "accuracy_recalibrated"))
                      + f" | {tuned_cell(r, 'accuracy_finetuned')} "
                      f"| {tuned_cell(r, 'drop')} |")
     if args.arch == "vit":
         lines += ["", "Widths kept (hidden; heads per layer; MLP per layer):", ""]
-        lines += [f"- {r['method']} {r.get('target_speedup', r.get('pruning_ratio'))}: {r['widths']}"
+        lines += [f"- {r['method']} {r.get('target_speedup', r.get('flops_ratio', r.get('pruning_ratio')))}: {r['widths']}"
                   for r in records if "widths" in r]
     body = "\n".join(lines) + f"\n\n![accuracy vs speed-up](img/{image})\n"
     print(body)

@@ -36,9 +36,11 @@ Fisher of its CLS features) and judged by a weighted k-NN (bank: --knn_bank_spli
 linear probe and the cosine of its features to the dense model's (their linear CKA where the output width
 changed); labels are used only there. A backbone is not fine-tuned here.
 
-With --dataset_name, every method that keeps trained weights then re-estimates the pruned model's
+With --dataset_name, every method that keeps trained weights then refits the pruned model's layers, one after
+the other in the order the model runs them, to reproduce the dense model's layer outputs on
+--reconstruction_samples training images (512; least squares, no labels; 0 turns it off), and re-estimates its
 batch-norm statistics on --bn_recalibration_samples training images (512; no labels, no weight trained;
-0 turns it off): results.json keeps the accuracy before it under bn_recalibration.
+0 turns it off): results.json keeps the accuracy before each under reconstruction and bn_recalibration.
 
 Pruning from Scratch needs no trained model, only its config (a folder or Hub id with config.json and
 preprocessor_config.json; weights, if any, are used for the dense accuracy and as the distillation teacher):
@@ -81,6 +83,7 @@ from cap_hf.structured import (
     prune_channels,
     prune_second_order,
     recalibrate_batch_norms,
+    reconstruct,
 )
 from cap_hf.structured.config import describe_target, judge_target
 from cap_hf.structured.groups import check_supported
@@ -99,6 +102,11 @@ TRAINING_DEFAULTS = {"learning_rate": 5e-4, "weight_decay": 0.05, "per_device_tr
 class StructuredArguments:
     model_name_or_path: str = field(metadata={
         "help": "Hub id or folder of an image classifier or a backbone (ResNet, ViT / DeiT / DINO, DINOv2)."})
+    reconstruction_samples: int = field(default=512, metadata={
+        "help": "With --dataset_name, for methods that keep trained weights: refit every convolution and linear "
+                "layer of the pruned model, in the order the model runs them, to the dense model's outputs of the "
+                "same layer on this many training images (least squares on the pruned model's own inputs, no labels; "
+                "all of the split when smaller); 0 turns it off. Runs before the batch-norm re-estimation."})
     bn_recalibration_samples: int = field(default=512, metadata={
         "help": "With --dataset_name, for methods that keep trained weights: re-estimate the batch norms' running "
                 "statistics of the pruned model on this many training images (no labels, no weight trained; all of "
@@ -142,8 +150,9 @@ def check_arguments(args: StructuredArguments, config: StructuredConfig) -> None
     config.check()
     if args.finetune_epochs < 0 or args.train_epochs < 0:
         raise ValueError("--finetune_epochs and --train_epochs must be >= 0.")
-    if args.bn_recalibration_samples < 0:
-        raise ValueError(f"--bn_recalibration_samples must be >= 0 (0 turns it off), got {args.bn_recalibration_samples}.")
+    for name in ("reconstruction_samples", "bn_recalibration_samples"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0 (0 turns it off), got {getattr(args, name)}.")
     if config.kind != "scratch" and (args.train_epochs or args.budget_train):
         raise ValueError(f"--train_epochs / --budget_train are for pfs and uniform; {config.method} fine-tunes "
                          "with --finetune_epochs.")
@@ -234,7 +243,7 @@ def prune_with_curvature(config, model, image_size, train, training_args) -> tup
         model, image_size, loader, config,
         loss_fn=FeatureFisherLoss("cls", seed=training_args.seed) if is_backbone(model) else None,
         seed=training_args.seed)
-    return small, run.results()
+    return small, run
 
 
 def main(argv: list[str] | None = None, hub_api=None) -> dict:
@@ -298,7 +307,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         if scratch:
             small, results = search_from_scratch(args, config, model, image_size, train, training_args)
         elif config.kind == "second_order":
-            small, results = prune_with_curvature(config, model, image_size, train, training_args)
+            small, run = prune_with_curvature(config, model, image_size, train, training_args)
+            results = run.results()
         else:
             small, run = prune_channels(model, image_size, config, seed=training_args.seed)
             results = run.results()
@@ -313,6 +323,11 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         results.update(_evaluation(evaluate(model), "dense"))
     if loader is not None and not scratch:
         results.update(_evaluation(evaluate(small), "pruned"))
+        if args.reconstruction_samples:
+            images = min(args.reconstruction_samples, len(train))
+            record = reconstruct(model, small, run, image_size, calibration_loader(train, 64, training_args.seed), images)
+            results["reconstruction"] = {**record, "accuracy_before": results["accuracy_pruned"]}
+            results.update(_evaluation(evaluate(small), "pruned"))
         if args.bn_recalibration_samples:
             images = min(args.bn_recalibration_samples, len(train))
             norms = recalibrate_batch_norms(small, calibration_loader(train, 64, training_args.seed), images)
@@ -355,8 +370,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
           f"{results['macs_dense']} -> {results['macs_pruned']}; {line}")
     print(f"target {'met' if results['target_met'] else 'MISSED'}: {describe_target(results['target'])}")
     if loader is not None:
-        recalibrated = results.get("bn_recalibration")
-        steps = [f"{_pct(recalibrated['accuracy_before'])} pruned, batch norms re-estimated"] if recalibrated else []
+        steps = [f"{_pct(results[key]['accuracy_before'])} before {what}" for key, what in
+                 (("reconstruction", "the layers were refitted"), ("bn_recalibration", "the batch norms were re-estimated"))
+                 if key in results]
         if "accuracy_pruned_before_finetuning" in results:
             steps.append(f"{_pct(results['accuracy_pruned_before_finetuning'])} before fine-tuning")
         similarity = {k: v for k, v in (results.get("features_pruned") or {}).items() if k.startswith("feature_")}

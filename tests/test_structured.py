@@ -322,6 +322,8 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
                 "latency_ms_pruned", "accuracy_dense", "accuracy_pruned", "accuracy_pruned_before_finetuning"):
         assert key in results, key
     assert results["finetuning"]["epochs"] == 1 and results["finetuning"]["train_samples"] == 256
+    rebuilt = results["reconstruction"]  # first the layers refitted to the dense outputs, on all 256 images
+    assert rebuilt["images"] == 256 and rebuilt["layers"] > 0 and rebuilt["error_after"] < rebuilt["error_before"]
     recalibrated = results["bn_recalibration"]  # before fine-tuning, on all 256 images (fewer than the default 512)
     assert recalibrated["images"] == 256 and recalibrated["batch_norms"] > 0 and 0 <= recalibrated["accuracy_before"] <= 1
     assert results["finetuning"]["distill"] is True
@@ -334,6 +336,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     assert "| `resnet.embedder.embedder.convolution` | 8 |" in card
     assert "structured-pruning" in card and "narshana2023dfpc" in card and "`block_widths`" in card
     assert "Batch-norm statistics re-estimated on 256 training images" in card
+    assert f"Layers refitted one after the other ({rebuilt['layers']} convolutions and linear layers" in card
     assert results["method"] == "dfpc"
     assert results["params_pruned"] < results["params_dense"]
     assert results["macs_pruned"] < results["macs_dense"]
@@ -356,6 +359,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     (["--pruning_ratio", 0.3, "--finetune_epochs", 1], "--finetune_epochs needs --dataset_name"),
     (["--pruning_ratio", 0.3, "--round_to", 0], "round_to must be a positive number of channels"),
     (["--pruning_ratio", 0.3, "--bn_recalibration_samples", -1], "--bn_recalibration_samples must be >= 0"),
+    (["--pruning_ratio", 0.3, "--reconstruction_samples", -2], "--reconstruction_samples must be >= 0"),
     (["--pruning_ratio", 0.999], r"cannot be reached without emptying a channel group \(every group\); the largest "
                                  r"reachable is 0\.\d+"),
     (["--pruning_ratio", 0.95, "--uncoupled_only", "true"], r"\(uncoupled channels only\); the largest reachable is 0\.\d+"),

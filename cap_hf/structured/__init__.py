@@ -11,6 +11,8 @@
 - measure.py: parameters, MACs and latency
 - second_order.py: heads, neurons and block channels removed with second-order compensation (greedy.py: the
   per-layer kernel; curvature.py: Hessian / Fisher of each reader's input; allocate.py: cost tables and the search)
+- reconstruct.py: the pruned model's layers refitted one after the other to the dense model's layer outputs
+  (least squares on unlabelled calibration images)
 - recalibrate.py: batch-norm statistics re-estimated on the pruned model from unlabelled images
 - shrink.py: keep given heads / neurons / block channels (explicit choices, no scores)
 - pfs.py: Pruning from Scratch (gates on an expanded random network, an architecture under a FLOPs target)
@@ -21,8 +23,9 @@ from cap_hf.structured.channels import ChannelPruning, prune_channels
 from cap_hf.structured.config import StructuredConfig
 from cap_hf.structured.groups import ChannelGraph, ChannelGroup, remove_channels
 from cap_hf.structured.recalibrate import recalibrate_batch_norms
+from cap_hf.structured.reconstruct import reconstruct
 from cap_hf.structured.second_order import SecondOrderPruning, prune_second_order
 from cap_hf.structured.shrink import shrink_resnet, shrink_vit
 
 __all__ = ["pfs", "StructuredConfig", "ChannelGraph", "ChannelGroup", "ChannelPruning", "SecondOrderPruning", "prune_channels",
-           "prune_second_order", "recalibrate_batch_norms", "remove_channels", "shrink_resnet", "shrink_vit"]
+           "prune_second_order", "recalibrate_batch_norms", "reconstruct", "remove_channels", "shrink_resnet", "shrink_vit"]
