@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 FISHER_OBJECTIVES = ("auto", "cross_entropy", "features")
 # A default relative dampening is raised this much when num_grads < fisher_block_size: each block's empirical
 # Fisher then has rank <= num_grads, and the dampening alone fills the directions no gradient reached
-# (scripts/bench_damp.py: 1e-2 beat 1e-3 by 4.7 points on the ResNet with 128 gradients at B=192, while with
+# (scripts/bench/bench_damp.py: 1e-2 beat 1e-3 by 4.7 points on the ResNet with 128 gradients at B=192, while with
 # 512 or 1024 gradients 1e-3 was as good or better on both models).
 SINGULAR_DAMP_FACTOR = 10
 # Fields of earlier versions that recipes may still carry: why they are gone.
@@ -88,7 +88,7 @@ class PruningConfig:
         "help": "Absolute dampening lambda added to the Fisher diagonal (CAP/OBS), the paper's form (its ViT "
                 "recipes: 1e-8); its effect depends on the scale of the gradients. Give one of --damp and "
                 "--relative_damp; neither: the method's default (cap: --relative_damp 1e-3, or 1e-2 with fewer "
-                "gradients than --fisher_block_size; obs: --damp 1e-7; chosen by scripts/bench_damp.py, README "
+                "gradients than --fisher_block_size; obs: --damp 1e-7; chosen by scripts/bench/bench_damp.py, README "
                 "'Defaults')."})
     relative_damp: float | None = field(default=None, metadata={
         "help": "CAP/OBS dampening as a fraction of each layer's mean Fisher diagonal over its kept weights, "
@@ -224,15 +224,8 @@ class PruningConfig:
         return {"damp": default.get("damp"), "relative_damp": relative}
 
     def describe_dampening(self) -> str:
-        """The dampening in words (model cards, logs)."""
-        if self.method == "fastcap":
-            return f"{self.fastcap_damp:g} x the mean Fisher diagonal (FastCAP)"
-        if self.needs_fisher != "block":
-            return "none (no Fisher)"
-        damping = self.dampening
-        if damping["damp"] is not None:
-            return f"{damping['damp']:g} (absolute)"
-        return f"{damping['relative_damp']:g} x each layer's mean Fisher diagonal"
+        """The dampening in words (model cards, logs): the method's own words for it."""
+        return get_method(self.method).describe_dampening(self)
 
     @property
     def needs_fisher(self) -> str | None:

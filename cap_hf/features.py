@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cap_hf.ranks import Ranks
+
 POOLINGS = ("cls", "mean", "tokens")
 
 logger = logging.getLogger(__name__)
@@ -78,8 +80,7 @@ class FeatureFisherLoss:
     def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         features = extract_features(model, batch["pixel_values"], self.pooling).float()
         if self.generator is None or self.generator.device != features.device:
-            several = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if several else 0
+            rank = Ranks.current().rank
             self.generator = torch.Generator(device=features.device).manual_seed(self.seed + rank)
         v = torch.randn(features.shape, generator=self.generator, device=features.device)
         scale = features.shape[0] * (features.shape[1] if features.dim() == 3 else 1)

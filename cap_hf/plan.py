@@ -32,7 +32,7 @@ from cap_hf.fisher import (
 )
 from cap_hf.memory import GB, device_memory_bytes, hwm_bytes, reset_hwm, rss_bytes
 from cap_hf.methods import PruningMethod, get_method
-from cap_hf.ranks import Ranks, assign_owners, rows_per_rank
+from cap_hf.ranks import Ranks, assign_owners, initialised, rows_per_rank
 from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def available_bytes(device: torch.device) -> int:
 def _agree(values: list[int], op: str, ranks: Ranks) -> list[int]:
     """The same numbers on every process (MIN or MAX over ranks), so that every rank makes the same plan. (A plan
     made for ranks without a process group, as a what-if, takes this process's numbers.)"""
-    if not (ranks.distributed and torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not (ranks.distributed and initialised()):
         return values
     shared = torch.tensor(values, dtype=torch.float64, device=ranks.device)
     return [int(v) for v in ranks.all_reduce(shared, "memory plan", op).tolist()]

@@ -31,7 +31,8 @@ class RankError(RuntimeError):
     """A collective of the pruning step failed: another rank failed, disagreed or did not answer in time."""
 
 
-def _initialised() -> bool:
+def initialised() -> bool:
+    """torch.distributed is available and a process group is up."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -65,7 +66,7 @@ class Ranks:
     @classmethod
     def current(cls, timeout: float | None = None) -> Ranks:
         """The initialised torch.distributed group (every rank must call this together), or one process."""
-        if not _initialised() or torch.distributed.get_world_size() == 1:
+        if not initialised() or torch.distributed.get_world_size() == 1:
             return cls()
         backend = torch.distributed.get_backend()
         device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

@@ -35,10 +35,6 @@ class SparsitySchedule:
         index = bisect.bisect_left(self.steps, step)
         return self.sparsities[index] if index < len(self.steps) and self.steps[index] == step else None
 
-    @property
-    def final_step(self) -> int:
-        return self.steps[-1]
-
 
 def interpolate(init: float, final: float, fraction: float, inter_func: str) -> float:
     fraction = min(max(fraction, 0.0), 1.0)

@@ -99,6 +99,15 @@ class CAPTrainingArguments(DistillationArguments):
                               self.num_pruning_steps, self.inter_func, self.pruning_schedule)
 
 
+def check_backbone_distillation(backbone: bool, distill: bool, name: str) -> None:
+    """A backbone (no head) trains only by distilling the dense model's features: refuse it without distillation.
+    The one place of this check: DistillationTrainer (on the model) and scripts/prune.py (on the config, before
+    anything is loaded) call it."""
+    if backbone and not distill:
+        raise ValueError(f"{name} is a backbone without a head: its only training loss is the distillation of the "
+                         "dense model's features. Keep --distill true (the default).")
+
+
 class DistillationTrainer(Trainer):
     """Trainer whose loss distils from a frozen teacher: (1 - alpha) CE + alpha T^2 KL (cap_hf.distill).
 
@@ -111,9 +120,7 @@ class DistillationTrainer(Trainer):
                  feature_evaluator: FeatureEvaluator | None = None, **kwargs):
         if not isinstance(args, DistillationArguments):
             raise TypeError(f"{type(self).__name__} needs {DistillationArguments.__name__} or CAPTrainingArguments.")
-        if is_backbone(model) and not args.distill:
-            raise ValueError(f"{type(model).__name__} has no head: its only training loss is the distillation of the "
-                             "dense model's features. Keep --distill true (the default).")
+        check_backbone_distillation(is_backbone(model), args.distill, type(model).__name__)
         self.feature_evaluator = feature_evaluator
         self.teacher = None
         if args.distill:

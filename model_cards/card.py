@@ -15,9 +15,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
 from cap_hf.config import PruningConfig
+from cap_hf.methods import get_method
 from cap_hf.models import saved_as_classifier
 from cap_hf.plots import plot_layer_sparsity
-from cap_hf.structured.registry import CAP as CAP_CITATION
 from cap_hf.structured.registry import methods as structured_methods
 
 TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
@@ -27,30 +27,6 @@ WIDTHS_CHART_FILE = "channels_per_group.png"
 STRUCTURED_RESULTS = "results.json"
 
 logger = logging.getLogger(__name__)
-
-METHOD_NAMES = {
-    "cap": "CAP (correlation-aware pruning)",
-    "fastcap": "FastCAP (CAP with a shared Fisher)",
-    "obs": "WoodFisher / OBS",
-    "magnitude": "magnitude pruning",
-}
-CITATIONS = {
-    "cap": CAP_CITATION,
-    "obs": """@inproceedings{singh2020woodfisher,
-  title     = {{WoodFisher}: Efficient Second-Order Approximation for Neural Network Compression},
-  author    = {Singh, Sidak Pal and Alistarh, Dan},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2020}
-}""",
-    "magnitude": """@article{zhu2017prune,
-  title   = {To prune, or not to prune: exploring the efficacy of pruning for model compression},
-  author  = {Zhu, Michael and Gupta, Suyog},
-  journal = {arXiv preprint arXiv:1710.01878},
-  year    = {2017}
-}""",
-}
-CITATIONS["fastcap"] = CITATIONS["cap"]
-
 
 def is_hub_id(name: str | None) -> bool:
     """A Hub repo id (not a local path, not one of cap_hf's builtin datasets)."""
@@ -89,20 +65,34 @@ def _pct(value: float | None, digits: int = 2) -> str:
     return "n/a" if value is None else f"{100 * value:.{digits}f}%"
 
 
+def _method(name: str):
+    """The registered pruning method of a record (None for one this version does not know)."""
+    try:
+        return get_method(name)
+    except ValueError:
+        return None
+
+
+def _method_title(name: str) -> str:
+    method = _method(name)
+    return (method.title or method.name) if method else name
+
+
 def _dampening(pruning: dict, method: str) -> str:
     try:
         return PruningConfig.from_dict({**pruning, "method": method}).describe_dampening()
     except ValueError:  # a recipe of another version: show what it says
-        return str(pruning.get("fastcap_damp") if method == "fastcap" else pruning.get("damp"))
+        return ", ".join(f"{key} {pruning[key]}" for key in ("damp", "relative_damp", "fastcap_damp")
+                         if pruning.get(key) is not None) or "not recorded"
 
 
 def _procedure(record: dict, recipe: dict, backbone: bool = False) -> list[str]:
     pruning = recipe.get("pruning", {})
     on_features = pruning.get("fisher_objective") == "features" or \
         (backbone and pruning.get("fisher_objective", "auto") == "auto")
-    lines = [f"Method: {METHOD_NAMES.get(record['method'], record['method'])}, {record['structure']} sparsity, "
+    lines = [f"Method: {_method_title(record['method'])}, {record['structure']} sparsity, "
              f"{record.get('sparsity_distribution') or 'global'} distribution over the targets."]
-    if record["method"] in ("cap", "fastcap", "obs") and pruning:
+    if getattr(_method(record["method"]), "fisher", None) and pruning:
         kind = (f"Fisher of the output features ({pruning.get('feature_pooling', 'cls')}; random projections, no labels)"
                 if on_features else "Empirical Fisher")
         lines.append(f"{kind} from {pruning.get('num_grads')} gradients of {pruning.get('grad_batch_size')} "
@@ -194,7 +184,7 @@ def build_model_card(
         (f"`{base_model}`" if base_model else "a dense model")
     summary = (f"{where} pruned to **{_pct(record['overall_sparsity'])}** {record['structure']} sparsity in its "
                f"{len(record['per_layer'])} attention and MLP weight matrices with "
-               f"{METHOD_NAMES.get(record['method'], record['method'])}, using "
+               f"{_method_title(record['method'])}, using "
                "cap_hf.")
     recovery = _pct(sparse_acc / dense_acc) if sparse_acc is not None and dense_acc else None
     return ModelCard.from_template(
@@ -220,7 +210,7 @@ def build_model_card(
         auto_class="AutoModelForImageClassification" if classifier else "AutoModel",
         remote_code="auto_map" in config,
         command=command,
-        citation=CITATIONS.get(record["method"], CITATIONS["cap"]),
+        citation=getattr(_method(record["method"]), "citation", ""),
     )
 
 
@@ -241,7 +231,7 @@ def _count(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 1e6:.3f} M"
 
 
-def _title(method: str) -> str:
+def _structured_title(method: str) -> str:
     """What a card calls a structured method (its name where the registry does not know it)."""
     known = structured_methods()
     return known[method].title if method in known else method
@@ -249,7 +239,7 @@ def _title(method: str) -> str:
 
 def _channel_procedure(results: dict) -> list[str]:
     method = results["method"]
-    return [f"Channel scores: {_title(method)}, computed once on the dense model without "
+    return [f"Channel scores: {_structured_title(method)}, computed once on the dense model without "
             f"data; each group's scores {'over their mean' if results.get('normalize') == 'mean' else 'raw'}; "
             f"{'uncoupled channels only' if results.get('uncoupled_only') else 'coupled (residual-stream) and uncoupled groups'}.",
             f"Removed {results['removed_channels']} of {results['prunable_channels']} prunable channels "
@@ -272,7 +262,7 @@ def _second_order_procedure(results: dict) -> list[str]:
               "macs": f"{run['target']:g} of the dense model's MACs",
               "params": f"{run['target']:g} of the dense model's parameters"}[run["metric"]]
     searches = run["searches"]
-    return [f"Second-order structured pruning ({_title(results['method'])}): curvature {curvature}, "
+    return [f"Second-order structured pruning ({_structured_title(results['method'])}): curvature {curvature}, "
             f"dampening {run['relative_damp']:g} x its mean diagonal. In each layer the attention heads, MLP neurons "
             "or block channels were removed one at a time, cheapest first, and the remaining weights updated to make "
             "up for each removal (the OBS update of a group of columns; a layer's bias or its batch norm's mean moves "
@@ -366,9 +356,9 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
     speedups = ", ".join(f"{float(v):.2f}x at batch {b}" for b, v in results.get("speedup", {}).items())
     where = f"`{base_model}`" if base_model else "a dense model"
     params = f"{_count(results['params_pruned'])} parameters instead of {_count(results['params_dense'])}"
-    summary = (f"The architecture of {where} narrowed by {_title(method)} and trained from scratch, using "
+    summary = (f"The architecture of {where} narrowed by {_structured_title(method)} and trained from scratch, using "
                f"cap_hf: {params}." if scratch else
-               f"{where} with whole channels removed by {_title(method)}, using cap_hf: "
+               f"{where} with whole channels removed by {_structured_title(method)}, using cap_hf: "
                f"a physically smaller model, {params}.")
     return ModelCard.from_template(
         card_data, template_path=str(STRUCTURED_TEMPLATE), model_name=repo_id, summary=summary,

@@ -53,7 +53,7 @@ from cap_hf.models import (
 from cap_hf.oneshot import METRICS
 from cap_hf.probe import train_linear_probe
 from cap_hf.sources import check_sources
-from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
+from cap_hf.trainer import CAPTrainer, CAPTrainingArguments, check_backbone_distillation
 from model_cards import write_model_card
 
 logger = logging.getLogger("cap_hf.prune")
@@ -154,9 +154,10 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                          f"{model_args.model_name_or_path} is a backbone without a head: it gets the Fisher of its "
                          "features, no labels needed. Drop --label_free_fisher, or give --fisher_objective "
                          "cross_entropy to train a linear probe first.")
-    if backbone and not training_args.distill:
-        raise SystemExit(f"error: {model_args.model_name_or_path} is a backbone without a head: its only training "
-                         "loss is the distillation of the dense model's features. Keep --distill true (the default).")
+    try:
+        check_backbone_distillation(backbone, training_args.distill, model_args.model_name_or_path)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     augment = RandomResizedCropFlip(scale=(data_args.crop_scale_min, 1.0), hflip=data_args.hflip,
                                     seed=training_args.seed)
     try:

@@ -1,5 +1,5 @@
 """A deliberately plain implementation of the paper's CAP step and the closed forms, for the tests and
-scripts/bench_pruning_step.py only (not part of the package).
+scripts/bench/bench_pruning_step.py only (not part of the package).
 
 It follows the released code's shape (docs: cap-method.md sections 1.2-1.4): the inverse Fisher of every
 block starts at I/damp and takes one Sherman-Morrison update per gradient with the 1/m scaling; the greedy

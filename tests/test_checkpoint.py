@@ -151,6 +151,34 @@ def test_model_card_metadata_and_body(checkpoint):
         assert chart.size[0] > 100 and chart.size[1] > 100
 
 
+def test_a_method_registered_from_outside_gets_its_own_card(tiny_vit, tmp_path, request):
+    """To add a method, write one file: registered from outside the package, it prunes, and the card names and
+    cites it (not CAP) and says it used no Fisher."""
+    from cap_hf.methods import METHODS, PruningMethod, register_method
+
+    request.addfinalizer(lambda: METHODS.pop("seeded-random", None))
+
+    @register_method
+    class SeededRandom(PruningMethod):
+        name = "seeded-random"
+        title = "seeded random scores (a test's method)"
+        citation = "@misc{seededrandom, title = {A test's method}}"
+
+        def prepare_layer(self, layer):
+            return torch.rand(layer.weights.shape, generator=torch.Generator().manual_seed(0)).to(layer.weights)
+
+        def apply_layer(self, layer, pruned, sparsity):
+            return layer.weights.masked_fill(pruned, 0.0)
+
+    folder = save_pruned(tiny_vit, tmp_path / "ckpt", method="seeded-random", sparsity=0.5)
+    assert load_sparsity_config(folder)["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    write_model_card(folder, repo_id="me/tiny-vit-random")
+    text = (folder / "README.md").read_text()
+    assert "Method: seeded random scores (a test's method), unstructured sparsity" in text
+    assert "@misc{seededrandom" in text and "Kuznedelev" not in text and "Empirical Fisher" not in text
+    assert PruningConfig(method="seeded-random").describe_dampening() == "none (no Fisher)"
+
+
 def test_model_card_inherits_local_base_license(tiny_vit, tmp_path):
     base = tmp_path / "base"
     tiny_vit.save_pretrained(base)

@@ -15,27 +15,35 @@ from conftest import ENV, ROOT, FakeHfApi, hub_error
 from cap_hf import cli, sources
 from cap_hf.cli import ArgumentParser, argparse_safe
 
-SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("**/*.py") if 'if __name__ == "__main__"' in p.read_text())
+
+
+def test_the_users_scripts_stand_apart_from_the_benchmarks():
+    """scripts/ holds what a user runs, scripts/bench/ the benchmarks and their helper."""
+    assert {p.name for p in (ROOT / "scripts").glob("*.py")} == {
+        "oneshot.py", "prepare_data.py", "prune.py", "push_to_hub.py", "structured_prune.py", "train_dense.py"}
+    assert all(p.name.startswith("bench") for p in (ROOT / "scripts" / "bench").glob("*.py"))
 
 
 def test_scripts_without_an_entry_point_are_helpers_of_the_others():
-    helpers = sorted(set((ROOT / "scripts").glob("*.py")) - set(SCRIPTS))
+    helpers = sorted(set((ROOT / "scripts").glob("**/*.py")) - set(SCRIPTS))
     for helper in helpers:
         importers = [p.name for p in SCRIPTS if re.search(rf"^from {helper.stem} import|^import {helper.stem}\b",
                                                           p.read_text(), re.M)]
         assert importers, f"{helper.name} has no entry point and no script imports it"
 
 
-@pytest.mark.parametrize("script", [p.name for p in SCRIPTS] + ["-m model_cards"])
+@pytest.mark.parametrize("script", [str(p.relative_to(ROOT / "scripts")) for p in SCRIPTS] + ["-m model_cards"])
 def test_every_script_answers_help(script, monkeypatch, capsys):
     """In process (the imports are shared), as `python scripts/X.py --help` runs it: exit 0 and a usage."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # what running a script from scripts/ gives it
+    path = ROOT / "scripts" / script
+    monkeypatch.syspath_prepend(str(path.parent))  # what running a script from its folder gives it
     if script.startswith("-m"):
         monkeypatch.setattr(sys, "argv", ["model_cards", "--help"])
         runner = lambda: runpy.run_module("model_cards", run_name="__main__")  # noqa: E731
     else:
-        monkeypatch.setattr(sys, "argv", [str(ROOT / "scripts" / script), "--help"])
-        runner = lambda: runpy.run_path(str(ROOT / "scripts" / script), run_name="__main__")  # noqa: E731
+        monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+        runner = lambda: runpy.run_path(str(path), run_name="__main__")  # noqa: E731
     with pytest.raises(SystemExit) as stop:
         runner()
     assert stop.value.code in (0, None)

@@ -516,7 +516,7 @@ def test_profiler_reports_phase_time_and_peak():
 def test_pruning_callback_with_a_budget_matches_the_all_at_once_step():
     from cap_hf.masks import current_masks
     from cap_hf.schedule import SparsitySchedule
-    from trainer_plugins.pruning import CAPPruningCallback
+    from trainer_plugins import CAPPruningCallback
 
     data = random_batches(12)
     results = {}

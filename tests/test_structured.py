@@ -316,7 +316,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     run_script("structured_prune.py", "--method", "dfpc", "--model_name_or_path", digits_resnet,
                "--pruning_ratio", 0.3, "--dataset_name", digits_dir, "--output_dir", out,
                "--latency_batch_sizes", "1,8", "--latency_repeats", 3, "--finetune_epochs", 1,
-               "--max_train_samples", 256, "--disable_tqdm", "true")
+               "--max_train_samples", 256, "--disable_tqdm", "true", "--bn_recalibration_samples", 512)
     results = json.loads((out / "results.json").read_text())
     for key in ("method", "params_dense", "params_pruned", "macs_dense", "macs_pruned", "latency_ms_dense",
                 "latency_ms_pruned", "accuracy_dense", "accuracy_pruned", "accuracy_pruned_before_finetuning"):
@@ -324,7 +324,7 @@ def test_structured_prune_script_writes_a_smaller_model_and_its_measurements(dig
     assert results["finetuning"]["epochs"] == 1 and results["finetuning"]["train_samples"] == 256
     rebuilt = results["reconstruction"]  # first the layers refitted to the dense outputs, on all 256 images
     assert rebuilt["images"] == 256 and rebuilt["layers"] > 0 and rebuilt["error_after"] < rebuilt["error_before"]
-    recalibrated = results["bn_recalibration"]  # before fine-tuning, on all 256 images (fewer than the default 512)
+    recalibrated = results["bn_recalibration"]  # after the refit, before fine-tuning, on all 256 images (fewer than asked)
     assert recalibrated["images"] == 256 and recalibrated["batch_norms"] > 0 and 0 <= recalibrated["accuracy_before"] <= 1
     assert results["finetuning"]["distill"] is True
     assert not list(out.glob("checkpoint-*"))  # the Trainer saved nothing of its own

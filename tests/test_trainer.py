@@ -14,7 +14,7 @@ from cap_hf.data import collate, digits_dataset, prepare_splits
 from cap_hf.models import make_image_processor
 from cap_hf.schedule import SparsitySchedule
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
-from trainer_plugins.pruning import CAPPruningCallback
+from trainer_plugins import CAPPruningCallback  # the documented import
 
 
 class RandomImages(torch.utils.data.Dataset):
@@ -310,3 +310,17 @@ def test_distillation_trainer_fine_tunes_a_smaller_model_from_a_frozen_teacher(t
     with pytest.raises(TypeError, match="DistillationTrainer needs DistillationArguments"):
         DistillationTrainer(model=small, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
 
+
+
+def test_a_backbone_without_distillation_is_refused_by_the_trainer_as_by_the_script(tmp_path):
+    """One check, two callers: DistillationTrainer on the model, scripts/prune.py on the config
+    (tests/test_prune_script.py); both say the same."""
+    from transformers import ViTModel
+
+    from cap_hf.trainer import DistillationArguments, DistillationTrainer
+
+    backbone = ViTModel(tiny_vit_config())
+    args = DistillationArguments(output_dir=str(tmp_path), distill=False, report_to="none")
+    with pytest.raises(ValueError, match="ViTModel is a backbone without a head: its only training loss is the "
+                                         "distillation of the dense model's features. Keep --distill true"):
+        DistillationTrainer(backbone, args)

@@ -29,16 +29,11 @@ from cap_hf.calibration import calibration_seed
 from cap_hf.config import PruningConfig
 from cap_hf.engine import Pruner
 from cap_hf.masks import current_masks, sparsity_report
+from cap_hf.ranks import Ranks
 from cap_hf.schedule import SparsitySchedule
 from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)
-
-
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class CAPPruningCallback(TrainerCallback, ExportableState):
@@ -143,15 +138,13 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
     @torch.no_grad()
     def check_ranks_identical(self) -> bool:
         """All-gather a checksum of every target weight and its zeros; True when all processes agree."""
-        rank, world = _dist()
-        if world == 1 or not self.targets:
+        ranks = Ranks.current()
+        if not ranks.distributed or not self.targets:
             return True
-        local = torch.stack([torch.stack([m.weight.double().abs().sum(), (m.weight == 0).sum().double()])
-                             for m in self.targets.values()])
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        torch.distributed.all_gather(gathered, local)
-        same = all(torch.equal(gathered[0], other) for other in gathered[1:])
-        if not same and rank == 0:
+        local = [[float(m.weight.double().abs().sum()), int((m.weight == 0).sum())] for m in self.targets.values()]
+        gathered = ranks.gather_objects(local, "the pruned weights' checksums")
+        same = all(other == gathered[0] for other in gathered[1:])
+        if not same and ranks.rank == 0:
             logger.error("Processes ended with different pruned weights; check the data loaders' determinism.")
         return same
 
@@ -162,7 +155,8 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
     def prune(self, model: torch.nn.Module, sparsity: float, step: int) -> None:
         """One pruning step to `sparsity` (an N:M structure fixes it); identical result on every process."""
         start = time.perf_counter()
-        rank, world = _dist()
+        here = Ranks.current()
+        rank, world = here.rank, here.world
         (sparsity,) = self.config.sparsity_levels([sparsity])
         config = self.config.replace(sparsity=sparsity,
                                      calibration_seed=calibration_seed(self.config.calibration_seed, step, rank))

@@ -7,6 +7,8 @@ write-back. To add a method, write one file:
     @register_method
     class MyMethod(PruningMethod):
         name = "mine"
+        title = "my method"       # what model cards call it
+        citation = "@article{...}"  # BibTeX for the cards ("" for none)
         fisher = "block"          # what prepare_layer needs: "block" (inverse of each B x B Fisher
                                   # block), "shared" (one B x B Fisher per layer) or None
         def prepare_layer(self, layer):   # once per layer, independent of the sparsity
@@ -15,7 +17,8 @@ write-back. To add a method, write one file:
         def apply_layer(self, layer, pruned, sparsity):   # at every sparsity
             return new_weights            # (n, B)
 
-and import it (cap_hf.methods imports the built-in ones).
+and import it (cap_hf.methods imports the built-in ones). PruningConfig, the scripts and the model cards
+ask this registry for everything else (tests/test_checkpoint.py registers one from outside the package).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class PruningMethod:
     """A pruning method: prepare_layer() once per layer, apply_layer() at each sparsity."""
 
     name: ClassVar[str]
+    title: ClassVar[str] = ""  # what a model card calls it (default: the name)
+    citation: ClassVar[str] = ""  # BibTeX for the model card ("" for none)
     aliases: ClassVar[tuple[str, ...]] = ()
     fisher: ClassVar[str | None] = None
     supports_n_m: ClassVar[bool] = False
@@ -64,6 +69,16 @@ class PruningMethod:
 
     def __init__(self, config):
         self.config = config  # a cap_hf.config.PruningConfig (which validates method names with this registry)
+
+    @classmethod
+    def describe_dampening(cls, config) -> str:
+        """The dampening a PruningConfig gives this method, in words (model cards, logs)."""
+        if cls.fisher != "block":
+            return "none (no Fisher)"
+        damping = config.dampening
+        if damping["damp"] is not None:
+            return f"{damping['damp']:g} (absolute)"
+        return f"{damping['relative_damp']:g} x each layer's mean Fisher diagonal"
 
     def prepare_layer(self, layer: Layer) -> torch.Tensor | None:
         """Sparsity-independent work. Returns a score per weight (the engine gives weights already at zero

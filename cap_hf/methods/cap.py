@@ -98,14 +98,26 @@ def unpack_weights(packed: torch.Tensor, order: torch.Tensor, counts: torch.Tens
     return torch.zeros(n, size, dtype=packed.dtype, device=packed.device).scatter_(1, order.long(), values)
 
 
+CITATION = """@inproceedings{kuznedelev2023cap,
+  title     = {{CAP}: Correlation-Aware Pruning for Highly-Accurate Sparse Vision Models},
+  author    = {Kuznedelev, Denis and Kurtic, Eldar and Frantar, Elias and Alistarh, Dan},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2023},
+  eprint    = {2210.09223},
+  archivePrefix = {arXiv}
+}"""
+
+
 @register_method
 class CAP(PruningMethod):
     """Keeps, per weight, its score (fp32) and its place in the block's order (int16); per block, the packed
     snapshots (unstructured) or the final N:M weights, in the store."""
 
     name = "cap"
+    title = "CAP (correlation-aware pruning)"
+    citation = CITATION
     default_dampening = {"relative_damp": 1e-3}  # x10 with fewer gradients than B (PruningConfig.dampening);
-    # scripts/bench_damp.py: best or within 0.1 point of it on the ViT and the ResNet
+    # scripts/bench/bench_damp.py: best or within 0.1 point of it on the ViT and the ResNet
     fisher = "block"
     supports_n_m = True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from cap_hf.methods.base import Layer, PruningMethod, register_method
+from cap_hf.methods.cap import CITATION
 from cap_hf.selection import lowest_k_mask
 
 
@@ -53,8 +54,14 @@ class FastCAP(PruningMethod):
     """Keeps one B x B factor per layer (in memory: it is tiny)."""
 
     name = "fastcap"
+    title = "FastCAP (CAP with a shared Fisher)"
+    citation = CITATION
     aliases = ("fast_cap",)
     fisher = "shared"
+
+    @classmethod
+    def describe_dampening(cls, config) -> str:
+        return f"{config.fastcap_damp:g} x the mean Fisher diagonal (FastCAP)"
 
     def __init__(self, config):
         super().__init__(config)

@@ -11,6 +11,13 @@ from cap_hf.selection import nm_prune_mask
 @register_method
 class Magnitude(PruningMethod):
     name = "magnitude"
+    title = "magnitude pruning"
+    citation = """@article{zhu2017prune,
+  title   = {To prune, or not to prune: exploring the efficacy of pruning for model compression},
+  author  = {Zhu, Michael and Gupta, Suyog},
+  journal = {arXiv preprint arXiv:1710.01878},
+  year    = {2017}
+}"""
     aliases = ("gm",)
     supports_n_m = True
 

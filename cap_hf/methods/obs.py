@@ -20,7 +20,14 @@ def obs_update(w: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) ->
 @register_method
 class OBS(PruningMethod):
     name = "obs"
-    default_dampening = {"damp": 1e-7}  # scripts/bench_damp.py: its summed updates want the absolute form
+    title = "WoodFisher / OBS"
+    citation = """@inproceedings{singh2020woodfisher,
+  title     = {{WoodFisher}: Efficient Second-Order Approximation for Neural Network Compression},
+  author    = {Singh, Sidak Pal and Alistarh, Dan},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2020}
+}"""
+    default_dampening = {"damp": 1e-7}  # scripts/bench/bench_damp.py: its summed updates want the absolute form
     aliases = ("woodfisher", "wf")
     fisher = "block"
 

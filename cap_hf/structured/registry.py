@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cap_hf.methods.cap import CITATION as CAP
 from cap_hf.structured.criteria import CRITERIA
 
 KINDS = ("channels", "second_order", "scratch")
@@ -27,14 +28,6 @@ ZIPLM = """@inproceedings{kurtic2023ziplm,
   author    = {Kurtic, Eldar and Frantar, Elias and Alistarh, Dan},
   booktitle = {Advances in Neural Information Processing Systems},
   year      = {2023}
-}"""
-CAP = """@inproceedings{kuznedelev2023cap,
-  title     = {{CAP}: Correlation-Aware Pruning for Highly-Accurate Sparse Vision Models},
-  author    = {Kuznedelev, Denis and Kurtic, Eldar and Frantar, Elias and Alistarh, Dan},
-  booktitle = {Advances in Neural Information Processing Systems},
-  year      = {2023},
-  eprint    = {2210.09223},
-  archivePrefix = {arXiv}
 }"""
 PFS = """@inproceedings{wang2020pruning,
   title     = {Pruning from Scratch},

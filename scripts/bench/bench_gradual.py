@@ -1,13 +1,13 @@
 """Benchmark: gradual CAP + distillation vs gradual magnitude (+ the same distillation), same schedule and
-epochs, on the Fashion-MNIST ViT of DeiT-Tiny width (the teacher of scripts/bench_oneshot.py).
+epochs, on the Fashion-MNIST ViT of DeiT-Tiny width (the teacher of scripts/bench/bench_oneshot.py).
 
-  OMP_NUM_THREADS=2 python scripts/bench_gradual.py
+  OMP_NUM_THREADS=2 python scripts/bench/bench_gradual.py
 
 Runs scripts/prune.py once per (method, final sparsity, crop) and writes the table, commands and machine to
 docs/benchmarks.md (section "Gradual pruning", or --section). Flags that are not the benchmark's own go to
 scripts/prune.py. The augmentation default, measured:
 
-  OMP_NUM_THREADS=2 python scripts/bench_gradual.py --methods magnitude --sparsities 0.75 --crops 0.08,0.8,1 \
+  OMP_NUM_THREADS=2 python scripts/bench/bench_gradual.py --methods magnitude --sparsities 0.75 --crops 0.08,0.8,1 \
       --section augmentation --output_root outputs/bench-gradual-crops
 """
 
@@ -44,7 +44,7 @@ class BenchGradual(FashionMnistBench):
 def main() -> None:
     args, forwarded = parse_bench(BenchGradual)
     if not (ROOT / args.teacher_dir / "config.json").exists():
-        raise SystemExit(f"No teacher in {args.teacher_dir}; run scripts/bench_oneshot.py first (it trains one).")
+        raise SystemExit(f"No teacher in {args.teacher_dir}; run scripts/bench/bench_oneshot.py first (it trains one).")
     rows, commands = [], []
     crops = args.crops.split(",")
     for sparsity in args.sparsities.split(","):

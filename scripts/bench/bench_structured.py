@@ -1,26 +1,26 @@
 """Benchmark: structured pruning (second-order obs / cap, DFPC, L1, random; -uncoupled: residual streams kept
-whole) of a bottleneck ResNet or a ViT trained on Fashion-MNIST: top-1 against the measured CPU speed-up,
-as pruned, after refitting the layers to the dense outputs and re-estimating the batch norms (no labels), and
-after a short fine-tuning
-(distillation from the dense model).
+whole) of a bottleneck ResNet or a ViT trained on Fashion-MNIST: top-1 against the measured CPU speed-up, as
+pruned, with the batch norms re-estimated, with the layers refitted to the dense outputs (and then the batch
+norms too), and after a short fine-tuning (distillation from the dense model).
 
-  OMP_NUM_THREADS=2 python scripts/bench_structured.py --arch resnet
-  OMP_NUM_THREADS=2 python scripts/bench_structured.py --arch vit
+  OMP_NUM_THREADS=2 python scripts/bench/bench_structured.py --arch resnet
+  OMP_NUM_THREADS=2 python scripts/bench/bench_structured.py --arch vit
 
 Makes what is missing (data folder; the dense model via scripts/train_dense.py), then for every method and
-target speed-up (or pruning ratio, with --ratios): prune_channels or prune_second_order (the library's
-entries, on --calibration_samples training images for obs / cap; a target is reached by measurement) ->
-the smaller model's parameters, MACs, latency at
-batch 1 and 64 measured right after the dense model's in the same process (median of repeated passes),
-and top-1 on the 10k test images: as pruned, with its layers refitted (reconstruct) and then its batch norms
-re-estimated on --calibration_samples training images (recalibrate_batch_norms), then after `--finetune_epochs` on `--finetune_samples`
-training images (cap_hf.trainer.fine_tune). Writes the table, command and machine to docs/benchmarks.md (section
-"Structured pruning: Fashion-MNIST <arch>") with a chart in docs/img/, and the raw records to
-OUTPUT_DIR/results.json.
+target speed-up (or pruning ratio with --ratios, MACs ratio with --flops_ratios): prune_channels or
+prune_second_order (the library's entries, on --calibration_samples training images for obs / cap; a target is
+reached by measurement) -> the smaller model's parameters, MACs, latency at batch 1 and 64 measured right after
+the dense model's in the same process (median of repeated passes), and top-1 on the 10k test images: as pruned;
+with its batch norms re-estimated on --calibration_samples training images (recalibrate_batch_norms, on a copy);
+with its layers refitted on as many (reconstruct, --reconstruction), and that with the batch norms re-estimated
+too (a copy); then after `--finetune_epochs` on `--finetune_samples` training images (cap_hf.trainer.fine_tune)
+from the reconstructed model. Writes the table, command and machine to docs/benchmarks.md (section "Structured
+pruning: Fashion-MNIST <arch>") with a chart in docs/img/, and the raw records to OUTPUT_DIR/results.json.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 import time
@@ -150,12 +150,18 @@ def main() -> None:
                       "normalize": normalize, "prune_seconds": time.perf_counter() - start,
                       "widths": widths(small.config), **compare_models(model, small, size, (1, 64), args.latency_repeats)}
             record["accuracy"] = evaluate_accuracy(small, loader)
-            if args.reconstruction:
+            recalibrated = copy.deepcopy(small)  # the batch norms re-estimated on the model as pruned
+            if recalibrate_batch_norms(recalibrated, calibration_loader(train, 64, 0), args.calibration_samples):
+                record["accuracy_recalibrated"] = evaluate_accuracy(recalibrated, loader)
+            if args.reconstruction:  # the layers refitted (structured_prune.py's default), then also the batch norms
                 record["reconstruction"] = reconstruct(model, small, pruned, size, calibration_loader(train, 64, 0),
                                                        args.calibration_samples)
                 record["accuracy_reconstructed"] = evaluate_accuracy(small, loader)
-            if recalibrate_batch_norms(small, calibration_loader(train, 64, 0), args.calibration_samples):
-                record["accuracy_recalibrated"] = evaluate_accuracy(small, loader)
+                both = copy.deepcopy(small)
+                if recalibrate_batch_norms(both, calibration_loader(train, 64, 0), args.calibration_samples):
+                    record["accuracy_reconstructed_recalibrated"] = evaluate_accuracy(both, loader)
+            else:
+                small = recalibrated
             if args.finetune_epochs:
                 training = DistillationArguments(
                     output_dir=tempfile.mkdtemp(), num_train_epochs=args.finetune_epochs,
@@ -177,7 +183,7 @@ def main() -> None:
               for spec in args.methods.split(",")}
     series.update({f"{spec} + {step}": [(r["speedup"]["64"], 100 * r[key]) for r in done if r["method"] == spec and key in r]
                    for spec in args.methods.split(",")
-                   for key, step in (("accuracy_reconstructed", "reconstructed"), ("accuracy_recalibrated", "BN re-estimated"))})
+                   for key, step in (("accuracy_recalibrated", "BN re-estimated"), ("accuracy_reconstructed", "reconstructed"))})
     series = {name: points for name, points in series.items() if points}
     if args.finetune_epochs:
         series.update({f"{spec} + fine-tuning": [(r["speedup"]["64"], 100 * r["accuracy_finetuned"]) for r in done
@@ -207,23 +213,24 @@ def main() -> None:
              "turns pass by pass in this process; speed-up = dense ms / pruned ms. DFPC, L1 and random use no data; "
              f"obs and cap use {args.calibration_samples} training images (obs: the layer-wise Hessian; cap: one "
              "gradient per image for the Fisher). Pruning time (s): the library call, cost tables and latency "
-             "search included. Reconstructed: every convolution and linear layer of the pruned model refitted, in the order "
-             "the model runs them, to the dense model's layer outputs on "
-             f"{args.calibration_samples} training images (least squares on the pruned model's own inputs, "
-             "cap_hf.structured.reconstruct; '-' where it was off). BN re-estimated: then the batch-norm statistics re-estimated on "
-             f"{args.calibration_samples} training images, no weight trained (recalibrate_batch_norms); fine-tuning "
-             f"starts from that model. Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
+             "search included. BN: the batch-norm statistics of the model as pruned re-estimated on "
+             f"{args.calibration_samples} training images, no weight trained (recalibrate_batch_norms). Reconstructed: every "
+             "convolution and linear layer of the model as pruned refitted, in the order the model runs them, to the dense "
+             f"model's layer outputs on {args.calibration_samples} training images (least squares on the pruned model's "
+             "own inputs, cap_hf.structured.reconstruct; '-' where it was off); + BN: then also its batch norms "
+             "re-estimated. Fine-tuning starts from the reconstructed model (from the BN one without reconstruction). "
+             f"Fine-tuning: {args.finetune_epochs:g} epoch(s) on {len(train)} training images, AdamW lr "
              f"{args.finetune_learning_rate:g} linear decay, wd 0.05, batch 128, distillation from the dense model "
              "(T=2, alpha=0.5), cap_hf.trainer.fine_tune.", "",
              "| method | goal | ratio | channels removed | params (M) | MACs (M) | ms b1 (dense -> pruned) | "
              "ms b64 (dense -> pruned) | speed-up b1 | speed-up b64 | pruning (s) | top-1 (%) | drop (points) | "
-             "top-1 reconstructed (%) | top-1 BN re-estimated (%) | top-1 fine-tuned (%) | drop fine-tuned |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "top-1 BN (%) | top-1 reconstructed (%) | top-1 reconstructed + BN (%) | top-1 fine-tuned (%) | drop fine-tuned |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         goal = (f"{r['target_speedup']:g}x" if "target_speedup" in r else f"MACs {r['flops_ratio']:g}"
                 if "flops_ratio" in r else f"ratio {r['pruning_ratio']:g}")
         if "unreachable" in r:
-            lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 14)
+            lines.append(f"| {r['method']} | {goal} | not reached: {r['unreachable']} |" + " |" * 15)
             continue
         dense_ms, pruned_ms, speedup = r["latency_ms_dense"], r["latency_ms_pruned"], r["speedup"]
         lines.append(f"| {r['method']} | {goal} | {r['ratio']:.2f} | {r['removed']}/{r['prunable']} "
@@ -232,7 +239,8 @@ def main() -> None:
                      f"| {speedup['64']:.2f}x | {r['prune_seconds']:.0f} | {100 * r['accuracy']:.2f} "
                      f"| {100 * (dense_accuracy - r['accuracy']):.2f} | "
                      + " | ".join(f"{100 * r[key]:.2f}" if key in r else "-"
-                                  for key in ("accuracy_reconstructed", "accuracy_recalibrated"))
+                                  for key in ("accuracy_recalibrated", "accuracy_reconstructed",
+                                              "accuracy_reconstructed_recalibrated"))
                      + f" | {tuned_cell(r, 'accuracy_finetuned')} "
                      f"| {tuned_cell(r, 'drop')} |")
     if args.arch == "vit":

@@ -1,6 +1,6 @@
 """Benchmark: Pruning from Scratch against pruning a trained model, at the same FLOPs, on Fashion-MNIST.
 
-  OMP_NUM_THREADS=2 python scripts/bench_pfs.py --arch resnet
+  OMP_NUM_THREADS=2 python scripts/bench/bench_pfs.py --arch resnet
 
 Makes what is missing (data folder; the dense model via scripts/train_dense.py, whose training time is
 the pretraining cost), then runs scripts/structured_prune.py once per method, all at --flops_ratio:

@@ -1,7 +1,7 @@
 """Benchmark: a backbone pruned without labels (the Fisher of its features) against the labelled
 cross-entropy Fisher of before, both judged the way DINO users judge a backbone.
 
-  OMP_NUM_THREADS=2 python scripts/bench_features.py
+  OMP_NUM_THREADS=2 python scripts/bench/bench_features.py
 
 The Fashion-MNIST ViT teacher (trained first by scripts/train_dense.py when missing) is taken as a backbone:
 its features are the CLS token of the last layer, its head is used by nothing but the cross-entropy Fisher.

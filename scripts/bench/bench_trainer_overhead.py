@@ -1,7 +1,7 @@
 """Benchmark: training-step time of CAPTrainer (masks kept by gradient hooks + re-masking after each
 optimizer step) against a plain transformers.Trainer on the same model, outside pruning steps.
 
-  OMP_NUM_THREADS=2 python scripts/bench_trainer_overhead.py
+  OMP_NUM_THREADS=2 python scripts/bench/bench_trainer_overhead.py
 
 The model is the DeiT-Tiny-width ViT of the other benchmarks (6 layers, hidden 192, 28x28 inputs);
 CAPTrainer prunes once to 75% by magnitude at step 0 and then only keeps the masks; distillation is
@@ -69,7 +69,7 @@ def run_once(kind: str, steps: int, batch: int, skip: int) -> float:
 
 
 def main() -> None:
-    parser = ArgumentParser(prog="python scripts/bench_trainer_overhead.py", description=__doc__,
+    parser = ArgumentParser(prog="python scripts/bench/bench_trainer_overhead.py", description=__doc__,
                             formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch_size", type=int, default=128)

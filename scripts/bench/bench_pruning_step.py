@@ -1,6 +1,6 @@
 """Benchmark: time and peak memory of one pruning step on DeiT-sized models, against a plain reference.
 
-  OMP_NUM_THREADS=1 python scripts/bench_pruning_step.py --arch deit-small --method cap --num_grads 1024 \
+  OMP_NUM_THREADS=1 python scripts/bench/bench_pruning_step.py --arch deit-small --method cap --num_grads 1024 \
       --fisher_block_size 192 --max_memory_gb 8
 
 The model is ViTForImageClassification built from a DeiT config (image 224, patch 16, 12 layers, MLP 4x,
@@ -472,7 +472,7 @@ def write_summary(out_dir: Path) -> None:
         "show their elimination there and the writes to the store under select+write. Fisher x = the rank-1 "
         "reference's Fisher build time over the library's (accumulation + inversion), same gradients and layers "
         "(Part 2 of each run). Rows come from different sessions and machines: each run's section below has its "
-        "command and machine; made by scripts/bench_pruning_step.py.", "",
+        "command and machine; made by scripts/bench/bench_pruning_step.py.", "",
         "| arch | method | gradients | B | budget GB | groups | results kept | grad s | fisher s | inversion s "
         "| prepare s | select+write s | total s | peak GB | Fisher x (ref/lib) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", *(rows[k] for k in order), ""])
@@ -512,7 +512,7 @@ def main() -> None:
     relative = any(a.split("=")[0] == "--relative_damp" for a in sys.argv[1:])
     args, config = parse_args((BenchArguments, PruningConfig), sys.argv[1:],
                               defaults={"grad_batch_size": 1, **({} if relative else {"damp": 1e-7})},
-                              description=__doc__, prog="python scripts/bench_pruning_step.py")
+                              description=__doc__, prog="python scripts/bench/bench_pruning_step.py")
     if relative and not args.skip_reference:
         print("--relative_damp: no reference comparison (the plain reference takes an absolute damp).")
         args.skip_reference = True

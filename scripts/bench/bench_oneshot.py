@@ -1,6 +1,6 @@
 """Benchmark: one-shot magnitude / OBS / CAP / FastCAP on a DeiT-Tiny-width ViT trained on Fashion-MNIST.
 
-  OMP_NUM_THREADS=2 python scripts/bench_oneshot.py
+  OMP_NUM_THREADS=2 python scripts/bench/bench_oneshot.py
 
 Makes what is missing (data folder, dense teacher via scripts/train_dense.py), runs scripts/oneshot.py at
 50/60/75/80/90% for all four methods in one run, and writes the table, command and machine to

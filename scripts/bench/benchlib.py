@@ -1,5 +1,5 @@
 """What the benchmarks share: the repository root, the machine line, running a script, and writing their
-section of docs/benchmarks.md. (Run as `python scripts/bench_*.py`: scripts/ is then on sys.path.)"""
+section of docs/benchmarks.md. (Run as `python scripts/bench/bench_*.py` from the repository root: scripts/bench/ is then on sys.path.)"""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "docs" / "benchmarks.md"
 
 
@@ -56,7 +56,7 @@ def parse_bench(arguments_class) -> tuple:
     import __main__
     from cap_hf.cli import HelpFormatter, ScriptParser
 
-    parser = ScriptParser(arguments_class, prog=f"python scripts/{Path(sys.argv[0]).name}",
+    parser = ScriptParser(arguments_class, prog=f"python scripts/bench/{Path(sys.argv[0]).name}",
                           description=getattr(__main__, "__doc__", None), formatter_class=HelpFormatter)
     args, forwarded = parser.parse_args_into_dataclasses(return_remaining_strings=True)
     return args, forwarded
@@ -84,7 +84,7 @@ def machine() -> str:
 def command_line(script: str) -> str:
     """How this benchmark was run, with its thread count."""
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    return " ".join([f"OMP_NUM_THREADS={threads}", "python", f"scripts/{script}", *sys.argv[1:]])
+    return " ".join([f"OMP_NUM_THREADS={threads}", "python", f"scripts/bench/{script}", *sys.argv[1:]])
 
 
 def write_section(body: str, section: str, path: Path = BENCHMARKS) -> None:

@@ -1,6 +1,6 @@
 """Benchmark: the Fisher dampening of one-shot CAP and OBS, swept, on the Fashion-MNIST ViT and ResNet.
 
-  OMP_NUM_THREADS=2 python scripts/bench_damp.py
+  OMP_NUM_THREADS=2 python scripts/bench/bench_damp.py
 
 For each model (trained first by scripts/train_dense.py when missing) and each number of Fisher gradients
 (fewer than the block size B and more), one Pruner per dampening prepares OBS and CAP together (one
