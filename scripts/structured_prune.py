@@ -112,7 +112,7 @@ class StructuredArguments:
         "help": "With --dataset_name, for methods that keep trained weights: re-estimate the batch norms' running "
                 "statistics of the pruned model on this many training images (no labels, no weight trained; all of "
                 "the split when smaller); 0 (the default) leaves them. Off by default because after the "
-                "reconstruction it lowered top-1 in every benchmark row; with --reconstruction_samples 0 it helps "
+                "reconstruction it lowered top-1 in 10 of 11 benchmark rows; with --reconstruction_samples 0 it helps "
                 "(docs/benchmarks.md). Models without batch norms (ViTs) are unchanged."})
     dataset_name: str | None = field(default=None, metadata={"help": "Evaluate dense and pruned on its eval split."})
     image_column_name: str = field(default="image")

@@ -10,8 +10,8 @@ on calibration images (the least-squares reconstruction of He et al., ICCV 2017,
 
 with X the layer's inputs (a convolution's unfolded k x k patches, one row per position) with a column of ones for
 the bias, W_0 the weights it has (the fit stays there where the data says nothing), and lambda a fraction of the
-mean diagonal of X X^T. A layer without a bias whose output feeds a batch norm (a ResNet's convolutions) takes its
-bias in that batch norm's running mean. Grouped convolutions are left as they are.
+mean diagonal of X X^T. A layer without a bias whose output goes straight into a batch norm of the same parent
+module (a ResNet's convolution and its normalization) takes its bias in that batch norm's running mean. Grouped convolutions are left as they are.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, want: str) ->
 
 @torch.no_grad()
 def reconstruct_layers(dense: nn.Module, pruned: nn.Module, graph: ChannelGraph, plan: Mapping[int, Sequence[int]],
-                       images: Sequence[torch.Tensor], relative_damp: float = 0.01) -> dict:
+                       images: Sequence[torch.Tensor], relative_damp: float = RELATIVE_DAMP) -> dict:
     """Refit every convolution and linear layer of `pruned` (in place, in call order) to the dense model's layer
     outputs on `images` (batches of pixel values), as in the module docstring. `graph` is the dense model's and
     `plan` the removal that made `pruned` from it (which outputs each layer kept). Returns the record:
@@ -109,11 +109,14 @@ def reconstruct_layers(dense: nn.Module, pruned: nn.Module, graph: ChannelGraph,
         reference = dense_modules.get(name)
         if not isinstance(layer, LAYERS) or type(reference) is not type(layer) or getattr(layer, "groups", 1) != 1:
             continue
-        keep = [i for i in range(reference.weight.shape[0]) if i not in set(removed.get(name, ()))]
+        gone = set(removed.get(name, ()))
+        keep = [i for i in range(reference.weight.shape[0]) if i not in gone]
         if len(keep) != layer.weight.shape[0]:
             raise RuntimeError(f"{name} has {layer.weight.shape[0]} outputs where the plan keeps {len(keep)}; "
                                "please report this.")
         follower = order[position + 1] if position + 1 < len(order) else None
+        if follower is not None and follower.rpartition(".")[0] != name.rpartition(".")[0]:
+            follower = None  # a batch norm of another module (a sibling's: conv + its norm, as transformers' ResNet)
         norm = small_modules[follower] if layer.bias is None and follower is not None else None
         norm = norm if isinstance(norm, nn.BatchNorm2d) and norm.num_features == len(keep) else None
         with_bias = layer.bias is not None or norm is not None
