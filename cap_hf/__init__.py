@@ -6,13 +6,13 @@ apply at several sparsities (or with several methods), and `trainer_plugins.CAPP
 """
 
 import cap_hf.modeling  # noqa: F401  registers the per-layer-size model classes with the Auto classes
-from cap_hf.checkpoint import load_pruned_model, load_sparsity_config, save_sparse_checkpoint
 from cap_hf.config import PruningConfig
-from cap_hf.engine import Pruner
+from cap_hf.engine.plan import MemoryBudgetError
+from cap_hf.engine.pruner import Pruner
+from cap_hf.io.checkpoint import load_pruned_model, load_sparsity_config, save_sparse_checkpoint
 from cap_hf.masks import SparsityMismatchError, SparsityReport, sparsity_report, verify_sparsity
 from cap_hf.methods import METHODS, PruningMethod, register_method
 from cap_hf.oneshot import oneshot_prune, oneshot_sweep
-from cap_hf.plan import MemoryBudgetError
 from cap_hf.targets import find_targets
 
 __version__ = "0.2.0"

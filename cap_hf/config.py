@@ -16,13 +16,15 @@ from pathlib import Path
 
 import yaml
 
-from cap_hf.features import POOLINGS
-from cap_hf.fisher import DAMP_ESTIMATE_ROWS
 from cap_hf.methods import METHODS, canonical_name, get_method
 
 logger = logging.getLogger(__name__)
 
 FISHER_OBJECTIVES = ("auto", "cross_entropy", "features")
+POOLINGS = ("cls", "mean", "tokens")  # what a backbone's features are (evaluation.features.extract_features)
+# a relative dampening reads the Fisher diagonal from the first this many gradients of a step, before any Fisher
+# update (the inverse accumulation starts from I/damp): engine.fisher.relative_dampening
+DAMP_ESTIMATE_ROWS = 16
 # A default relative dampening is raised this much when num_grads < fisher_block_size: each block's empirical
 # Fisher then has rank <= num_grads, and the dampening alone fills the directions no gradient reached
 # (scripts/bench/bench_damp.py: 1e-2 beat 1e-3 by 4.7 points on the ResNet with 128 gradients at B=192, while with
@@ -104,7 +106,7 @@ class PruningConfig:
     fisher_objective: str = field(default="auto", metadata={
         "help": "What the Fisher measures: 'cross_entropy' of the logits (with dataset labels, or sampled ones with "
                 "--label_free_fisher); 'features': the Gauss-Newton matrix of the backbone's output features "
-                "(--feature_pooling), from random projections, no labels and no head needed (cap_hf.features); "
+                "(--feature_pooling), from random projections, no labels and no head needed (cap_hf.evaluation.features); "
                 "'auto': 'features' for a backbone without a head (ViTModel, Dinov2Model, ...), else cross_entropy."})
     feature_pooling: str = field(default="cls", metadata={
         "help": "The features of the 'features' objective (and of k-NN / cosine evaluation): 'cls' (the CLS token "
@@ -137,7 +139,7 @@ class PruningConfig:
     device: str | None = field(default=None, metadata={"help": "Device for the Fisher math (default: the model's)."})
     calibration_seed: int | None = field(default=None, metadata={
         "help": "Seed of the calibration batches' order and of label-free Fisher labels (with the pruning step and "
-                "the process rank: cap_hf.calibration.calibration_seed). Default: the run's --seed (0 from Python)."})
+                "the process rank: cap_hf.engine.calibration.calibration_seed). Default: the run's --seed (0 from Python)."})
 
     def __post_init__(self) -> None:
         self.method = canonical_name(self.method)

@@ -20,7 +20,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def feature_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """A backbone's loss without labels, from cap_hf.features.extract_features(..., 'tokens') of the student
+    """A backbone's loss without labels, from cap_hf.evaluation.features.extract_features(..., 'tokens') of the student
     and the frozen dense teacher: 1 - cosine of the CLS tokens (the feature of k-NN and linear probes) + the
     mean squared error of the layer-normalised patch tokens (the features dense tasks use; normalised so that
     their scale, which differs from layer to layer and model to model, does not set the weighting).

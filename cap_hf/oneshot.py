@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cap_hf.config import PruningConfig
-from cap_hf.engine import Batches, Pruner
+from cap_hf.engine.pruner import Batches, Pruner
 from cap_hf.masks import SparsityReport, sparsity_report
 from cap_hf.methods import canonical_name
 
@@ -39,7 +39,7 @@ def oneshot_prune(
         return pruner.apply()
 
 
-# what an evaluation reports: a classifier's top-1, or a backbone's (cap_hf.features.FeatureEvaluator)
+# what an evaluation reports: a classifier's top-1, or a backbone's (cap_hf.evaluation.features.FeatureEvaluator)
 METRICS = ("accuracy", "knn_accuracy", "linear_probe_accuracy", "feature_cosine")
 
 

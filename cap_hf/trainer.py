@@ -19,13 +19,13 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import IntervalStrategy
 
-from cap_hf.calibration import calibration_loader, calibration_seed, check_calibration_size
 from cap_hf.config import PruningConfig
-from cap_hf.data import collate
 from cap_hf.distill import distillation_loss, feature_distillation_loss
-from cap_hf.features import FeatureEvaluator, extract_features, is_backbone
-from cap_hf.metrics import compute_metrics
-from cap_hf.plan import check_budget
+from cap_hf.engine.calibration import calibration_loader, calibration_seed, check_calibration_size
+from cap_hf.engine.plan import check_budget
+from cap_hf.evaluation.features import FeatureEvaluator, extract_features, is_backbone
+from cap_hf.evaluation.metrics import compute_metrics
+from cap_hf.io.data import collate
 from cap_hf.schedule import SparsitySchedule, build_schedule, check_schedule_values, cyclic_linear_factor
 from trainer_plugins.pruning import CAPPruningCallback
 
@@ -318,7 +318,7 @@ class CAPTrainer(DistillationTrainer):
         super().save_model(output_dir, _internal_call)
         callback = self.pruning_callback
         if self.args.should_save and callback.targets:
-            from cap_hf.checkpoint import write_sparsity_files
+            from cap_hf.io.checkpoint import write_sparsity_files
 
             write_sparsity_files(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
                                  method=callback.config.method, structure=callback.config.structure,
@@ -331,7 +331,7 @@ class CAPTrainer(DistillationTrainer):
         """Trainer.push_to_hub calls this: our sparse-model card instead of the generic one."""
         if not self.is_world_process_zero():
             return
-        from cap_hf.checkpoint import SPARSITY_FILE
+        from cap_hf.io.checkpoint import SPARSITY_FILE
 
         if not os.path.isfile(os.path.join(self.args.output_dir, SPARSITY_FILE)):
             return super().create_model_card(model_name=model_name, license=license, finetuned_from=finetuned_from,

@@ -1,6 +1,6 @@
 """python -m model_cards FOLDER [--base_model ID] [--dataset ID] ...: (re)write a checkpoint's card."""
 
-from cap_hf.cli import ArgumentParser, run
+from cap_hf.cli.parser import ArgumentParser, run
 from model_cards.card import write_model_card
 
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from cap_hf.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
 from cap_hf.config import PruningConfig
+from cap_hf.io.checkpoint import EVAL_FILE, RECIPE_FILE, load_sparsity_config
+from cap_hf.io.models import saved_as_classifier
+from cap_hf.io.plots import plot_layer_sparsity
 from cap_hf.methods import get_method
-from cap_hf.models import saved_as_classifier
-from cap_hf.plots import plot_layer_sparsity
 from cap_hf.structured.registry import methods as structured_methods
 
 TEMPLATE = Path(__file__).with_name("sparse_model_card.md")
@@ -150,7 +150,7 @@ def build_model_card(
     load_id = repo_id or str(folder)  # what from_pretrained takes: the Hub id once pushed, else the folder's path
     repo_id = repo_id or folder.name
     sparse_acc, dense_acc = results.get("eval_accuracy"), results.get("dense_accuracy")
-    # a backbone's evaluation (cap_hf.features.FeatureEvaluator): k-NN, linear probe, feature cosine
+    # a backbone's evaluation (cap_hf.evaluation.features.FeatureEvaluator): k-NN, linear probe, feature cosine
     features = feature_rows({key: results.get(f"dense_{key}") for key, _ in FEATURE_METRICS},
                             {key: results[f"eval_{key}"] for key, _ in FEATURE_METRICS if f"eval_{key}" in results})
     if sparse_acc is None and "eval_knn_accuracy" in results:  # k-NN top-1 is a backbone's headline accuracy
@@ -303,7 +303,7 @@ def build_structured_card(folder: str | Path, *, repo_id: str | None = None, bas
                           notes: list[str] | None = None) -> ModelCard:
     """The card of a structurally pruned folder, from its results.json (scripts/structured_prune.py); also
     writes the chart of channels kept per group there. `repo_id` and `notes` as in build_model_card."""
-    from cap_hf.plots import plot_group_widths
+    from cap_hf.io.plots import plot_group_widths
 
     folder = Path(folder)
     results = json.loads((folder / STRUCTURED_RESULTS).read_text())

@@ -32,17 +32,17 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from cap_hf.calibration import calibration_loader, calibration_seed, check_calibration_size
-from cap_hf.cli import parse_args, run
+from cap_hf.cli.parser import parse_args, run
 from cap_hf.config import PruningConfig
-from cap_hf.data import collate, prepare_splits
-from cap_hf.features import FeatureEvalArguments, backbone_evaluator, fisher_objective, is_backbone
-from cap_hf.metrics import evaluate_accuracy
-from cap_hf.models import load_model
+from cap_hf.engine.calibration import calibration_loader, calibration_seed, check_calibration_size
+from cap_hf.engine.plan import MemoryBudgetError, check_budget
+from cap_hf.evaluation.features import FeatureEvalArguments, backbone_evaluator, fisher_objective, is_backbone
+from cap_hf.evaluation.metrics import evaluate_accuracy
+from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.models import load_model
+from cap_hf.io.plots import plot_accuracy_vs_sparsity
+from cap_hf.io.sources import check_sources
 from cap_hf.oneshot import METRICS, main_metric, oneshot_sweep
-from cap_hf.plan import MemoryBudgetError, check_budget
-from cap_hf.plots import plot_accuracy_vs_sparsity
-from cap_hf.sources import check_sources
 
 logger = logging.getLogger("cap_hf.oneshot")
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {err}") from None
 
     # under `accelerate launch --num_processes N` the pruning step is shared out over the N processes (each
-    # computes its share of the gradients and prunes the layers it owns; cap_hf.ranks); rank 0 writes the results
+    # computes its share of the gradients and prunes the layers it owns; cap_hf.engine.ranks); rank 0 writes the results
     state = PartialState(cpu=not torch.cuda.is_available())
     rank = state.process_index
     try:

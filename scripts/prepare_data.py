@@ -6,8 +6,8 @@
 
 from pathlib import Path
 
-from cap_hf.cli import ArgumentParser, HelpFormatter, run
-from cap_hf.data import FASHION_MNIST_DIR, digits_dataset, fashion_mnist_dataset
+from cap_hf.cli.parser import ArgumentParser, HelpFormatter, run
+from cap_hf.io.data import FASHION_MNIST_DIR, digits_dataset, fashion_mnist_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -33,26 +33,26 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from cap_hf import demo
-from cap_hf.calibration import check_calibration_size
-from cap_hf.checkpoint import CheckpointError
-from cap_hf.cli import parse_args, run
+from cap_hf.cli import demo
+from cap_hf.cli.parser import parse_args, run
 from cap_hf.config import PruningConfig
-from cap_hf.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
-from cap_hf.features import FeatureEvalArguments, backbone_evaluator
-from cap_hf.hub import HubError, check_push, push_checkpoint
-from cap_hf.masks import SparsityMismatchError
-from cap_hf.metrics import compute_metrics
-from cap_hf.models import (
+from cap_hf.engine.calibration import check_calibration_size
+from cap_hf.evaluation.features import FeatureEvalArguments, backbone_evaluator
+from cap_hf.evaluation.metrics import compute_metrics
+from cap_hf.evaluation.probe import train_linear_probe
+from cap_hf.io.checkpoint import CheckpointError
+from cap_hf.io.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
+from cap_hf.io.hub import HubError, check_push, push_checkpoint
+from cap_hf.io.models import (
     load_classifier,
     load_for_labels,
     load_image_processor,
     load_model,
     saved_as_classifier,
 )
+from cap_hf.io.sources import check_sources
+from cap_hf.masks import SparsityMismatchError
 from cap_hf.oneshot import METRICS
-from cap_hf.probe import train_linear_probe
-from cap_hf.sources import check_sources
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments, check_backbone_distillation
 from model_cards import write_model_card
 
@@ -93,7 +93,7 @@ PROG = "accelerate launch scripts/prune.py"
 
 def parse(argv: list[str]) -> tuple[list[str], tuple]:
     """(the arguments in effect, the parsed dataclasses). Without --model_name_or_path and --dataset_name it is
-    the offline demo (cap_hf.demo): the demo's flags, then the user's, which win; its teacher is trained once."""
+    the offline demo (cap_hf.cli.demo): the demo's flags, then the user's, which win; its teacher is trained once."""
     if not demo.is_demo(argv):
         parsed = parse_args(TYPES, argv, description=__doc__, prog=PROG, hint="(Give neither --model_name_or_path nor "
                             "--dataset_name for the offline demo, with any other flag over its own.)")

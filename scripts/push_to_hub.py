@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 
-from cap_hf.checkpoint import CheckpointError
-from cap_hf.cli import ArgumentParser, HelpFormatter, run
-from cap_hf.hub import HubError, push_checkpoint
+from cap_hf.cli.parser import ArgumentParser, HelpFormatter, run
+from cap_hf.io.checkpoint import CheckpointError
+from cap_hf.io.hub import HubError, push_checkpoint
 from cap_hf.masks import SparsityMismatchError
 
 

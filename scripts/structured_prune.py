@@ -69,15 +69,20 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from cap_hf.calibration import calibration_loader
-from cap_hf.checkpoint import CheckpointError
-from cap_hf.cli import parse_args, run
-from cap_hf.data import collate, prepare_splits
-from cap_hf.features import FeatureEvalArguments, FeatureFisherLoss, backbone_evaluator, is_backbone
-from cap_hf.hub import HubError, check_push, push_checkpoint
-from cap_hf.metrics import evaluate_accuracy
-from cap_hf.models import load_classifier, load_image_processor, load_model, processor_image_size
-from cap_hf.sources import check_sources
+from cap_hf.cli.parser import parse_args, run
+from cap_hf.engine.calibration import calibration_loader
+from cap_hf.evaluation.features import (
+    FeatureEvalArguments,
+    FeatureFisherLoss,
+    backbone_evaluator,
+    is_backbone,
+)
+from cap_hf.evaluation.metrics import evaluate_accuracy
+from cap_hf.io.checkpoint import CheckpointError
+from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.hub import HubError, check_push, push_checkpoint
+from cap_hf.io.models import load_classifier, load_image_processor, load_model, processor_image_size
+from cap_hf.io.sources import check_sources
 from cap_hf.structured import (
     StructuredConfig,
     pfs,
@@ -235,7 +240,7 @@ def check_backbone(args: StructuredArguments, config: StructuredConfig) -> None:
 
 def prune_with_curvature(config, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
     """obs / cap on calibration images of the train split (eval transforms, a fixed shuffle). A backbone's cap
-    Fisher is that of its CLS features (cap_hf.features.FeatureFisherLoss: no labels)."""
+    Fisher is that of its CLS features (cap_hf.evaluation.features.FeatureFisherLoss: no labels)."""
     if len(train) < config.calibration_samples:
         raise ValueError(f"--calibration_samples {config.calibration_samples} is more than the {len(train)} images of the "
                          "train split; lower it or use a larger split.")

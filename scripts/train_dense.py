@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer, TrainingArguments
 
-from cap_hf.cli import parse_args, run
-from cap_hf.data import collate, prepare_splits
-from cap_hf.metrics import compute_metrics
-from cap_hf.models import make_image_processor, make_resnet_classifier, make_vit_classifier
-from cap_hf.sources import check_sources
+from cap_hf.cli.parser import parse_args, run
+from cap_hf.evaluation.metrics import compute_metrics
+from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.models import make_image_processor, make_resnet_classifier, make_vit_classifier
+from cap_hf.io.sources import check_sources
 
 
 @dataclass

@@ -13,15 +13,15 @@ from PIL import Image
 from transformers import AutoModelForImageClassification
 
 from cap_hf import PruningConfig, oneshot_prune, verify_sparsity
-from cap_hf.checkpoint import (
+from cap_hf.io.checkpoint import (
     CheckpointError,
     load_pruned_model,
     load_sparsity_config,
     save_sparse_checkpoint,
 )
-from cap_hf.hub import HubError, push_checkpoint
+from cap_hf.io.hub import HubError, push_checkpoint
+from cap_hf.io.models import make_image_processor
 from cap_hf.masks import SparsityMismatchError
-from cap_hf.models import make_image_processor
 from model_cards import write_model_card
 
 

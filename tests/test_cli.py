@@ -1,6 +1,6 @@
 """The first hour of a user: every script answers --help, errors are one line from one process and come before
-any work, and where a model, a dataset or a push goes wrong is said in words (cap_hf.cli, cap_hf.sources,
-cap_hf.hub.check_push)."""
+any work, and where a model, a dataset or a push goes wrong is said in words (cap_hf.cli.parser, cap_hf.io.sources,
+cap_hf.io.hub.check_push)."""
 
 import ast
 import re
@@ -12,8 +12,9 @@ import sys
 import pytest
 from conftest import ENV, ROOT, FakeHfApi, hub_error
 
-from cap_hf import cli, sources
-from cap_hf.cli import ArgumentParser, argparse_safe
+from cap_hf.cli import parser as cli
+from cap_hf.cli.parser import ArgumentParser, argparse_safe
+from cap_hf.io import sources
 
 SCRIPTS = sorted(p for p in (ROOT / "scripts").glob("**/*.py") if 'if __name__ == "__main__"' in p.read_text())
 
@@ -83,7 +84,7 @@ def test_a_usage_error_is_one_line_and_said_by_the_main_process_only(capsys, mon
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("RANK", "1")
     waited = []
-    monkeypatch.setattr("cap_hf.cli.time.sleep", waited.append)
+    monkeypatch.setattr("cap_hf.cli.parser.time.sleep", waited.append)
     with pytest.raises(SystemExit):
         parser.parse_args([])
     assert waited == [cli.QUIET_SECONDS]
@@ -188,7 +189,7 @@ class Args:
      "lab/m", "no 'repo.write' permission on 'lab'"),
 ])
 def test_push_check_refuses_a_token_that_cannot_write(whoami, repo_id, message):
-    from cap_hf.hub import HubError, check_push
+    from cap_hf.io.hub import HubError, check_push
 
     with pytest.raises(HubError, match=message):
         check_push(Args(repo_id), FakeHfApi(whoami=whoami))
@@ -197,7 +198,7 @@ def test_push_check_refuses_a_token_that_cannot_write(whoami, repo_id, message):
 def test_push_check_asks_the_hub_once_for_the_token_and_once_for_the_repo():
     from huggingface_hub.errors import LocalTokenNotFoundError
 
-    from cap_hf.hub import HubError, check_push
+    from cap_hf.io.hub import HubError, check_push
 
     api = FakeHfApi()
     args = Args("me/new-model")

@@ -9,8 +9,8 @@ from conftest import load_script, random_batches, tiny_vit_config
 from transformers import ViTForImageClassification
 
 from cap_hf import Pruner, PruningConfig, find_targets
-from cap_hf.config import SINGULAR_DAMP_FACTOR
-from cap_hf.fisher import DAMP_ESTIMATE_ROWS, collect_fisher, iter_gradients
+from cap_hf.config import DAMP_ESTIMATE_ROWS, SINGULAR_DAMP_FACTOR
+from cap_hf.engine.fisher import collect_fisher, iter_gradients
 from cap_hf.masks import current_masks
 from cap_hf.methods import get_method
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cap_hf.data import (
+from cap_hf.evaluation.metrics import topk_accuracy
+from cap_hf.io.data import (
     FASHION_MNIST_DIR,
     collate,
     digits_dataset,
@@ -15,9 +16,8 @@ from cap_hf.data import (
     load_image_dataset,
     prepare_splits,
 )
-from cap_hf.metrics import topk_accuracy
-from cap_hf.models import make_image_processor
-from cap_hf.sources import SourceError
+from cap_hf.io.models import make_image_processor
+from cap_hf.io.sources import SourceError
 
 
 def test_digits_dataset_is_real_and_split():

@@ -11,11 +11,11 @@ from reference import RankOneFisherInverse, reference_eliminate, reference_obs, 
 from transformers import ViTForImageClassification
 
 from cap_hf import MemoryBudgetError, Pruner, PruningConfig, find_targets, oneshot_prune
-from cap_hf.calibration import Replay, calibration_loader
-from cap_hf.fisher import BlockFisher, collect_fisher
-from cap_hf.memory import GB, PhaseProfiler, rss_bytes
+from cap_hf.engine.calibration import Replay, calibration_loader
+from cap_hf.engine.fisher import BlockFisher, collect_fisher
+from cap_hf.engine.memory import GB, PhaseProfiler, rss_bytes
+from cap_hf.engine.selection import select_pruned
 from cap_hf.methods.cap import greedy_eliminate, pack_traces, unpack_weights
-from cap_hf.selection import select_pruned
 
 
 def config(method="cap", sparsity=0.7, **kw):
@@ -251,7 +251,7 @@ def test_oneshot_prune_with_a_budget_plans_groups_and_matches(caplog):
     batches = random_batches(12)
     expected = copy.deepcopy(model)
     oneshot_prune(expected, config(), batches)
-    with caplog.at_level(logging.INFO, logger="cap_hf.engine"):
+    with caplog.at_level(logging.INFO, logger="cap_hf.engine.pruner"):
         report = oneshot_prune(model, config(max_memory_gb=64), batches)
     assert "memory budget 64.00 GB" in caplog.text
     assert report.overall == pytest.approx(0.7, abs=1e-3)
@@ -261,8 +261,8 @@ def test_oneshot_prune_with_a_budget_plans_groups_and_matches(caplog):
 def test_without_a_budget_a_step_that_does_not_fit_runs_in_groups(caplog, monkeypatch):
     """No max_memory_gb: the step runs all at once when it fits in the memory available, and in layer groups
     within that memory when it does not (instead of running out of memory after the gradient pass)."""
-    import cap_hf.plan as plan_module
-    from cap_hf.memory import device_memory_bytes
+    import cap_hf.engine.plan as plan_module
+    from cap_hf.engine.memory import device_memory_bytes
 
     model, batches = fresh_model(), random_batches(12)
     expected = copy.deepcopy(model)
@@ -286,9 +286,9 @@ def test_without_a_budget_a_step_that_does_not_fit_runs_in_groups(caplog, monkey
 
 
 def test_the_all_at_once_estimate_counts_the_fisher_and_the_results():
-    from cap_hf.fisher import divisor_block_size
+    from cap_hf.engine.fisher import divisor_block_size
+    from cap_hf.engine.plan import MARGIN_BYTES, all_at_once_bytes
     from cap_hf.methods import get_method
-    from cap_hf.plan import MARGIN_BYTES, all_at_once_bytes
 
     model = fresh_model()
     numels = {n: m.weight.numel() for n, m in find_targets(model).items()}
@@ -399,7 +399,7 @@ def test_max_memory_gb_is_validated():
 def test_block_size_that_does_not_divide_a_layer_is_reported(caplog):
     model = fresh_model()  # 32 x 32 and 64 x 32 weights: 48 divides neither
     cfg = config(fisher_block_size=48)
-    with caplog.at_level(logging.WARNING, logger="cap_hf.fisher"):
+    with caplog.at_level(logging.WARNING, logger="cap_hf.engine.fisher"):
         expected, _ = prune_copy(model, cfg, random_batches(12))
         pruned, plan = prune_copy(model, cfg, random_batches(12), groups="many")
     assert "Fisher block size 48 does not divide 8 layer(s) of 1024 weights -> 64 (vit.layers.0.attention.q_proj" \

@@ -17,7 +17,8 @@ from transformers import (
 
 from cap_hf import Pruner, PruningConfig
 from cap_hf.distill import feature_distillation_loss
-from cap_hf.features import (
+from cap_hf.engine.fisher import collect_fisher
+from cap_hf.evaluation.features import (
     FeatureEvaluator,
     FeatureFisherLoss,
     extract_features,
@@ -26,7 +27,6 @@ from cap_hf.features import (
     knn_accuracy,
     linear_probe_accuracy,
 )
-from cap_hf.fisher import collect_fisher
 
 
 def exact_gauss_newton(model, name, pixel_values, pooling):

@@ -6,10 +6,10 @@ import pytest
 import torch
 from reference import RankOneFisherInverse, joint_obs_solution
 
-from cap_hf.fisher import BlockFisher, choose_block_sizes, invert_spd
+from cap_hf.engine.fisher import BlockFisher, choose_block_sizes, invert_spd
+from cap_hf.engine.selection import lowest_k_mask, nm_prune_mask, select_pruned
 from cap_hf.methods.cap import greedy_eliminate
 from cap_hf.methods.fastcap import fastcap_sweep
-from cap_hf.selection import lowest_k_mask, nm_prune_mask, select_pruned
 
 
 def random_spd(size, rank_boost=0.1, correlated=True, generator=None, dtype=torch.float64):

@@ -9,13 +9,13 @@ import torch
 from conftest import load_script, run_script, tiny_resnet, tiny_vit_config
 from transformers import AutoModelForImageClassification, ConvNextConfig, ViTForImageClassification
 
-from cap_hf.data import collate, digits_dataset, prepare_splits
+from cap_hf.io.data import collate, digits_dataset, prepare_splits
+from cap_hf.io.models import make_image_processor
 from cap_hf.modeling import (
     PrunedResNetConfig,
     PrunedResNetForImageClassification,
     PrunedViTForImageClassification,
 )
-from cap_hf.models import make_image_processor
 from cap_hf.structured import pfs, prune_channels
 from cap_hf.structured.groups import ChannelGraph, remove_channels
 from cap_hf.structured.measure import count_macs

@@ -23,7 +23,7 @@ def env(threads="1"):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     """A digits ViT trained from a config (the demo's teacher, cached in a temp folder)."""
-    from cap_hf.demo import ensure_digits_teacher
+    from cap_hf.cli.demo import ensure_digits_teacher
 
     return ensure_digits_teacher(tmp_path_factory.mktemp("teacher") / "digits-vit", epochs=15)
 
@@ -133,7 +133,7 @@ def test_the_demo_takes_overrides_and_leaves_other_files_alone(teacher, tmp_path
     """Without a model and a dataset, prune.py is the offline demo with the user's flags over its own, into a
     folder named after them; a previous demo result there is replaced (and the log says so), other files are
     refused untouched. Naming a model leaves demo mode, and a missing flag is a one-line error that says so."""
-    from cap_hf import demo
+    from cap_hf.cli import demo
 
     prune = load_script("prune")
     monkeypatch.chdir(tmp_path)
@@ -207,7 +207,7 @@ def test_prune_backbone_without_labels(tmp_path, family):
         ViTModel,
     )
 
-    from cap_hf.models import make_image_processor
+    from cap_hf.io.models import make_image_processor
 
     backbone_dir = tmp_path / "backbone"
     if family == "dinov2":

@@ -1,4 +1,4 @@
-"""A pruning step shared out over processes (cap_hf.ranks): two gloo processes give what one process gives,
+"""A pruning step shared out over processes (cap_hf.engine.ranks): two gloo processes give what one process gives,
 each keeping only its layers' Fisher; bad input and failing ranks stop with clear errors, never a hang."""
 
 import multiprocessing
@@ -11,8 +11,8 @@ from conftest import random_batches
 from test_engine import config, fresh_model, prune_copy
 
 from cap_hf import Pruner, find_targets
-from cap_hf.ranks import RankError, assign_owners, interleave_index, share_of
-from cap_hf.selection import lowest_k_masks
+from cap_hf.engine.ranks import RankError, assign_owners, interleave_index, share_of
+from cap_hf.engine.selection import lowest_k_masks
 
 WORLD = 2
 
@@ -234,10 +234,10 @@ def test_lowest_k_over_several_tensors_breaks_ties_by_position():
 def test_the_plan_counts_one_rank_share():
     """The memory plan of a rank counts every layer's gradient rows but only its own layers' Fisher: with two
     ranks a budget holds more layers per group, and the all-at-once estimate nearly halves."""
-    from cap_hf.fisher import divisor_block_size
+    from cap_hf.engine.fisher import divisor_block_size
+    from cap_hf.engine.plan import all_at_once_bytes, layer_cost, plan_step
+    from cap_hf.engine.ranks import Ranks
     from cap_hf.methods import get_method
-    from cap_hf.plan import all_at_once_bytes, layer_cost, plan_step
-    from cap_hf.ranks import Ranks
 
     model, cfg = fresh_model(), config(max_memory_gb=64, fisher_block_size=64)  # the Fisher outweighs the rows
     targets = find_targets(model)

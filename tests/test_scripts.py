@@ -9,7 +9,7 @@ from conftest import ENV, ROOT, run_script
 
 
 def test_train_dense_writes_a_loadable_classifier(digits_model):
-    from cap_hf.models import load_classifier
+    from cap_hf.io.models import load_classifier
 
     model, processor = load_classifier(str(digits_model))
     assert model.config.num_labels == 10 and model.config.num_channels == 1
@@ -89,7 +89,7 @@ def digits_backbone(digits_model, digits_dir, tmp_path_factory):
     training split plus the labelled one under another name (the k-NN bank)."""
     from datasets import DatasetDict, load_from_disk
 
-    from cap_hf.models import load_classifier
+    from cap_hf.io.models import load_classifier
 
     root = tmp_path_factory.mktemp("backbone")
     model, processor = load_classifier(str(digits_model))

@@ -9,8 +9,8 @@ import torch
 from conftest import assert_cap_on_top, random_batches, run_script, tiny_resnet, tiny_vit_config
 from transformers import AutoModelForImageClassification, ViTForImageClassification
 
+from cap_hf.engine.plan import MemoryBudgetError
 from cap_hf.modeling import PrunedViTForImageClassification
-from cap_hf.plan import MemoryBudgetError
 from cap_hf.structured.allocate import allocate, kept_widths
 from cap_hf.structured.curvature import find_structures, hessians
 from cap_hf.structured.greedy import greedy_removal, inverse_curvature

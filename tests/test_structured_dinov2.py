@@ -129,7 +129,7 @@ def test_structured_prune_script_prunes_a_dinov2_backbone_without_labels_and_jud
                                                                                                        tmp_path):
     from conftest import run_script
 
-    from cap_hf.models import make_image_processor
+    from cap_hf.io.models import make_image_processor
 
     folder = tmp_path / "dinov2"
     dinov2(Dinov2Model).save_pretrained(folder)
@@ -156,7 +156,7 @@ def test_structured_prune_script_prunes_a_dinov2_backbone_without_labels_and_jud
 
 
 def test_cap_prunes_a_dinov2_backbone_with_the_fisher_of_its_features():
-    from cap_hf.features import FeatureFisherLoss
+    from cap_hf.evaluation.features import FeatureFisherLoss
 
     model = dinov2(Dinov2Model)
     batches = [{"pixel_values": b["pixel_values"]} for b in random_batches(32, batch_size=1)]  # no labels
@@ -167,7 +167,7 @@ def test_cap_prunes_a_dinov2_backbone_with_the_fisher_of_its_features():
 
 
 def test_train_dense_builds_a_dinov2_shaped_classifier():
-    from cap_hf.models import make_vit_classifier
+    from cap_hf.io.models import make_vit_classifier
 
     names = [str(i) for i in range(10)]
     model = make_vit_classifier(names, 28, 1, 7, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,

@@ -11,8 +11,8 @@ from conftest import assert_cap_on_top, assert_computes_and_reloads, run_script,
 from torch import nn
 from transformers import AutoModelForImageClassification, ViTForImageClassification, ViTModel
 
+from cap_hf.io.models import make_image_processor
 from cap_hf.modeling import PrunedViTForImageClassification, PrunedViTModel
-from cap_hf.models import make_image_processor
 from cap_hf.structured import prune_channels
 from cap_hf.structured.criteria.dfpc import bgsc_scores
 from cap_hf.structured.criteria.l1 import l1_scores

@@ -10,8 +10,8 @@ from conftest import tiny_vit_config
 from transformers import Trainer, TrainingArguments, ViTForImageClassification
 
 from cap_hf import PruningConfig, find_targets, verify_sparsity
-from cap_hf.data import collate, digits_dataset, prepare_splits
-from cap_hf.models import make_image_processor
+from cap_hf.io.data import collate, digits_dataset, prepare_splits
+from cap_hf.io.models import make_image_processor
 from cap_hf.schedule import SparsitySchedule
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
 from trainer_plugins import CAPPruningCallback  # the documented import

@@ -1,7 +1,7 @@
 """CAPPruningCallback: gradual pruning for any `transformers.Trainer`.
 
-- On scheduled optimizer steps it runs one step of the pruning engine (cap_hf.engine.Pruner), shared out
-  over the processes (cap_hf.ranks): each computes its share of the Fisher gradients, builds the Fisher of
+- On scheduled optimizer steps it runs one step of the pruning engine (cap_hf.engine.pruner.Pruner), shared out
+  over the processes (cap_hf.engine.ranks): each computes its share of the Fisher gradients, builds the Fisher of
   the layers it owns from every process's gradients and prunes them, and every process ends with the same
   weights (checked by a checksum at the end of training).
 - Between pruning steps it keeps the masks exact: gradient hooks zero the gradients of pruned
@@ -25,11 +25,11 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from cap_hf.calibration import calibration_seed
 from cap_hf.config import PruningConfig
-from cap_hf.engine import Pruner
+from cap_hf.engine.calibration import calibration_seed
+from cap_hf.engine.pruner import Pruner
+from cap_hf.engine.ranks import Ranks
 from cap_hf.masks import current_masks, sparsity_report
-from cap_hf.ranks import Ranks
 from cap_hf.schedule import SparsitySchedule
 from cap_hf.targets import find_targets
 
@@ -45,7 +45,7 @@ class CAPPruningCallback(TrainerCallback, ExportableState):
         schedule: pruning steps (optimizer steps) and their sparsities, or a callable
             `total_steps -> SparsitySchedule` resolved when training starts.
         calibration_batches: `(step, rank) -> iterable of batches` for the Fisher; each batch is one
-            gradient, and a rank reads its share of config.num_grads. Needed by every method with a Fisher. Use cap_hf.calibration.calibration_seed(seed,
+            gradient, and a rank reads its share of config.num_grads. Needed by every method with a Fisher. Use cap_hf.engine.calibration.calibration_seed(seed,
             step, rank) to seed them.
         loss_fn: optional `loss_fn(model, batch)` for the Fisher (default: cross-entropy of the logits).
     """

@@ -1,6 +1,6 @@
 """The interface of a pruning method and the registry that finds methods by name.
 
-A method is a small per-layer kernel; the engine (cap_hf/engine.py) does everything around it: the
+A method is a small per-layer kernel; the engine (cap_hf/engine/pruner.py) does everything around it: the
 memory plan, the gradient passes, the Fisher and its inverse, the store, the global selection and the
 write-back. To add a method, write one file:
 
@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from cap_hf.store import Store
+from cap_hf.engine.store import Store
 
 
 @dataclass

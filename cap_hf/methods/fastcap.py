@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from cap_hf.engine.selection import lowest_k_mask
 from cap_hf.methods.base import Layer, PruningMethod, register_method
 from cap_hf.methods.cap import CITATION
-from cap_hf.selection import lowest_k_mask
 
 
 def fastcap_sweep(w: torch.Tensor, upper: torch.Tensor, kept: torch.Tensor, sparsity: float,

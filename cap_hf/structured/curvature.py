@@ -15,7 +15,7 @@ Two curvatures of the reader's input, both d_in x d_in (d_in = the reader's colu
   (or, for a convolution followed by a batch norm, that norm's running mean) is one more column, on a
   constant input of 1, so the compensation also moves the layer's mean output.
 - "cap": the empirical Fisher of the loss shared by the reader's rows, sum_n G_n^T G_n / (n d_out) over
-  per-image gradients G_n of the reader's weight (the project's Fisher gradients, cap_hf.fisher): errors in
+  per-image gradients G_n of the reader's weight (the project's Fisher gradients, cap_hf.engine.fisher): errors in
   units of the loss, so layers compare directly.
 """
 
@@ -197,8 +197,8 @@ def hessians(model: nn.Module, found: list[Structures], batches: Iterable[Mappin
 def fishers(model: nn.Module, found: list[Structures], batches: Iterable[Mapping[str, torch.Tensor]], num_grads: int,
             *, label_free: bool = False, loss_fn: Callable | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """sum_n G_n^T G_n / (num_grads x d_out) of every reader's weight gradients, by reader name (one per batch, through
-    cap_hf.fisher.iter_gradients: eval mode, fp32, masked by nothing)."""
-    from cap_hf.fisher import iter_gradients
+    cap_hf.engine.fisher.iter_gradients: eval mode, fp32, masked by nothing)."""
+    from cap_hf.engine.fisher import iter_gradients
 
     targets = {r.name: r.module for s in found for r in s.readers}
     shapes = {name: module.weight.flatten(1).shape for name, module in targets.items()}

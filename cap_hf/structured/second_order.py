@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from cap_hf.features import FeatureFisherLoss, linear_cka
-from cap_hf.plan import MemoryBudgetError
+from cap_hf.engine.plan import MemoryBudgetError
+from cap_hf.evaluation.features import FeatureFisherLoss, linear_cka
 from cap_hf.structured.allocate import Unit, allocate, find_units, measure_units, stream_widths
 from cap_hf.structured.config import StructuredConfig, as_config, removal_record
 from cap_hf.structured.curvature import (
@@ -136,7 +136,7 @@ def prune_second_order(
     batches, "obs", flops_ratio=0.5, calibration_samples=512)`). `batches` (or a callable returning them) are
     calibration batches of {"pixel_values"[, "labels"]}: `calibration_samples` images in all for "obs" (the
     Hessian), as many batches = gradients for "cap" (the Fisher; labels, or `label_free` / `loss_fn` as in
-    cap_hf.fisher.iter_gradients). One target:
+    cap_hf.engine.fisher.iter_gradients). One target:
     `target_speedup` (measured at `speedup_batch_size` on this machine: the cost tables are timed, the built
     model is measured, and up to CORRECTIONS further searches move the budget: scaled by what the prediction
     missed, then bisected between one that met the target and one that missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the

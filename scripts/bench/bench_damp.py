@@ -30,12 +30,12 @@ from benchlib import (
     write_section,
 )
 
-from cap_hf.calibration import calibration_loader
 from cap_hf.config import PruningConfig
-from cap_hf.data import collate, prepare_splits
-from cap_hf.engine import Pruner
-from cap_hf.metrics import evaluate_accuracy
-from cap_hf.models import load_classifier
+from cap_hf.engine.calibration import calibration_loader
+from cap_hf.engine.pruner import Pruner
+from cap_hf.evaluation.metrics import evaluate_accuracy
+from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.models import load_classifier
 
 SECTION = "## Dampening: one-shot CAP and OBS, swept"
 MODELS = {"vit": ("outputs/fmnist-vit-tiny", VIT_TEACHER), "resnet": ("outputs/fmnist-resnet", RESNET_TEACHER)}
@@ -59,7 +59,7 @@ class BenchDamp:
 
 
 class FallbackCounter(logging.Handler):
-    """Counts the Fisher blocks that needed more dampening than asked (cap_hf.fisher.invert_spd's warning)."""
+    """Counts the Fisher blocks that needed more dampening than asked (cap_hf.engine.fisher.invert_spd's warning)."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
@@ -102,7 +102,7 @@ def sweep_model(args: BenchDamp, arch: str, records: list[dict]) -> None:
             records.append({"model": arch, "dense": dense, "method": "magnitude", "sparsity": level,
                             "accuracy": evaluate_accuracy(pruned, loader)})
     counter = FallbackCounter()
-    logging.getLogger("cap_hf.fisher").addHandler(counter)
+    logging.getLogger("cap_hf.engine.fisher").addHandler(counter)
     save = (ROOT / args.output_dir / "results.json").write_text
     save(json.dumps(records, indent=1))
     for num_grads in (int(n) for n in args.num_grads.split(",") if n):
@@ -131,7 +131,7 @@ def sweep_model(args: BenchDamp, arch: str, records: list[dict]) -> None:
                 print(records[-1], flush=True)
             records[-1]["seconds"] = time.perf_counter() - start
             save(json.dumps(records, indent=1))
-    logging.getLogger("cap_hf.fisher").removeHandler(counter)
+    logging.getLogger("cap_hf.engine.fisher").removeHandler(counter)
 
 
 def named(record: dict, args: BenchDamp) -> str:

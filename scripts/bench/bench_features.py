@@ -7,7 +7,7 @@ The Fashion-MNIST ViT teacher (trained first by scripts/train_dense.py when miss
 its features are the CLS token of the last layer, its head is used by nothing but the cross-entropy Fisher.
 One-shot magnitude, OBS and CAP at each sparsity, from one Fisher per objective (`--fisher_objective
 features`: random projections of the CLS feature, no labels; `cross_entropy`: the dataset's labels through
-the classifier's head); evaluation by cap_hf.features.FeatureEvaluator: weighted k-NN top-1 (k=20,
+the classifier's head); evaluation by cap_hf.evaluation.features.FeatureEvaluator: weighted k-NN top-1 (k=20,
 T=0.07, bank: a random subset of the training split), a linear probe trained on that bank, and the mean
 cosine of the pruned and dense features on the test split.
 
@@ -39,11 +39,11 @@ from benchlib import (
     write_section,
 )
 
-from cap_hf.calibration import calibration_loader
 from cap_hf.config import PruningConfig
-from cap_hf.data import collate, prepare_splits
-from cap_hf.features import FeatureEvaluator
-from cap_hf.models import load_classifier, load_model
+from cap_hf.engine.calibration import calibration_loader
+from cap_hf.evaluation.features import FeatureEvaluator
+from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.models import load_classifier, load_model
 from cap_hf.oneshot import oneshot_sweep
 
 SECTION = "## Backbones without labels: the feature Fisher, judged by k-NN, probe and cosine"

@@ -26,7 +26,7 @@ from pathlib import Path
 from bench_structured import ARCHES, describe
 from benchlib import ROOT, command_line, machine, parse_bench, prepare_teacher, run, write_section
 
-from cap_hf.models import load_classifier
+from cap_hf.io.models import load_classifier
 
 
 @dataclass

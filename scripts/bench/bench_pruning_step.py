@@ -6,11 +6,11 @@
 The model is ViTForImageClassification built from a DeiT config (image 224, patch 16, 12 layers, MLP 4x,
 1000 classes) with random weights, or (--arch dinov2-large) a Dinov2Model of DINOv2-L's size (24 layers,
 hidden 1024, patch 14 at 224: 257 tokens) without a head, whose Fisher is the label-free one of its
-features (cap_hf.features.FeatureFisherLoss). One gradient is one real backward pass over
+features (cap_hf.evaluation.features.FeatureFisherLoss). One gradient is one real backward pass over
 --grad_batch_size random images (with random labels for the classifiers). --layers prunes a slice of the
 transformer layers (each is the same size), to measure a model too large to prune whole here.
 
-Part 1 prunes all target layers (q/k/v/o, fc1, fc2; 72 in a DeiT), or those of --layers, to --sparsity with the engine (cap_hf.engine.Pruner,
+Part 1 prunes all target layers (q/k/v/o, fc1, fc2; 72 in a DeiT), or those of --layers, to --sparsity with the engine (cap_hf.engine.pruner.Pruner,
 within --max_memory_gb when given: layer groups when the step does not fit) and reports, per phase, the
 seconds and the peak memory (process RSS on the CPU; torch.cuda.max_memory_allocated on CUDA).
 
@@ -18,7 +18,7 @@ Part 2 (CAP and OBS) runs on a few layers (--ref_layers) both the library's math
 method's kernel) and a deliberately plain reference of the same math (tests/reference.py: one
 Sherman-Morrison update per gradient, starting at I/damp with the 1/N scaling; greedy elimination over all
 blocks with all (B+1)*d snapshots kept; one global threshold), on the same --ref_num_grads real gradients
-(cap_hf.fisher.iter_gradients), and compares masks, weights and speed.
+(cap_hf.engine.fisher.iter_gradients), and compares masks, weights and speed.
 
 Prints the command, the machine and the numbers, saves them to OUTPUT_DIR/<arch>-<method>-B<B>-N<N>.json and
 writes a section to docs/benchmarks.md, plus a summary table of every result file in OUTPUT_DIR.
@@ -37,14 +37,14 @@ from benchlib import BENCHMARKS, ROOT, command_line, load_reference, machine, wr
 from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassification
 
 from cap_hf import Pruner, PruningConfig, find_targets
-from cap_hf.cli import parse_args
-from cap_hf.features import fisher_loss
-from cap_hf.fisher import BlockFisher, choose_block_sizes, gradient_rows, iter_gradients
+from cap_hf.cli.parser import parse_args
+from cap_hf.engine.fisher import BlockFisher, choose_block_sizes, gradient_rows, iter_gradients
+from cap_hf.engine.memory import GB, PhaseProfiler, rss_bytes
+from cap_hf.engine.selection import select_pruned
+from cap_hf.engine.store import Store
+from cap_hf.evaluation.features import fisher_loss
 from cap_hf.masks import sparsity_report
-from cap_hf.memory import GB, PhaseProfiler, rss_bytes
 from cap_hf.methods import Layer, get_method
-from cap_hf.selection import select_pruned
-from cap_hf.store import Store
 
 ARCHS = {"deit-tiny": (192, 3), "deit-small": (384, 6), "deit-base": (768, 12), "dinov2-large": (1024, 16)}
 PHASES = ["plan", "gradients", "fisher", "inversion", "prepare", "selection", "write-back"]
@@ -227,12 +227,12 @@ def compare_processes(args, cfg: PruningConfig, device: torch.device, out: Path)
 
 def plan_for_processes(args, cfg: PruningConfig, rates_file: Path) -> list[str]:
     """The step planned for args.plan_world processes with args.plan_gb each, by the library's own plan
-    (cap_hf.plan with a Ranks of that world; nothing is run but one timed backward pass per image), and the
+    (cap_hf.engine.plan with a Ranks of that world; nothing is run but one timed backward pass per image), and the
     time per phase per rank from the rates measured by a --num_processes run (rates_file, its 1-process
     column) at this machine's speed."""
-    from cap_hf.fisher import divisor_block_size
-    from cap_hf.plan import plan_step
-    from cap_hf.ranks import Ranks
+    from cap_hf.engine.fisher import divisor_block_size
+    from cap_hf.engine.plan import plan_step
+    from cap_hf.engine.ranks import Ranks
 
     world = args.plan_world
     model = build_model(args.arch, args.seed)
@@ -269,7 +269,7 @@ def plan_for_processes(args, cfg: PruningConfig, rates_file: Path) -> list[str]:
     lines = [f"Plan for {world} processes of {args.plan_gb:g} GB each: {args.arch}"
              f"{f' (layers {args.layers})' if args.layers else ''}, {sum(numels.values()) / 1e6:.1f} M target weights, "
              f"{cfg.method}, B={cfg.fisher_block_size}, N={n} x {images} images; the library's plan "
-             f"(cap_hf.plan with {world} ranks): {plan.describe()}.", "",
+             f"(cap_hf.engine.plan with {world} ranks): {plan.describe()}.", "",
              "| per rank | value |", "|---|---|",
              f"| layers owned (fewest-most) | {min(list(plan.owners.values()).count(r) for r in range(world))}-"
              f"{max(list(plan.owners.values()).count(r) for r in range(world))} |",
@@ -547,7 +547,7 @@ def main() -> None:
         body = "\n".join([title, "", f"Command: `{command}`", "", f"Machine: {result['machine']}; device {device}.", "",
                           f"One pruning step ({config.describe_dampening()} dampening, sparsity {config.sparsity}) "
                           f"with {config.num_grads} gradients of {config.grad_batch_size} random image(s), shared out "
-                          "over processes (cap_hf.ranks): each computes its share of the gradients, the rows go to "
+                          "over processes (cap_hf.engine.ranks): each computes its share of the gradients, the rows go to "
                           "the layers' owners, each owner builds and inverts its layers' Fisher and eliminates them.",
                           "", *table, ""])
         print(body)

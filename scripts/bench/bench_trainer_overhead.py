@@ -20,9 +20,9 @@ from benchlib import command_line, machine, write_section
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from cap_hf import PruningConfig
-from cap_hf.cli import ArgumentParser, HelpFormatter
-from cap_hf.data import collate
-from cap_hf.models import make_vit_classifier
+from cap_hf.cli.parser import ArgumentParser, HelpFormatter
+from cap_hf.io.data import collate
+from cap_hf.io.models import make_vit_classifier
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments
 
 SECTION = "## Trainer overhead: CAPTrainer vs Trainer outside pruning steps"

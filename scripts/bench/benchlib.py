@@ -54,7 +54,7 @@ def parse_bench(arguments_class) -> tuple:
     """The benchmark's own flags (a dataclass) and the rest, forwarded to the script it runs: the pruning
     recipe is that script's PruningConfig (given after the benchmark's settings, so they override them)."""
     import __main__
-    from cap_hf.cli import HelpFormatter, ScriptParser
+    from cap_hf.cli.parser import HelpFormatter, ScriptParser
 
     parser = ScriptParser(arguments_class, prog=f"python scripts/bench/{Path(sys.argv[0]).name}",
                           description=getattr(__main__, "__doc__", None), formatter_class=HelpFormatter)

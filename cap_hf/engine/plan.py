@@ -21,7 +21,7 @@ import psutil
 import torch
 from torch import nn
 
-from cap_hf.fisher import (
+from cap_hf.engine.fisher import (
     INVERSION_CHUNK,
     WOODBURY_BLOCKS,
     WOODBURY_RANK,
@@ -30,9 +30,9 @@ from cap_hf.fisher import (
     gradient_rows,
     gradients_only_for,
 )
-from cap_hf.memory import GB, device_memory_bytes, hwm_bytes, reset_hwm, rss_bytes
+from cap_hf.engine.memory import GB, device_memory_bytes, hwm_bytes, reset_hwm, rss_bytes
+from cap_hf.engine.ranks import Ranks, assign_owners, initialised, rows_per_rank
 from cap_hf.methods import PruningMethod, get_method
-from cap_hf.ranks import Ranks, assign_owners, initialised, rows_per_rank
 from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ always), but each target layer has one *owner* rank: the rows of every gradient 
 layers' owners (one all-to-all per chunk), so the owner accumulates that layer's Fisher from all ranks'
 gradients, in the order one process would (`interleave`), and only the owner keeps the layer's Fisher,
 forms its inverse and runs the method's kernel on it. The global threshold is found across ranks
-(cap_hf.selection), each owner computes its layers' new weights and broadcasts them, so every rank ends
+(cap_hf.engine.selection), each owner computes its layers' new weights and broadcasts them, so every rank ends
 with the same model. Memory per rank: its share of the layers' Fisher and results, plus gradient rows.
 
 Layers go to owners by a greedy balance of their Fisher size (largest first, to the least loaded rank):

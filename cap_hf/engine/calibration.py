@@ -56,7 +56,7 @@ def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: 
     """Shuffled, full batches (one batch = one gradient), decoded by `num_workers` worker processes like
     the Trainer's training batches (TrainingArguments.dataloader_*). The order depends only on `seed`, so
     the batches are the same with any number of workers and can be replayed."""
-    from cap_hf.data import collate
+    from cap_hf.io.data import collate
 
     generator = torch.Generator().manual_seed(seed)
     workers = int(num_workers or 0)
@@ -116,7 +116,7 @@ class Replay:
             raise ValueError(
                 f"Calibration batch {index} differs between passes over the layer groups. Every group re-reads the "
                 "calibration data, which must give the same batches each time: use a DataLoader without random "
-                "augmentation (cap_hf.calibration.calibration_loader), or a list of batches."
+                "augmentation (cap_hf.engine.calibration.calibration_loader), or a list of batches."
             )
 
     def __len__(self) -> int:

@@ -15,7 +15,7 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
-from cap_hf.sources import check_model_source
+from cap_hf.io.sources import check_model_source
 
 
 def make_image_processor(image_size: int, num_channels: int, mean: float = 0.5, std: float = 0.5):
@@ -122,7 +122,7 @@ def load_for_labels(name_or_path: str, label_names: list[str] | None):
 
     A backbone without a classifier (DINO's ViTModel, Dinov2Model) or a classifier for another label
     set comes back as an *ForImageClassification model with a new head (`fresh_head=True`); train it
-    as a linear probe (cap_hf.probe) before pruning.
+    as a linear probe (cap_hf.evaluation.probe) before pruning.
     """
     processor = load_image_processor(name_or_path)
     kwargs = {}

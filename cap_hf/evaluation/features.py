@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cap_hf.ranks import Ranks
-
-POOLINGS = ("cls", "mean", "tokens")
+from cap_hf.config import POOLINGS
+from cap_hf.engine.ranks import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def fisher_objective(config, model: nn.Module) -> str:
 
 def fisher_loss(config, model: nn.Module) -> FeatureFisherLoss | None:
     """The Fisher's loss_fn: FeatureFisherLoss for the 'features' objective, None for the default
-    cross-entropy of the logits (cap_hf.fisher.default_loss)."""
+    cross-entropy of the logits (cap_hf.engine.fisher.default_loss)."""
     if fisher_objective(config, model) != "features":
         return None
     return FeatureFisherLoss(config.feature_pooling, seed=int(config.calibration_seed or 0))
@@ -241,7 +240,7 @@ def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, ar
     """A FeatureEvaluator of `model` (dense, as it is now) on the prepared `evaluation` split, with the bank
     from --knn_bank_split (default: the training split) of `dataset_name`. Without labels in the evaluation
     split or the bank, feature cosine alone, and the log says why."""
-    from cap_hf.data import collate, prepare_splits
+    from cap_hf.io.data import collate, prepare_splits
 
     bank = None
     if label_column not in evaluation.column_names:

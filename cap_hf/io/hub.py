@@ -12,8 +12,8 @@ import json
 import logging
 from pathlib import Path
 
-from cap_hf.checkpoint import CheckpointError, check_checkpoint, check_weights_present
-from cap_hf.sources import hub_offline
+from cap_hf.io.checkpoint import CheckpointError, check_checkpoint, check_weights_present
+from cap_hf.io.sources import hub_offline
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from cap_hf.cli import config_file, given_flags
+from cap_hf.cli.parser import config_file, given_flags
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ def ensure_digits_teacher(folder: str | Path = DEMO_ROOT / "teacher", epochs: in
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from cap_hf.data import collate, digits_dataset, prepare_splits
-    from cap_hf.metrics import compute_metrics
-    from cap_hf.models import make_image_processor, make_vit_classifier
+    from cap_hf.evaluation.metrics import compute_metrics
+    from cap_hf.io.data import collate, digits_dataset, prepare_splits
+    from cap_hf.io.models import make_image_processor, make_vit_classifier
 
     logger.info("Training the demo's teacher: a 4-layer ViT on scikit-learn's digits, %d epochs (about 30 s on 2 CPU "
                 "cores), saved to %s and reused by later runs.", epochs, folder)

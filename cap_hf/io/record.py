@@ -20,7 +20,7 @@ def load_sparsity_config(folder: str | Path) -> dict:
     path = path / SPARSITY_FILE if path.is_dir() else path
     if not path.is_file():
         raise CheckpointError(f"{path.parent if path.name == SPARSITY_FILE else path} is not a pruned checkpoint: "
-                              f"it has no {SPARSITY_FILE}. Save it with cap_hf.checkpoint.save_sparse_checkpoint "
+                              f"it has no {SPARSITY_FILE}. Save it with cap_hf.io.checkpoint.save_sparse_checkpoint "
                               "or scripts/prune.py.")
     try:
         record = json.loads(path.read_text())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BUILTIN_PREFIX = "builtin:"  # cap_hf's offline data sets (cap_hf.data.BUILTIN_DATASETS)
+BUILTIN_PREFIX = "builtin:"  # cap_hf's offline data sets (cap_hf.io.data.BUILTIN_DATASETS)
 
 
 class SourceError(ValueError):

@@ -8,9 +8,9 @@ import os
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from cap_hf.data import collate
-from cap_hf.metrics import compute_metrics
-from cap_hf.models import head_parameters
+from cap_hf.evaluation.metrics import compute_metrics
+from cap_hf.io.data import collate
+from cap_hf.io.models import head_parameters
 
 
 def train_linear_probe(model: nn.Module, train_dataset, eval_dataset, base_args: TrainingArguments,

@@ -4,7 +4,7 @@ F = damp * I + (1/m) sum_i g_i g_i^T, kept only on B x B diagonal blocks of each
 either as a *sum* of outer products plus a count (inverted in batch by Cholesky), or as its inverse,
 updated 16 gradients at a time with the Woodbury identity. Both are built with batched matrix products
 over chunks of gradients instead of one update per gradient. Under several processes each layer's Fisher
-is built by its owner rank from every rank's gradient rows (collect_fisher, cap_hf.ranks).
+is built by its owner rank from every rank's gradient rows (collect_fisher, cap_hf.engine.ranks).
 `iter_gradients` is the one loop of backward passes (the engine, the benchmarks and the tests use it).
 """
 
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cap_hf.calibration import check_enough_batches, too_few_batches
-from cap_hf.memory import PhaseProfiler, maybe_phase
-from cap_hf.ranks import Ranks, interleave_index, rows_per_rank
+from cap_hf.config import DAMP_ESTIMATE_ROWS
+from cap_hf.engine.calibration import check_enough_batches, too_few_batches
+from cap_hf.engine.memory import PhaseProfiler, maybe_phase
+from cap_hf.engine.ranks import Ranks, interleave_index, rows_per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -364,11 +365,6 @@ def gradient_rows(grad_chunk_size: int, num_grads: int, accumulate: str = "sum",
     return min(rows, WOODBURY_RANK) if accumulate == "inverse" and "block" in kinds else rows
 
 
-# The first gradients of a step whose squares set a relative dampening (before any Fisher update: the
-# inverse accumulation starts from I/damp).
-DAMP_ESTIMATE_ROWS = 16
-
-
 def relative_dampening(grads: Mapping[str, torch.Tensor], fraction: float,
                        masks: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
     """damp = fraction * the mean of each layer's Fisher diagonal over its weights still kept, estimated
@@ -414,7 +410,7 @@ def collect_fisher(
     """The Fisher statistics of `kinds` ('block', 'shared') from `num_grads` gradients in all (iter_gradients,
     whose options pass through), `grad_chunk_size` at a time.
 
-    Several processes (`ranks`, cap_hf.ranks): each computes its share of the gradients from its own
+    Several processes (`ranks`, cap_hf.engine.ranks): each computes its share of the gradients from its own
     `batches`, and every chunk's rows go to the owner of each layer (`owners`: {layer: rank}, all-to-all),
     interleaved as one process reading batches[r::world] on rank r would meet them; the Fisher returned holds
     only this rank's layers, built from every rank's gradients with the one-process math (the 'inverse'

@@ -21,8 +21,8 @@ import yaml
 from torch import nn
 
 from cap_hf.config import parse_structure
+from cap_hf.io.record import SCHEMA, SCHEMA_VERSION, SPARSITY_FILE, CheckpointError, load_sparsity_config
 from cap_hf.masks import sparsity_report, verify_sparsity
-from cap_hf.record import SCHEMA, SCHEMA_VERSION, SPARSITY_FILE, CheckpointError, load_sparsity_config
 from cap_hf.targets import find_targets
 
 RECIPE_FILE = "cap_recipe.yaml"
@@ -165,7 +165,7 @@ def load_pruned_model(folder: str | Path, **kwargs) -> nn.Module:
     from transformers import AutoConfig
 
     import cap_hf.modeling  # noqa: F401  registers the physically smaller model classes
-    from cap_hf.models import from_pretrained_as_saved
+    from cap_hf.io.models import from_pretrained_as_saved
 
     check_weights_present(folder)
     config = AutoConfig.from_pretrained(folder)

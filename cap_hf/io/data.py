@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
 
-from cap_hf.sources import BUILTIN_PREFIX, SourceError, check_dataset_source
+from cap_hf.io.sources import BUILTIN_PREFIX, SourceError, check_dataset_source
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -26,7 +26,7 @@ BUILTIN_DATASETS = ("builtin:digits", "builtin:fashion-mnist")
 def load_image_dataset(name_or_path: str) -> DatasetDict:
     """A DatasetDict from a save_to_disk folder (Dataset or DatasetDict), an imagefolder folder, a Hub id,
     or the offline data sets `builtin:digits` (scikit-learn) and `builtin:fashion-mnist` (Debian package).
-    The name is checked first (cap_hf.sources): a missing folder, or a Hub id that is neither cached nor on
+    The name is checked first (cap_hf.io.sources): a missing folder, or a Hub id that is neither cached nor on
     the Hub, fails at once with what was tried."""
     if name_or_path == "builtin:digits":
         return digits_dataset()

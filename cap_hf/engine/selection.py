@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from cap_hf.ranks import Ranks
+from cap_hf.engine.ranks import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def lowest_k_masks(scores: Mapping[str, torch.Tensor], k: int, sizes: Mapping[st
     """Boolean masks of exactly k entries with the lowest scores over all tensors at once, ties broken by
     position in the concatenation of the tensors in `sizes`' order (default: `scores`' order).
 
-    With `ranks` (cap_hf.ranks) each process holds the scores of its own layers and `sizes` names every
+    With `ranks` (cap_hf.engine.ranks) each process holds the scores of its own layers and `sizes` names every
     layer of every rank: the k-th value is found by bisection over the scores' int32 order keys (32 sums
     over the ranks) and the ties by their counts per layer, so no rank ever holds the other ranks' scores."""
     ranks = ranks or Ranks()

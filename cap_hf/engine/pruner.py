@@ -5,10 +5,10 @@
         for sparsity in (0.5, 0.75, 0.9):
             pruner.apply(sparsity, "cap", model=copy.deepcopy(model))
 
-prepare(): plan the layer groups (cap_hf.plan: one group when the step fits); for each group, one pass
-over the calibration batches gives the Fisher statistics every method needs (cap_hf.fisher), each
+prepare(): plan the layer groups (cap_hf.engine.plan: one group when the step fits); for each group, one pass
+over the calibration batches gives the Fisher statistics every method needs (cap_hf.engine.fisher), each
 layer's inverse is formed in place, and every method's per-layer kernel (cap_hf.methods) turns it into
-scores and results kept in the store (cap_hf.store). Nothing is written into the model during prepare
+scores and results kept in the store (cap_hf.engine.store). Nothing is written into the model during prepare
 (pruned weights would change later groups' gradients). apply(): one global selection over the scores,
 then each layer's new weights from its kernel, written back; as often as wanted, on this model or on
 copies of it.
@@ -22,17 +22,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from cap_hf.calibration import Replay, check_enough_batches, first_pass
 from cap_hf.config import PruningConfig
-from cap_hf.features import fisher_loss, is_backbone
-from cap_hf.fisher import choose_block_sizes, collect_fisher
+from cap_hf.engine.calibration import Replay, check_enough_batches, first_pass
+from cap_hf.engine.fisher import choose_block_sizes, collect_fisher
+from cap_hf.engine.memory import PhaseProfiler
+from cap_hf.engine.plan import MemoryPlan, fisher_kinds, plan_step
+from cap_hf.engine.ranks import Ranks
+from cap_hf.engine.selection import select_pruned, weight_blocks, write_blocks
+from cap_hf.engine.store import Store
+from cap_hf.evaluation.features import fisher_loss, is_backbone
 from cap_hf.masks import SparsityReport, current_masks, sparsity_report
-from cap_hf.memory import PhaseProfiler
 from cap_hf.methods import Layer, canonical_name, get_method
-from cap_hf.plan import MemoryPlan, fisher_kinds, plan_step
-from cap_hf.ranks import Ranks
-from cap_hf.selection import select_pruned, weight_blocks, write_blocks
-from cap_hf.store import Store
 from cap_hf.targets import find_targets
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Pruner:
         config: the recipe; `methods` (default: [config.method]) replace its method, each validated.
         targets: {name: module}; default find_targets(model, config.targets, config.ignore).
         loss_fn: `loss_fn(model, batch)` for the Fisher (default: cross-entropy of the logits).
-        profiler: a cap_hf.memory.PhaseProfiler to time (and measure) the phases; one that only times
+        profiler: a cap_hf.engine.memory.PhaseProfiler to time (and measure) the phases; one that only times
             them is made otherwise.
         max_group_bytes, store: force more layer groups and where results wait (tests, experiments).
     """
@@ -82,7 +82,7 @@ class Pruner:
         self.passes = self._fisher_passes()
         self._pass_seconds: dict[int, float] = {}
         self._store: Store | None = None
-        self.ranks = Ranks.current(config.dist_timeout)  # one process, or the step shared out (cap_hf.ranks)
+        self.ranks = Ranks.current(config.dist_timeout)  # one process, or the step shared out (cap_hf.engine.ranks)
         if self.ranks.distributed and any(k.fisher for k in self.methods.values()) and config.num_grads < self.ranks.world:
             raise ValueError(f"num_grads={config.num_grads} is less than the {self.ranks.world} processes, so some would "
                              "compute no gradient; raise num_grads.")
@@ -155,7 +155,7 @@ class Pruner:
         if kinds and calibration_batches is None:
             needing = [name for name, m in self.methods.items() if m.fisher]
             raise ValueError(f"Methods {needing} need calibration data for their Fisher: pass calibration_batches "
-                             "(e.g. cap_hf.calibration.calibration_loader(...)).")
+                             "(e.g. cap_hf.engine.calibration.calibration_loader(...)).")
         cfg = self.config
         ranks = self.ranks
         ranks.agree(self._agreement(), "pruning step (targets and recipe)")

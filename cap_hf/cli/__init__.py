@@ -1,0 +1,2 @@
+"""What only the scripts use: argument parsing (parser.py: HfArgumentParser with --recipe, clear errors) and the
+offline demo of scripts/prune.py (demo.py)."""
