@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cap_hf.config import parse_structure
-from cap_hf.io.record import load_sparsity_config
+from cap_hf.record import load_sparsity_config
 from cap_hf.targets import find_targets
 
 

@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from cap_hf.cli.backbone import FeatureEvalArguments, backbone_evaluator
 from cap_hf.cli.parser import parse_args, run
 from cap_hf.config import PruningConfig
 from cap_hf.engine.calibration import calibration_loader, calibration_seed, check_calibration_size
+from cap_hf.engine.feature_fisher import fisher_objective
 from cap_hf.engine.plan import MemoryBudgetError, check_budget
-from cap_hf.evaluation.features import FeatureEvalArguments, backbone_evaluator, fisher_objective, is_backbone
+from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
 from cap_hf.io.data import collate, prepare_splits
 from cap_hf.io.models import load_model

@@ -34,10 +34,10 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from cap_hf.cli import demo
+from cap_hf.cli.backbone import FeatureEvalArguments, backbone_evaluator
 from cap_hf.cli.parser import parse_args, run
 from cap_hf.config import PruningConfig
 from cap_hf.engine.calibration import check_calibration_size
-from cap_hf.evaluation.features import FeatureEvalArguments, backbone_evaluator
 from cap_hf.evaluation.metrics import compute_metrics
 from cap_hf.evaluation.probe import train_linear_probe
 from cap_hf.io.checkpoint import CheckpointError

@@ -69,14 +69,11 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification
 
+from cap_hf.cli.backbone import FeatureEvalArguments, backbone_evaluator
 from cap_hf.cli.parser import parse_args, run
 from cap_hf.engine.calibration import calibration_loader
-from cap_hf.evaluation.features import (
-    FeatureEvalArguments,
-    FeatureFisherLoss,
-    backbone_evaluator,
-    is_backbone,
-)
+from cap_hf.engine.feature_fisher import FeatureFisherLoss
+from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
 from cap_hf.io.checkpoint import CheckpointError
 from cap_hf.io.data import collate, prepare_splits
@@ -240,7 +237,7 @@ def check_backbone(args: StructuredArguments, config: StructuredConfig) -> None:
 
 def prune_with_curvature(config, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
     """obs / cap on calibration images of the train split (eval transforms, a fixed shuffle). A backbone's cap
-    Fisher is that of its CLS features (cap_hf.evaluation.features.FeatureFisherLoss: no labels)."""
+    Fisher is that of its CLS features (cap_hf.engine.feature_fisher.FeatureFisherLoss: no labels)."""
     if len(train) < config.calibration_samples:
         raise ValueError(f"--calibration_samples {config.calibration_samples} is more than the {len(train)} images of the "
                          "train split; lower it or use a larger split.")

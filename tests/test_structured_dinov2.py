@@ -156,7 +156,7 @@ def test_structured_prune_script_prunes_a_dinov2_backbone_without_labels_and_jud
 
 
 def test_cap_prunes_a_dinov2_backbone_with_the_fisher_of_its_features():
-    from cap_hf.evaluation.features import FeatureFisherLoss
+    from cap_hf.engine.feature_fisher import FeatureFisherLoss
 
     model = dinov2(Dinov2Model)
     batches = [{"pixel_values": b["pixel_values"]} for b in random_batches(32, batch_size=1)]  # no labels

@@ -24,13 +24,14 @@ from torch import nn
 
 from cap_hf.config import PruningConfig
 from cap_hf.engine.calibration import Replay, check_enough_batches, first_pass
+from cap_hf.engine.feature_fisher import fisher_loss
 from cap_hf.engine.fisher import choose_block_sizes, collect_fisher
 from cap_hf.engine.memory import PhaseProfiler
 from cap_hf.engine.plan import MemoryPlan, fisher_kinds, plan_step
 from cap_hf.engine.ranks import Ranks
 from cap_hf.engine.selection import select_pruned, weight_blocks, write_blocks
 from cap_hf.engine.store import Store
-from cap_hf.evaluation.features import fisher_loss, is_backbone
+from cap_hf.evaluation.features import is_backbone
 from cap_hf.masks import SparsityReport, current_masks, sparsity_report
 from cap_hf.methods import Layer, canonical_name, get_method
 from cap_hf.targets import find_targets

@@ -1,5 +1,6 @@
-"""A backbone's output features, and what is built on them without labels: the feature Fisher (random
-projections of the features), and the DINO evaluations (weighted k-NN, feature cosine).
+"""A backbone's output features, and the DINO evaluations built on them (weighted k-NN, linear probe, feature
+cosine, linear CKA; FeatureEvaluator). The Fisher of the features is the engine's (engine/feature_fisher.py), the
+scripts' flags for all this are cli/backbone.py's.
 
 Which features: the last hidden state (after the final norm) of the model's base model, so a classifier
 (its head dropped) and a backbone (ViTModel, Dinov2Model, Dinov2WithRegistersModel, ResNetModel, ...) give
@@ -14,16 +15,12 @@ Convolutional backbones have one feature per image whatever the pooling: the bas
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cap_hf.config import POOLINGS
-from cap_hf.engine.ranks import Ranks
 
 logger = logging.getLogger(__name__)
 
@@ -59,47 +56,6 @@ def extract_features(model: nn.Module, pixel_values: torch.Tensor, pooling: str 
     if pooling == "mean":
         return patches.mean(dim=1)
     return torch.cat([hidden[:, :1], patches], dim=1)
-
-
-class FeatureFisherLoss:
-    """A label-free Fisher objective: loss_fn(model, batch) = v . f(x) / sqrt(b) with v ~ N(0, I) drawn
-    afresh for every image (and token), so the batch gradient g = sum_i J_i^T v_i / sqrt(b) has
-    E[g g^T] = mean_i J_i^T J_i, the Gauss-Newton matrix (= Fisher of a Gaussian output model) of the
-    features: no labels, and unlike a distillation loss at the dense point, not zero. With pooling='tokens'
-    every token counts 1/tokens, so an image weighs the same at any resolution. One backward pass per
-    batch, like a labelled gradient: CAP, OBS and FastCAP take it unchanged (Pruner(loss_fn=...)).
-    Each process draws its own v (seed + rank)."""
-
-    def __init__(self, pooling: str = "cls", seed: int = 0):
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}.")
-        self.pooling, self.seed = pooling, int(seed)
-        self.generator: torch.Generator | None = None
-
-    def __call__(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        features = extract_features(model, batch["pixel_values"], self.pooling).float()
-        if self.generator is None or self.generator.device != features.device:
-            rank = Ranks.current().rank
-            self.generator = torch.Generator(device=features.device).manual_seed(self.seed + rank)
-        v = torch.randn(features.shape, generator=self.generator, device=features.device)
-        scale = features.shape[0] * (features.shape[1] if features.dim() == 3 else 1)
-        return (features * v).sum() / math.sqrt(scale)
-
-
-def fisher_objective(config, model: nn.Module) -> str:
-    """The recipe's (a PruningConfig) objective for this model: 'auto' is 'features' for a backbone without a
-    head (unless label_free_fisher asks for sampled labels), else 'cross_entropy'."""
-    if config.fisher_objective != "auto":
-        return config.fisher_objective
-    return "features" if is_backbone(model) and not config.label_free_fisher else "cross_entropy"
-
-
-def fisher_loss(config, model: nn.Module) -> FeatureFisherLoss | None:
-    """The Fisher's loss_fn: FeatureFisherLoss for the 'features' objective, None for the default
-    cross-entropy of the logits (cap_hf.engine.fisher.default_loss)."""
-    if fisher_objective(config, model) != "features":
-        return None
-    return FeatureFisherLoss(config.feature_pooling, seed=int(config.calibration_seed or 0))
 
 
 @torch.no_grad()
@@ -220,43 +176,3 @@ class FeatureEvaluator:
         if self.probe:
             metrics["linear_probe_accuracy"] = linear_probe_accuracy(bank, bank_labels, queries, labels)
         return metrics
-
-
-@dataclass
-class FeatureEvalArguments:
-    """The flags of a backbone's evaluation (scripts/oneshot.py, scripts/prune.py)."""
-
-    knn_bank_split: str | None = field(default=None, metadata={
-        "help": "Backbones: the labelled split whose features form the k-NN bank and train the linear probe "
-                "(default: the training split)."})
-    max_knn_bank_samples: int | None = field(default=None, metadata={
-        "help": "Backbones: a random subset of the bank split of this size (default: all of it, DINO's protocol)."})
-
-
-def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, args: FeatureEvalArguments, *,
-                       pooling: str = "cls", image_column: str = "image", label_column: str = "label",
-                       eval_split: str | None = None, seed: int = 0, batch_size: int = 256, num_workers: int = 0,
-                       device: torch.device | str | None = None) -> FeatureEvaluator:
-    """A FeatureEvaluator of `model` (dense, as it is now) on the prepared `evaluation` split, with the bank
-    from --knn_bank_split (default: the training split) of `dataset_name`. Without labels in the evaluation
-    split or the bank, feature cosine alone, and the log says why."""
-    from cap_hf.io.data import collate, prepare_splits
-
-    bank = None
-    if label_column not in evaluation.column_names:
-        logger.warning("The evaluation split has no label column %r: reporting feature cosine alone (k-NN and the "
-                       "linear probe need labels).", label_column)
-    else:
-        bank, _, _ = prepare_splits(dataset_name, processor, model.config.num_channels, image_column, label_column,
-                                    args.knn_bank_split, eval_split, args.max_knn_bank_samples,
-                                    train_needs_labels=False, eval_needs_labels=False, seed=seed)
-    if bank is not None and label_column not in bank.column_names:
-        logger.warning("The k-NN bank split has no label column %r: reporting feature cosine alone; name a labelled "
-                       "split with --knn_bank_split.", label_column)
-        bank = None
-
-    def loader(data):
-        return torch.utils.data.DataLoader(data, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
-
-    return FeatureEvaluator(model, loader(bank) if bank is not None else None, loader(evaluation), pooling,
-                            device=device)

@@ -21,8 +21,8 @@ import yaml
 from torch import nn
 
 from cap_hf.config import parse_structure
-from cap_hf.io.record import SCHEMA, SCHEMA_VERSION, SPARSITY_FILE, CheckpointError, load_sparsity_config
 from cap_hf.masks import sparsity_report, verify_sparsity
+from cap_hf.record import SCHEMA, SCHEMA_VERSION, SPARSITY_FILE, CheckpointError, load_sparsity_config
 from cap_hf.targets import find_targets
 
 RECIPE_FILE = "cap_recipe.yaml"

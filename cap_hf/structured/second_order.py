@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from cap_hf.engine.feature_fisher import FeatureFisherLoss
 from cap_hf.engine.plan import MemoryBudgetError
-from cap_hf.evaluation.features import FeatureFisherLoss, linear_cka
+from cap_hf.evaluation.features import linear_cka
 from cap_hf.structured.allocate import Unit, allocate, find_units, measure_units, stream_widths
 from cap_hf.structured.config import StructuredConfig, as_config, removal_record
 from cap_hf.structured.curvature import (

@@ -6,7 +6,7 @@
 The model is ViTForImageClassification built from a DeiT config (image 224, patch 16, 12 layers, MLP 4x,
 1000 classes) with random weights, or (--arch dinov2-large) a Dinov2Model of DINOv2-L's size (24 layers,
 hidden 1024, patch 14 at 224: 257 tokens) without a head, whose Fisher is the label-free one of its
-features (cap_hf.evaluation.features.FeatureFisherLoss). One gradient is one real backward pass over
+features (cap_hf.engine.feature_fisher.FeatureFisherLoss). One gradient is one real backward pass over
 --grad_batch_size random images (with random labels for the classifiers). --layers prunes a slice of the
 transformer layers (each is the same size), to measure a model too large to prune whole here.
 
@@ -38,11 +38,11 @@ from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassi
 
 from cap_hf import Pruner, PruningConfig, find_targets
 from cap_hf.cli.parser import parse_args
+from cap_hf.engine.feature_fisher import fisher_loss
 from cap_hf.engine.fisher import BlockFisher, choose_block_sizes, gradient_rows, iter_gradients
 from cap_hf.engine.memory import GB, PhaseProfiler, rss_bytes
 from cap_hf.engine.selection import select_pruned
 from cap_hf.engine.store import Store
-from cap_hf.evaluation.features import fisher_loss
 from cap_hf.masks import sparsity_report
 from cap_hf.methods import Layer, get_method
 
