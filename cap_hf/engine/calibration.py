@@ -123,6 +123,17 @@ class Replay:
         return len(self.factory() if self.factory is not None else self.batches)  # type: ignore[arg-type]
 
 
+def first_images(batches: Iterable[Mapping[str, torch.Tensor]], count: int) -> Iterator[Mapping[str, torch.Tensor]]:
+    """The batches up to `count` images (the last one cut)."""
+    seen = 0
+    for batch in batches:
+        if seen >= count:
+            return
+        take = min(count - seen, batch["pixel_values"].shape[0])
+        seen += take
+        yield {**batch, "pixel_values": batch["pixel_values"][:take]}
+
+
 def first_pass(batches: Iterable | Callable[[], Iterable]) -> Iterable:
     """The batches of a step that reads them once."""
     return batches() if callable(batches) and not hasattr(batches, "__iter__") else batches

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from cap_hf.engine.calibration import first_images
+
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -37,12 +39,9 @@ def recalibrate_batch_norms(model: nn.Module, batches: Iterable[Mapping[str, tor
     device = next(model.parameters()).device
     seen = 0
     try:
-        for batch in batches:
-            pixels = batch["pixel_values"][:images - seen].to(device)
-            model(pixel_values=pixels)
-            seen += pixels.shape[0]
-            if seen >= images:
-                break
+        for batch in first_images(batches, images):
+            model(pixel_values=batch["pixel_values"].to(device))
+            seen += batch["pixel_values"].shape[0]
     finally:
         for norm, momentum in zip(norms, saved, strict=True):
             norm.momentum = momentum

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cap_hf.engine.calibration import first_images
 from cap_hf.structured.config import RELATIVE_DAMP
 from cap_hf.structured.groups import ChannelGraph
 
@@ -92,6 +93,12 @@ def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, want: str) ->
     return held[0]
 
 
+def _relative_error(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, norm_y: float) -> float:
+    """||Y - W X||^2 / ||Y||^2 from the sums the fit keeps: (||Y||^2 - 2 tr(W C) + tr(W G W^T)) / ||Y||^2."""
+    error = norm_y - 2 * float((weight * cross.T).sum()) + float((weight @ gram * weight).sum())
+    return max(error, 0.0) / max(norm_y, 1e-30)
+
+
 @torch.no_grad()
 def reconstruct_layers(dense: nn.Module, pruned: nn.Module, graph: ChannelGraph, plan: Mapping[int, Sequence[int]],
                        images: Sequence[torch.Tensor], relative_damp: float = RELATIVE_DAMP) -> dict:
@@ -128,7 +135,7 @@ def reconstruct_layers(dense: nn.Module, pruned: nn.Module, graph: ChannelGraph,
         w0 = torch.cat([weight, bias[:, None]], 1) if with_bias else weight
         gram = torch.zeros(w0.shape[1], w0.shape[1], dtype=torch.float64, device=w0.device)
         cross = torch.zeros(w0.shape[1], len(keep), dtype=torch.float64, device=w0.device)
-        error_before, norm_y = 0.0, 0.0
+        norm_y = 0.0
         for x in images:
             rows = _rows(layer, _capture(pruned, layer, x, "in")).double()
             target = _outputs(reference, _capture(dense, reference, x, "out")).double()[:, keep]
@@ -136,13 +143,10 @@ def reconstruct_layers(dense: nn.Module, pruned: nn.Module, graph: ChannelGraph,
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)
             gram += rows.T @ rows
             cross += rows.T @ target
-            error_before += float((rows @ w0.T - target).pow(2).sum())
             norm_y += float(target.pow(2).sum())
         damp = relative_damp * float(gram.diagonal().mean()) or relative_damp
         eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         fitted = torch.linalg.solve(gram + damp * eye, cross + damp * w0.T).T  # [out, in (+1)]
-        # the fitted error from the same sums: ||Y||^2 - 2 tr(W C) + tr(W G W^T)
-        error_after = norm_y - 2 * float((fitted * cross.T).sum()) + float((fitted @ gram * fitted).sum())
         new_weight = fitted[:, : weight.shape[1]] if with_bias else fitted
         layer.weight.copy_(new_weight.reshape(layer.weight.shape).to(layer.weight.dtype))
         if layer.bias is not None:
@@ -150,8 +154,8 @@ def reconstruct_layers(dense: nn.Module, pruned: nn.Module, graph: ChannelGraph,
         elif norm is not None:
             norm.running_mean.copy_((dense_modules[follower].running_mean[keep].double() - fitted[:, -1]).to(
                 norm.running_mean.dtype))
-        before.append(error_before / max(norm_y, 1e-30))
-        after.append(max(error_after, 0.0) / max(norm_y, 1e-30))
+        before.append(_relative_error(w0, gram, cross, norm_y))
+        after.append(_relative_error(fitted, gram, cross, norm_y))
         layers += 1
     if not layers:
         raise ValueError("No layer of the pruned model matches one of the dense model by name: is it the dense model "
@@ -172,13 +176,8 @@ def reconstruct(dense: nn.Module, pruned: nn.Module, run, image_size: int | Sequ
     if images < 1:
         raise ValueError(f"images must be positive, got {images}.")
     device = next(pruned.parameters()).device
-    held, seen = [], 0
-    for batch in batches:
-        held.append(batch["pixel_values"][:images - seen].to(device))
-        seen += held[-1].shape[0]
-        if seen >= images:
-            break
-    if not seen:
+    held = [batch["pixel_values"].to(device) for batch in first_images(batches, images)]
+    if not held:
         raise ValueError("The batches held no images to reconstruct the layers from.")
     reference = fold_layer_scales(dense)[0] if getattr(run, "layer_scales_folded", 0) else dense
     return reconstruct_layers(reference, pruned, ChannelGraph(reference, image_size), run.plan, held, relative_damp)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cap_hf.engine.calibration import first_images
 from cap_hf.engine.feature_fisher import FeatureFisherLoss
 from cap_hf.engine.plan import MemoryBudgetError
 from cap_hf.evaluation.features import linear_cka
@@ -212,7 +213,7 @@ def prune_second_order(
     source = batches() if callable(batches) else batches
     held: list[torch.Tensor] = []  # the first calibration images, to choose the streams' weight on
     if method == "obs":
-        curvatures, seen = hessians(model, found, _keeping(_first_images(source, calibration), held))
+        curvatures, seen = hessians(model, found, _keeping(first_images(source, calibration), held))
     else:
         curvatures, seen = fishers(model, found, _keeping(source, held), calibration, label_free=label_free,
                                    loss_fn=loss_fn, seed=seed), calibration
@@ -369,17 +370,6 @@ def output_distance(dense: nn.Module, pruned: nn.Module, images: Sequence[torch.
     if a.shape == b.shape:
         return float((a - b).pow(2).sum() / a.pow(2).sum().clamp_min(1e-12))
     return 1.0 - linear_cka(b, a)
-
-
-def _first_images(batches: Iterable[Mapping[str, torch.Tensor]], count: int):
-    """The batches up to `count` images (the last one cut)."""
-    seen = 0
-    for batch in batches:
-        if seen >= count:
-            return
-        take = min(count - seen, batch["pixel_values"].shape[0])
-        seen += take
-        yield {**batch, "pixel_values": batch["pixel_values"][:take]}
 
 
 def _stream_options(unit: Unit, streams: Sequence[Structures], widths: Mapping[str, list[int]]) -> np.ndarray:
