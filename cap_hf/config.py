@@ -205,6 +205,16 @@ class PruningConfig:
         """The levels a sweep or a schedule can reach: N:M allows only its own."""
         return [self.fixed_sparsity] if self.n_m is not None else list(requested)
 
+    def sweep(self, methods: list[str], sparsities: list[float]) -> tuple[list[str], list[float]]:
+        """The methods (by their canonical names) and the sparsity levels of a sweep, every pair checked as a
+        recipe of its own before any work (the one check of a grid: scripts/oneshot.py and oneshot_sweep)."""
+        methods = [canonical_name(m) for m in methods]
+        levels = self.sparsity_levels(list(sparsities))
+        for method in methods:
+            for level in levels:
+                self.replace(method=method, sparsity=level)
+        return methods, levels
+
     @property
     def accumulation(self) -> str:
         """fisher_accumulation with 'auto' resolved ('inverse')."""

@@ -14,7 +14,6 @@ from torch import nn
 from cap_hf.config import PruningConfig
 from cap_hf.engine.pruner import Batches, Pruner
 from cap_hf.masks import SparsityReport, sparsity_report
-from cap_hf.methods import canonical_name
 
 logger = logging.getLogger(__name__)
 
@@ -72,11 +71,7 @@ def oneshot_sweep(
     application. Records: method, sparsity, achieved_sparsity,
     what `evaluate` returns (a top-1 `accuracy`, or a dict of METRICS), timings; `dense` first.
     """
-    methods = [canonical_name(m) for m in methods]
-    levels = config.sparsity_levels(list(sparsities))
-    for level in levels:  # every combination is checked before any work
-        for method in methods:
-            config.replace(method=method, sparsity=level)
+    methods, levels = config.sweep(list(methods), list(sparsities))
     records = [{"method": "dense", "sparsity": 0.0, **metrics(evaluate(model)), "prune_seconds": 0.0,
                 "achieved_sparsity": None}]
     with Pruner(model, config.replace(sparsity=levels[0]), methods, loss_fn=loss_fn) as pruner:

@@ -21,11 +21,11 @@ from transformers.trainer_utils import IntervalStrategy
 
 from cap_hf.config import PruningConfig
 from cap_hf.distill import distillation_loss, feature_distillation_loss
-from cap_hf.engine.calibration import calibration_loader, calibration_seed, check_calibration_size
+from cap_hf.engine.calibration import calibration_seed, check_calibration_size
 from cap_hf.engine.plan import check_budget
 from cap_hf.evaluation.features import FeatureEvaluator, extract_features, is_backbone
 from cap_hf.evaluation.metrics import compute_metrics
-from cap_hf.io.data import collate
+from cap_hf.io.data import calibration_loader, collate
 from cap_hf.schedule import SparsitySchedule, build_schedule, check_schedule_values, cyclic_linear_factor
 from trainer_plugins.pruning import CAPPruningCallback
 

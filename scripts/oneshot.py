@@ -35,12 +35,12 @@ from accelerate import PartialState
 from cap_hf.cli.backbone import FeatureEvalArguments, backbone_evaluator
 from cap_hf.cli.parser import parse_args, run
 from cap_hf.config import PruningConfig
-from cap_hf.engine.calibration import calibration_loader, calibration_seed, check_calibration_size
+from cap_hf.engine.calibration import calibration_seed, check_calibration_size
 from cap_hf.engine.feature_fisher import fisher_objective
 from cap_hf.engine.plan import MemoryBudgetError, check_budget
 from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
-from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.data import calibration_loader, collate, prepare_splits
 from cap_hf.io.models import load_model
 from cap_hf.io.plots import plot_accuracy_vs_sparsity
 from cap_hf.io.sources import check_sources
@@ -89,10 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sparsities = parse_floats(args.sparsities, "sparsities") if args.sparsities else [config.sparsity]
         if config.calibration_seed is None:
             config = config.replace(calibration_seed=args.seed)
-        sparsities = config.sparsity_levels(sparsities)
-        for method in methods:
-            for sparsity in sparsities:
-                config.replace(method=method, sparsity=sparsity)
+        methods, sparsities = config.sweep(methods, sparsities)
         out = Path(args.output_dir)
         if (out / "results.json").exists() and not args.overwrite_output_dir:
             raise ValueError(f"{out / 'results.json'} exists; pass --overwrite_output_dir to replace it.")

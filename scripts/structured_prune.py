@@ -71,12 +71,11 @@ from transformers import AutoConfig, AutoModelForImageClassification
 
 from cap_hf.cli.backbone import FeatureEvalArguments, backbone_evaluator
 from cap_hf.cli.parser import parse_args, run
-from cap_hf.engine.calibration import calibration_loader
 from cap_hf.engine.feature_fisher import FeatureFisherLoss
 from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
 from cap_hf.io.checkpoint import CheckpointError
-from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.data import calibration_loader, collate, prepare_splits
 from cap_hf.io.hub import HubError, check_push, push_checkpoint
 from cap_hf.io.models import load_classifier, load_image_processor, load_model, processor_image_size
 from cap_hf.io.sources import check_sources

@@ -10,7 +10,8 @@ from transformers import ViTForImageClassification
 
 from cap_hf import Pruner, PruningConfig, find_targets
 from cap_hf.config import DAMP_ESTIMATE_ROWS, SINGULAR_DAMP_FACTOR
-from cap_hf.engine.fisher import collect_fisher, iter_gradients
+from cap_hf.engine.collect import collect_fisher
+from cap_hf.engine.gradients import iter_gradients
 from cap_hf.masks import current_masks
 from cap_hf.methods import get_method
 

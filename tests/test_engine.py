@@ -11,10 +11,12 @@ from reference import RankOneFisherInverse, reference_eliminate, reference_obs, 
 from transformers import ViTForImageClassification
 
 from cap_hf import MemoryBudgetError, Pruner, PruningConfig, find_targets, oneshot_prune
-from cap_hf.engine.calibration import Replay, calibration_loader
-from cap_hf.engine.fisher import BlockFisher, collect_fisher
+from cap_hf.engine.calibration import Replay
+from cap_hf.engine.collect import collect_fisher
+from cap_hf.engine.fisher import BlockFisher
 from cap_hf.engine.memory import GB, PhaseProfiler, rss_bytes
 from cap_hf.engine.selection import select_pruned
+from cap_hf.io.data import calibration_loader
 from cap_hf.methods.cap import greedy_eliminate, pack_traces, unpack_weights
 
 

@@ -17,8 +17,8 @@ from transformers import (
 
 from cap_hf import Pruner, PruningConfig
 from cap_hf.distill import feature_distillation_loss
+from cap_hf.engine.collect import collect_fisher
 from cap_hf.engine.feature_fisher import FeatureFisherLoss
-from cap_hf.engine.fisher import collect_fisher
 from cap_hf.evaluation.features import (
     FeatureEvaluator,
     extract_features,

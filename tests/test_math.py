@@ -7,7 +7,8 @@ import torch
 from reference import RankOneFisherInverse, joint_obs_solution
 
 from cap_hf.engine.fisher import BlockFisher, choose_block_sizes, invert_spd
-from cap_hf.engine.selection import lowest_k_mask, nm_prune_mask, select_pruned
+from cap_hf.engine.selection import select_pruned
+from cap_hf.methods.base import lowest_k_mask, nm_prune_mask
 from cap_hf.methods.cap import greedy_eliminate
 from cap_hf.methods.fastcap import fastcap_sweep
 
@@ -135,6 +136,18 @@ def test_lowest_k_mask_is_exact_with_ties():
         mask = lowest_k_mask(scores, k)
         assert int(mask.sum()) == k
     assert bool(lowest_k_mask(scores, 1)[5])
+
+
+def test_the_kernels_lowest_k_mask_agrees_with_the_global_selection():
+    """One tensor's selection (methods.base) and the all-layer one (engine.selection) pick the same weights,
+    ties included (-0.0 and 0.0 are equal to both)."""
+    from cap_hf.engine.selection import lowest_k_masks
+
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(-3, 4, (6, 7), generator=generator).float()
+    scores[0, :3] = torch.tensor([-0.0, 0.0, float("-inf")])
+    for k in (0, 1, 5, 17, 42):
+        assert torch.equal(lowest_k_mask(scores, k), lowest_k_masks({"w": scores}, k)["w"])
 
 
 def test_global_selection_keeps_masked_and_hits_target():

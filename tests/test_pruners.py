@@ -9,7 +9,7 @@ from torch import nn
 from transformers import Dinov2Config, Dinov2Model, ResNetConfig, ResNetForImageClassification
 
 from cap_hf import Pruner, PruningConfig, SparsityMismatchError, find_targets, oneshot_prune, verify_sparsity
-from cap_hf.engine.fisher import collect_fisher
+from cap_hf.engine.collect import collect_fisher
 from cap_hf.masks import current_masks
 
 METHODS = ["magnitude", "obs", "cap", "fastcap"]

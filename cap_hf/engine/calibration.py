@@ -32,7 +32,7 @@ def too_few_batches(available: int, needed: int, images: int | None = None, batc
 
 def check_calibration_size(num_images: int, num_grads: int, grad_batch_size: int, world: int = 1) -> None:
     """Before any work: a calibration split of `num_images` gives each of `world` processes its share of
-    `num_grads` full batches (calibration_loader drops the last, partial one; every process draws from the
+    `num_grads` full batches (cap_hf.io.data.calibration_loader drops the last, partial one; every process draws from the
     whole split with its own seed)."""
     needed = -(-int(num_grads) // max(1, int(world)))
     available = int(num_images) // int(grad_batch_size)
@@ -48,22 +48,6 @@ def check_enough_batches(batches: Iterable, num_grads: int) -> None:
         return  # a generator or an iterable dataset: checked when it runs out
     if available < num_grads:
         raise ValueError(too_few_batches(available, num_grads))
-
-
-def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: int = 0, pin_memory: bool = False,
-                       persistent_workers: bool = False, prefetch_factor: int | None = None,
-                       collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
-    """Shuffled, full batches (one batch = one gradient), decoded by `num_workers` worker processes like
-    the Trainer's training batches (TrainingArguments.dataloader_*). The order depends only on `seed`, so
-    the batches are the same with any number of workers and can be replayed."""
-    from cap_hf.io.data import collate
-
-    generator = torch.Generator().manual_seed(seed)
-    workers = int(num_workers or 0)
-    extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers > 0 else {}
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                       collate_fn=collate_fn or collate, generator=generator, num_workers=workers,
-                                       pin_memory=bool(pin_memory) and torch.cuda.is_available(), **extra)
 
 
 class Replay:
@@ -116,7 +100,7 @@ class Replay:
             raise ValueError(
                 f"Calibration batch {index} differs between passes over the layer groups. Every group re-reads the "
                 "calibration data, which must give the same batches each time: use a DataLoader without random "
-                "augmentation (cap_hf.engine.calibration.calibration_loader), or a list of batches."
+                "augmentation (cap_hf.io.data.calibration_loader), or a list of batches."
             )
 
     def __len__(self) -> int:

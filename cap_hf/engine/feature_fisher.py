@@ -49,7 +49,7 @@ def fisher_objective(config, model: nn.Module) -> str:
 
 def fisher_loss(config, model: nn.Module) -> FeatureFisherLoss | None:
     """The Fisher's loss_fn: FeatureFisherLoss for the 'features' objective, None for the default
-    cross-entropy of the logits (cap_hf.engine.fisher.default_loss)."""
+    cross-entropy of the logits (cap_hf.engine.gradients.default_loss)."""
     if fisher_objective(config, model) != "features":
         return None
     return FeatureFisherLoss(config.feature_pooling, seed=int(config.calibration_seed or 0))

@@ -1,28 +1,21 @@
-"""Gradients of the calibration batches and the block-diagonal empirical Fisher built from them.
+"""The block-diagonal empirical Fisher built from gradients, and its dampening.
 
 F = damp * I + (1/m) sum_i g_i g_i^T, kept only on B x B diagonal blocks of each flattened weight:
 either as a *sum* of outer products plus a count (inverted in batch by Cholesky), or as its inverse,
 updated 16 gradients at a time with the Woodbury identity. Both are built with batched matrix products
-over chunks of gradients instead of one update per gradient. Under several processes each layer's Fisher
-is built by its owner rank from every rank's gradient rows (collect_fisher, cap_hf.engine.ranks).
-`iter_gradients` is the one loop of backward passes (the engine, the benchmarks and the tests use it).
+over chunks of gradients instead of one update per gradient. The gradients come from
+cap_hf.engine.gradients.iter_gradients; cap_hf.engine.collect.collect_fisher feeds them in (and, under
+several processes, sends each layer's rows to its owner).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from cap_hf.config import DAMP_ESTIMATE_ROWS
-from cap_hf.engine.calibration import check_enough_batches, too_few_batches
-from cap_hf.engine.memory import PhaseProfiler, maybe_phase
-from cap_hf.engine.ranks import Ranks, interleave_index, rows_per_rank
 
 logger = logging.getLogger(__name__)
 
@@ -249,115 +242,6 @@ def invert_spd(matrices: torch.Tensor, damp: float, name: str = "", max_tries: i
     return torch.cholesky_inverse(chol)
 
 
-def default_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], label_free: bool,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Cross-entropy of the model's logits; with label_free, labels sampled from its own softmax."""
-    outputs = model(pixel_values=batch["pixel_values"])
-    logits = getattr(outputs, "logits", None)
-    if logits is None:
-        raise ValueError(f"{type(model).__name__} returns no logits, so the cross-entropy Fisher has no loss. Use "
-                         "--fisher_objective features (the Fisher of its output features, no labels needed), give it a "
-                         "classification head, or pass loss_fn(model, batch).")
-    if label_free:
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        labels = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    else:
-        if "labels" not in batch:
-            raise ValueError("The calibration batch has no 'labels'; pass a dataset with a label column or "
-                             "use label_free_fisher=True (labels sampled from the model's predictions).")
-        labels = batch["labels"]
-    return F.cross_entropy(logits.float(), labels.to(logits.device))
-
-
-@contextlib.contextmanager
-def gradients_only_for(model: nn.Module, weights: Iterable[torch.Tensor]):
-    """Eval mode, and only `weights` require grad: autograd keeps no activations before the first of them
-    and backpropagates no further. The model's mode and every requires_grad flag are restored after."""
-    weights = list(weights)
-    was_training = model.training
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for w in weights:
-        saved.setdefault(w, w.requires_grad)
-    wanted = {id(w) for w in weights}
-    try:
-        for p in saved:
-            p.requires_grad_(id(p) in wanted)
-        model.eval()
-        yield
-    finally:
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-        model.train(was_training)
-
-
-def batch_loss(model: nn.Module, batch: Mapping, loss_fn: Callable | None, label_free: bool,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """The Fisher's loss of one calibration batch, moved to the model's device, in fp32 (no autocast)."""
-    param = next(model.parameters())
-    batch = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    with torch.enable_grad(), torch.autocast(device_type=param.device.type, enabled=False):
-        return loss_fn(model, batch) if loss_fn is not None else default_loss(model, batch, label_free, generator)
-
-
-def iter_gradients(model: nn.Module, targets: Mapping[str, nn.Module], batches: Iterable[Mapping[str, torch.Tensor]],
-                   num_grads: int, *, masks: Mapping[str, torch.Tensor] | None = None, label_free: bool = False,
-                   loss_fn: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
-                   seed: int = 0, progress: bool = False, profiler: PhaseProfiler | None = None,
-                   on_batch: Callable[[int, Mapping[str, torch.Tensor]], None] | None = None,
-                   ) -> Iterator[dict[str, torch.Tensor]]:
-    """One backward pass per calibration batch, for the first `num_grads` batches: yields {name: the flat
-    fp32 gradient of the target's weight, times its mask (True = kept)}.
-
-    Gradients come from torch.autograd.grad in eval mode and fp32 (gradients_only_for), so nothing is
-    accumulated into .grad and no DDP reducer hook fires. Non-finite gradients raise, naming the layer.
-    `on_batch(index, batch)` sees every batch before its backward pass; `profiler` times "gradients".
-    """
-    check_enough_batches(batches, num_grads)
-    names = list(targets)
-    weights = [targets[name].weight for name in names]
-    masks = {name: mask.reshape(-1).to(targets[name].weight.device, torch.bool)
-             for name, mask in (masks or {}).items() if name in targets and not bool(mask.all())}  # layers with zeros
-    param = next(model.parameters())
-    generator = torch.Generator(device=param.device).manual_seed(seed) if label_free else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=num_grads, desc="Fisher gradients")
-    collected = 0
-    try:
-        with gradients_only_for(model, weights):
-            for batch in batches:
-                with maybe_phase(profiler, "gradients"):
-                    if on_batch is not None:
-                        on_batch(collected, batch)
-                    grads = list(torch.autograd.grad(batch_loss(model, batch, loss_fn, label_free, generator), weights,
-                                                     allow_unused=True))
-                    flat = {}
-                    for index, name in enumerate(names):
-                        grad, grads[index] = grads[index], None  # a masked copy replaces autograd's gradient
-                        if grad is None:
-                            raise RuntimeError(f"Layer {name} received no gradient; is it used in the forward pass?")
-                        g = grad.detach().reshape(-1).float()
-                        if not bool(torch.isfinite(g).all()):
-                            raise FloatingPointError(
-                                f"Non-finite gradient in layer {name} at calibration batch {collected}. Check the "
-                                "model for inf/NaN weights, and compute the Fisher in fp32 (no fp16 autocast).")
-                        flat[name] = g * masks[name] if name in masks else g
-                        del grad, g
-                collected += 1
-                if bar is not None:
-                    bar.update(1)
-                yield flat
-                del flat  # the consumer has them: no second set of gradients during the next backward pass
-                if collected >= num_grads:
-                    break
-    finally:
-        if bar is not None:
-            bar.close()
-    if collected < num_grads:
-        raise ValueError(too_few_batches(collected, num_grads))
-
-
 def gradient_rows(grad_chunk_size: int, num_grads: int, accumulate: str = "sum", kinds: Iterable[str] = ("block",)) -> int:
     """Gradients buffered before each Fisher update: grad_chunk_size, but no more than one Woodbury update
     takes when the block inverse is updated directly (a larger buffer would only cost memory)."""
@@ -387,125 +271,3 @@ def relative_dampening(grads: Mapping[str, torch.Tensor], fraction: float,
                 "layer, exclude it with --ignore; otherwise give an absolute --damp.")
         damps[name] = fraction * mean
     return damps
-
-
-def collect_fisher(
-    model: nn.Module,
-    targets: Mapping[str, nn.Module],
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    num_grads: int,
-    block_size: int | Mapping[str, int],
-    kinds: Iterable[str] = ("block",),
-    *,
-    grad_chunk_size: int = 32,
-    device: torch.device | str | None = None,
-    accumulate: str = "sum",
-    damp: float | None = None,
-    relative_damp: float | None = None,
-    profiler: PhaseProfiler | None = None,
-    owners: Mapping[str, int] | None = None,
-    ranks: Ranks | None = None,
-    **gradient_options,
-) -> dict[str, BlockFisher]:
-    """The Fisher statistics of `kinds` ('block', 'shared') from `num_grads` gradients in all (iter_gradients,
-    whose options pass through), `grad_chunk_size` at a time.
-
-    Several processes (`ranks`, cap_hf.engine.ranks): each computes its share of the gradients from its own
-    `batches`, and every chunk's rows go to the owner of each layer (`owners`: {layer: rank}, all-to-all),
-    interleaved as one process reading batches[r::world] on rank r would meet them; the Fisher returned holds
-    only this rank's layers, built from every rank's gradients with the one-process math (the 'inverse'
-    accumulation included).
-
-    The 'block' kind carries its dampening (BlockFisher.damps): `damp` (absolute), or `relative_damp`
-    times the mean Fisher diagonal of each layer, estimated from the first gradients (relative_dampening).
-    accumulate='inverse' builds the 'block' kind as its inverse directly (see BlockFisher), which is why
-    the dampening is fixed before the first update. `profiler` times the accumulation as "fisher" and the
-    rows sent between ranks as "exchange"."""
-    if damp is not None and relative_damp is not None:
-        raise ValueError("Give damp (absolute) or relative_damp, not both.")
-    kinds = list(kinds)
-    ranks = ranks or Ranks()
-    owners = {name: int((owners or {}).get(name, 0)) for name in targets}
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    numels = {name: module.weight.numel() for name, module in targets.items()}
-    mine = [name for name in targets if owners[name] == ranks.rank]
-    shares = ranks.shares(num_grads)
-    first_rows = gradient_rows(grad_chunk_size, num_grads, accumulate, kinds)  # one process's first chunk
-    per_rank = rows_per_rank(first_rows, ranks.world)
-    # a send buffer with one (per_rank, numel) slot per layer, laid out by owner (the all-to-all's segments);
-    # with several ranks two of each buffer, so that a chunk's exchange runs while the next gradients are taken
-    layout = sorted(targets, key=lambda name: owners[name])
-    copies = 2 if ranks.distributed else 1
-    sends = [torch.empty(per_rank * sum(numels.values()), device=device) for _ in range(copies)]
-    slots = [{} for _ in range(copies)]
-    for send, slot in zip(sends, slots, strict=True):
-        offset = 0
-        for name in layout:
-            slot[name] = send[offset:offset + per_rank * numels[name]].view(per_rank, numels[name])
-            offset += per_rank * numels[name]
-    send_sizes = [per_rank * sum(numels[n] for n in targets if owners[n] == r) for r in range(ranks.world)]
-    owned = sum(numels[name] for name in mine)
-    receives = [torch.empty(ranks.world * per_rank * owned, device=device) for _ in range(copies)] \
-        if ranks.distributed else []
-
-    def arrived(pending) -> dict[str, torch.Tensor]:  # an exchange's rows of this rank's layers, in order
-        handle, receive, counts = pending
-        with maybe_phase(profiler, "exchange"):
-            handle.wait()
-            index = interleave_index(counts, per_rank, device)
-            stacked = receive.view(ranks.world, per_rank * owned)
-            rows, offset = {}, 0
-            for name in layout:
-                if owners[name] == ranks.rank:
-                    part = stacked[:, offset:offset + per_rank * numels[name]].view(ranks.world, per_rank, numels[name])
-                    rows[name] = part.transpose(0, 1).reshape(-1, numels[name])  # one copy, row j of every rank
-                    if index is not None:
-                        rows[name] = rows[name].index_select(0, index)
-                    offset += per_rank * numels[name]
-        return rows
-
-    fishers: dict[str, BlockFisher] = {}
-
-    def create(first: Mapping[str, torch.Tensor]) -> None:  # once the first gradients are in
-        damps = damp
-        if relative_damp is not None and "block" in kinds:
-            masks = {name: m.reshape(-1) for name, m in (gradient_options.get("masks") or {}).items()}
-            damps = relative_dampening(first, relative_damp, masks)
-        for kind in kinds:
-            inverse = accumulate == "inverse" and kind == "block"
-            fishers[kind] = BlockFisher({name: numels[name] for name in mine}, block_size if not isinstance(
-                block_size, Mapping) else {name: block_size[name] for name in mine}, kind, device=device,
-                damp=damps if kind == "block" else None,
-                **({"accumulate": "inverse", "num_grads": num_grads} if inverse else {}))
-
-    def add(rows: Mapping[str, torch.Tensor]) -> None:
-        with maybe_phase(profiler, "fisher"):
-            if not fishers:
-                create({name: r[:first_rows] for name, r in rows.items()})
-            for fisher in fishers.values():
-                fisher.add(rows)
-
-    gradients = iter_gradients(model, targets, batches, shares[ranks.rank], profiler=profiler, **gradient_options)
-    pending = None  # the exchange in flight: (handle, receive buffer, rows per rank)
-    for exchange in range(math.ceil(max(shares) / per_rank)):
-        counts = [max(0, min(per_rank, share - exchange * per_rank)) for share in shares]
-        slot = slots[exchange % copies]
-        for row in range(counts[ranks.rank]):
-            grads = next(gradients)
-            for name, g in grads.items():
-                slot[name][row].copy_(g)
-            del grads, g  # in the send buffer now
-        if not ranks.distributed:
-            add({name: slot[name][:counts[0]] for name in mine})
-            continue
-        receive = receives[exchange % copies]
-        handle = ranks.exchange(sends[exchange % copies], send_sizes, receive, [per_rank * owned] * ranks.world,
-                                f"exchange of gradient rows {exchange}")
-        if pending is not None:
-            add(arrived(pending))  # while this exchange runs
-        pending = (handle, receive, counts)
-    if pending is not None:
-        add(arrived(pending))
-    for _ in gradients:  # runs iter_gradients' own end-of-data check
-        pass
-    return fishers

@@ -25,11 +25,10 @@ from cap_hf.engine.fisher import (
     INVERSION_CHUNK,
     WOODBURY_BLOCKS,
     WOODBURY_RANK,
-    batch_loss,
     divisor_block_size,
     gradient_rows,
-    gradients_only_for,
 )
+from cap_hf.engine.gradients import batch_loss, gradients_only_for
 from cap_hf.engine.memory import GB, device_memory_bytes, hwm_bytes, reset_hwm, rss_bytes
 from cap_hf.engine.ranks import Ranks, assign_owners, initialised, rows_per_rank
 from cap_hf.methods import PruningMethod, get_method

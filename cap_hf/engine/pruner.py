@@ -24,8 +24,9 @@ from torch import nn
 
 from cap_hf.config import PruningConfig
 from cap_hf.engine.calibration import Replay, check_enough_batches, first_pass
+from cap_hf.engine.collect import collect_fisher
 from cap_hf.engine.feature_fisher import fisher_loss
-from cap_hf.engine.fisher import choose_block_sizes, collect_fisher
+from cap_hf.engine.fisher import choose_block_sizes
 from cap_hf.engine.memory import PhaseProfiler
 from cap_hf.engine.plan import MemoryPlan, fisher_kinds, plan_step
 from cap_hf.engine.ranks import Ranks
@@ -156,7 +157,7 @@ class Pruner:
         if kinds and calibration_batches is None:
             needing = [name for name, m in self.methods.items() if m.fisher]
             raise ValueError(f"Methods {needing} need calibration data for their Fisher: pass calibration_batches "
-                             "(e.g. cap_hf.engine.calibration.calibration_loader(...)).")
+                             "(e.g. cap_hf.io.data.calibration_loader(...)).")
         cfg = self.config
         ranks = self.ranks
         ranks.agree(self._agreement(), "pruning step (targets and recipe)")

@@ -1,5 +1,6 @@
-"""Which weights go: the lowest scores globally or per layer, or N:M patterns; and the (n, B) block view
-of a weight that every method works on."""
+"""Which weights go: the lowest scores over all layers (under several processes too) or per layer; and the
+(n, B) block view of a weight that every method works on. The selections inside one tensor (lowest_k_mask,
+nm_prune_mask) are the kernels' own, in cap_hf.methods.base."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from cap_hf.engine.ranks import Ranks
+from cap_hf.methods.base import lowest_k_mask
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,6 @@ def lowest_k_masks(scores: Mapping[str, torch.Tensor], k: int, sizes: Mapping[st
     return masks
 
 
-def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly k entries with the lowest scores (ties broken by position)."""
-    return lowest_k_masks({"": scores}, k)[""]
-
-
 def select_pruned(scores: Mapping[str, torch.Tensor], sparsity: float, distribution: str,
                   sizes: Mapping[str, int] | None = None, ranks: Ranks | None = None) -> dict[str, torch.Tensor]:
     """Pick the weights to prune: the lowest scores, over all layers at once ('global') or per layer ('uniform').
@@ -90,18 +87,6 @@ def select_pruned(scores: Mapping[str, torch.Tensor], sparsity: float, distribut
                            sparsity, already / total)
         k = already
     return lowest_k_masks(scores, k, sizes, ranks)
-
-
-def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the M-N lowest scores in every group of M consecutive weights (row-major order)."""
-    flat = scores.reshape(-1)
-    if flat.numel() % m:
-        raise ValueError(f"A layer with {flat.numel()} weights cannot be split into groups of M={m}.")
-    groups = flat.reshape(-1, m)
-    order = groups.argsort(dim=1)
-    mask = torch.zeros_like(groups, dtype=torch.bool)
-    mask.scatter_(1, order[:, : m - n], True)
-    return mask.reshape(scores.shape)
 
 
 def weight_blocks(module: nn.Module, block_size: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,20 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
     if "labels" in examples[0]:
         batch["labels"] = torch.tensor([int(e["labels"]) for e in examples], dtype=torch.long)
     return batch
+
+
+def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: int = 0, pin_memory: bool = False,
+                       persistent_workers: bool = False, prefetch_factor: int | None = None,
+                       collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
+    """Shuffled, full batches (one batch = one gradient), decoded by `num_workers` worker processes like
+    the Trainer's training batches (TrainingArguments.dataloader_*). The order depends only on `seed`, so
+    the batches are the same with any number of workers and can be replayed."""
+    generator = torch.Generator().manual_seed(seed)
+    workers = int(num_workers or 0)
+    extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                                       collate_fn=collate_fn or collate, generator=generator, num_workers=workers,
+                                       pin_memory=bool(pin_memory) and torch.cuda.is_available(), **extra)
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str], split: str) -> Dataset:

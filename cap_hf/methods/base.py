@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from cap_hf.engine.store import Store
+if TYPE_CHECKING:  # the engine hands a Store in; a kernel only calls put / chunks
+    from cap_hf.engine.store import Store
 
 
 @dataclass
@@ -129,3 +130,24 @@ def canonical_name(name: str) -> str:
 
 def get_method(name: str) -> type[PruningMethod]:
     return METHODS[canonical_name(name)]
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly k entries with the lowest scores, ties broken by position (a stable sort)."""
+    flat = scores.detach().reshape(-1)
+    mask = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    k = int(min(max(k, 0), flat.numel()))
+    mask[torch.argsort(flat, stable=True)[:k]] = True
+    return mask.reshape(scores.shape)
+
+
+def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune the M-N lowest scores in every group of M consecutive weights (row-major order)."""
+    flat = scores.reshape(-1)
+    if flat.numel() % m:
+        raise ValueError(f"A layer with {flat.numel()} weights cannot be split into groups of M={m}.")
+    groups = flat.reshape(-1, m)
+    order = groups.argsort(dim=1)
+    mask = torch.zeros_like(groups, dtype=torch.bool)
+    mask.scatter_(1, order[:, : m - n], True)
+    return mask.reshape(scores.shape)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from cap_hf.engine.selection import lowest_k_mask
-from cap_hf.methods.base import Layer, PruningMethod, register_method
+from cap_hf.methods.base import Layer, PruningMethod, lowest_k_mask, register_method
 from cap_hf.methods.cap import CITATION
 
 

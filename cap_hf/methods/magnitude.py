@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cap_hf.engine.selection import nm_prune_mask
-from cap_hf.methods.base import Layer, PruningMethod, register_method
+from cap_hf.methods.base import Layer, PruningMethod, nm_prune_mask, register_method
 
 
 @register_method

@@ -197,8 +197,8 @@ def hessians(model: nn.Module, found: list[Structures], batches: Iterable[Mappin
 def fishers(model: nn.Module, found: list[Structures], batches: Iterable[Mapping[str, torch.Tensor]], num_grads: int,
             *, label_free: bool = False, loss_fn: Callable | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
     """sum_n G_n^T G_n / (num_grads x d_out) of every reader's weight gradients, by reader name (one per batch, through
-    cap_hf.engine.fisher.iter_gradients: eval mode, fp32, masked by nothing)."""
-    from cap_hf.engine.fisher import iter_gradients
+    cap_hf.engine.gradients.iter_gradients: eval mode, fp32, masked by nothing)."""
+    from cap_hf.engine.gradients import iter_gradients
 
     targets = {r.name: r.module for s in found for r in s.readers}
     shapes = {name: module.weight.flatten(1).shape for name, module in targets.items()}

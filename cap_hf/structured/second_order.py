@@ -138,7 +138,7 @@ def prune_second_order(
     batches, "obs", flops_ratio=0.5, calibration_samples=512)`). `batches` (or a callable returning them) are
     calibration batches of {"pixel_values"[, "labels"]}: `calibration_samples` images in all for "obs" (the
     Hessian), as many batches = gradients for "cap" (the Fisher; labels, or `label_free` / `loss_fn` as in
-    cap_hf.engine.fisher.iter_gradients). One target:
+    cap_hf.engine.gradients.iter_gradients). One target:
     `target_speedup` (measured at `speedup_batch_size` on this machine: the cost tables are timed, the built
     model is measured, and up to CORRECTIONS further searches move the budget: scaled by what the prediction
     missed, then bisected between one that met the target and one that missed), `flops_ratio` or `params_ratio` (counted). Checked before the curvature is collected: the

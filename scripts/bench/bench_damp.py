@@ -31,10 +31,9 @@ from benchlib import (
 )
 
 from cap_hf.config import PruningConfig
-from cap_hf.engine.calibration import calibration_loader
 from cap_hf.engine.pruner import Pruner
 from cap_hf.evaluation.metrics import evaluate_accuracy
-from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.data import calibration_loader, collate, prepare_splits
 from cap_hf.io.models import load_classifier
 
 SECTION = "## Dampening: one-shot CAP and OBS, swept"

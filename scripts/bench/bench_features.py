@@ -40,9 +40,8 @@ from benchlib import (
 )
 
 from cap_hf.config import PruningConfig
-from cap_hf.engine.calibration import calibration_loader
 from cap_hf.evaluation.features import FeatureEvaluator
-from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.data import calibration_loader, collate, prepare_splits
 from cap_hf.io.models import load_classifier, load_model
 from cap_hf.oneshot import oneshot_sweep
 

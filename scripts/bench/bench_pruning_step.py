@@ -18,7 +18,7 @@ Part 2 (CAP and OBS) runs on a few layers (--ref_layers) both the library's math
 method's kernel) and a deliberately plain reference of the same math (tests/reference.py: one
 Sherman-Morrison update per gradient, starting at I/damp with the 1/N scaling; greedy elimination over all
 blocks with all (B+1)*d snapshots kept; one global threshold), on the same --ref_num_grads real gradients
-(cap_hf.engine.fisher.iter_gradients), and compares masks, weights and speed.
+(cap_hf.engine.gradients.iter_gradients), and compares masks, weights and speed.
 
 Prints the command, the machine and the numbers, saves them to OUTPUT_DIR/<arch>-<method>-B<B>-N<N>.json and
 writes a section to docs/benchmarks.md, plus a summary table of every result file in OUTPUT_DIR.
@@ -39,7 +39,8 @@ from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassi
 from cap_hf import Pruner, PruningConfig, find_targets
 from cap_hf.cli.parser import parse_args
 from cap_hf.engine.feature_fisher import fisher_loss
-from cap_hf.engine.fisher import BlockFisher, choose_block_sizes, gradient_rows, iter_gradients
+from cap_hf.engine.fisher import BlockFisher, choose_block_sizes, gradient_rows
+from cap_hf.engine.gradients import iter_gradients
 from cap_hf.engine.memory import GB, PhaseProfiler, rss_bytes
 from cap_hf.engine.selection import select_pruned
 from cap_hf.engine.store import Store

@@ -38,9 +38,8 @@ from benchlib import (
     write_section,
 )
 
-from cap_hf.engine.calibration import calibration_loader
 from cap_hf.evaluation.metrics import evaluate_accuracy
-from cap_hf.io.data import collate, prepare_splits
+from cap_hf.io.data import calibration_loader, collate, prepare_splits
 from cap_hf.io.models import load_classifier, processor_image_size
 from cap_hf.io.plots import plot_accuracy_lines
 from cap_hf.structured import (
