@@ -43,8 +43,8 @@ def interpolate(init: float, final: float, fraction: float, inter_func: str) -> 
     return final + (init - final) * (1.0 - fraction) ** 3  # cubic: fast early, slow late
 
 
-def parse_explicit(spec: str) -> list[tuple[float, float]]:
-    """'0:0.4,20:0.5,40:0.6' -> [(0, 0.4), (20, 0.5), (40, 0.6)] (epoch, sparsity) pairs."""
+def parse_explicit(spec: str, name: str = "pruning_schedule", unit: str = "epoch") -> list[tuple[float, float]]:
+    """'0:0.4,20:0.5,40:0.6' -> [(0, 0.4), (20, 0.5), (40, 0.6)] (epoch or step, sparsity) pairs."""
     pairs = []
     for item in spec.split(","):
         if not item.strip():
@@ -53,10 +53,10 @@ def parse_explicit(spec: str) -> list[tuple[float, float]]:
             when, sparsity = item.split(":")
             pairs.append((float(when), float(sparsity)))
         except ValueError:
-            raise ValueError(f"pruning_schedule items must be 'epoch:sparsity' (e.g. '0:0.4,2:0.6'), got {item!r}.") \
+            raise ValueError(f"{name} items must be '{unit}:sparsity' (e.g. '0:0.4,2:0.6'), got {item!r}.") \
                 from None
     if not pairs:
-        raise ValueError("pruning_schedule is empty.")
+        raise ValueError(f"{name} is empty.")
     return pairs
 
 
@@ -85,8 +85,10 @@ def build_schedule(
     num_pruning_steps: int | None = None,
     inter_func: str = "cubic",
     explicit: str | list[tuple[float, float]] | None = None,
+    unit: str = "epoch",
 ) -> SparsitySchedule:
-    """Turn the recipe vocabulary (epochs) into pruning steps (optimizer steps).
+    """Turn the recipe vocabulary (epochs, or optimizer steps with unit='step' and steps_per_epoch 1: the
+    times and messages are then in steps) into pruning steps (optimizer steps).
 
     Defaults adapt to the run: pruning starts at step 0 and ends two thirds into training, with four
     pruning steps (or one per `frequency_epochs`); the rest of training holds the final sparsity.
@@ -99,22 +101,23 @@ def build_schedule(
     def to_step(epoch: float) -> int:
         return int(round(epoch * steps_per_epoch))
 
+    name = "pruning_schedule" + ("_steps" if unit == "step" else "")
     if explicit is not None:
-        pairs = parse_explicit(explicit) if isinstance(explicit, str) else list(explicit)
+        pairs = parse_explicit(explicit, name, unit) if isinstance(explicit, str) else list(explicit)
         steps = [to_step(e) for e, _ in pairs]
         if steps[-1] >= total_steps:
-            raise ValueError(f"pruning_schedule prunes at epoch {pairs[-1][0]}, but the run has only "
-                             f"{total_epochs:.2f} epochs ({total_steps} steps).")
+            raise ValueError(f"{name} prunes at {unit} {pairs[-1][0]:g}, but the run has only "
+                             f"{total_epochs:.2f} {unit}s ({total_steps} steps).")
         return SparsitySchedule(tuple(steps), tuple(s for _, s in pairs))
 
     check_schedule_values(final_sparsity, init_sparsity, inter_func, frequency_epochs)
     init = 0.5 * final_sparsity if init_sparsity is None else init_sparsity
     end_epoch = (2.0 / 3.0) * total_epochs if end_epoch is None else end_epoch
     if start_epoch < 0 or end_epoch < start_epoch:
-        raise ValueError(f"Pruning must start before it ends: start_epoch={start_epoch}, end_epoch={end_epoch}.")
+        raise ValueError(f"Pruning must start before it ends: start {unit} {start_epoch:g}, end {unit} {end_epoch:g}.")
     if to_step(end_epoch) >= total_steps:
-        raise ValueError(f"The last pruning step (epoch {end_epoch:g}) must come before the end of training "
-                         f"({total_epochs:.2f} epochs, {total_steps} steps); lower pruning_end_epoch or train longer.")
+        raise ValueError(f"The last pruning step ({unit} {end_epoch:g}) must come before the end of training "
+                         f"({total_epochs:.2f} {unit}s, {total_steps} steps); lower pruning_end_{unit} or train longer.")
     if frequency_epochs is not None:
         count = int(math.floor((end_epoch - start_epoch) / frequency_epochs + 1e-9)) + 1
         epochs = [start_epoch + i * frequency_epochs for i in range(count)]
@@ -124,7 +127,7 @@ def build_schedule(
                   [start_epoch + i * (end_epoch - start_epoch) / (count - 1) for i in range(count)])
     steps = sorted({to_step(e) for e in epochs})
     if len(steps) < len(epochs):
-        raise ValueError(f"{len(epochs)} pruning steps do not fit between epochs {start_epoch:g} and {end_epoch:g} "
+        raise ValueError(f"{len(epochs)} pruning steps do not fit between {unit}s {start_epoch:g} and {end_epoch:g} "
                          f"({to_step(end_epoch) - to_step(start_epoch)} optimizer steps); use fewer pruning steps.")
     span = max(steps[-1] - steps[0], 1)
     sparsities = [interpolate(init, final_sparsity, (s - steps[0]) / span, inter_func) for s in steps]

@@ -25,7 +25,8 @@ from cap_hf.engine.calibration import calibration_seed, check_calibration_size
 from cap_hf.engine.plan import check_budget
 from cap_hf.evaluation.features import FeatureEvaluator, extract_features, is_backbone
 from cap_hf.evaluation.metrics import compute_metrics
-from cap_hf.io.data import calibration_loader, collate
+from cap_hf.io.data import calibration_loader, collate, is_stream
+from cap_hf.io.stream import STATE_FILE, StreamLoader, load_stream_state, save_stream_state
 from cap_hf.schedule import SparsitySchedule, build_schedule, check_schedule_values, cyclic_linear_factor
 from trainer_plugins.pruning import CAPPruningCallback
 
@@ -59,6 +60,20 @@ class DistillationArguments(TrainingArguments):
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
             raise ValueError("distill_alpha must be in [0, 1] and distill_temperature positive.")
 
+    def check_stream(self) -> None:
+        """A streamed training set (--streaming) has no length: the run is --max_steps long, and an evaluation
+        'every epoch' (a pass of the whole stream) becomes one every tenth of the run. Scripts call this before
+        loading anything; the trainers again when given a stream."""
+        if self.max_steps <= 0:
+            raise ValueError("A streamed dataset has no length, so the run is counted in optimizer steps: give "
+                             "--max_steps (steps per pass = images / (per-device batch x processes x gradient "
+                             "accumulation): ImageNet-1k at a global batch of 1024 is 1252 steps per pass); "
+                             "--num_train_epochs does not apply to a stream.")
+        if self.eval_strategy == IntervalStrategy.EPOCH:
+            self.eval_strategy = IntervalStrategy.STEPS
+            self.eval_steps = self.eval_steps or max(1, math.ceil(self.max_steps / 10))
+            logger.info("Streaming: evaluating every %s steps instead of every epoch.", self.eval_steps)
+
 
 @dataclass
 class CAPTrainingArguments(DistillationArguments):
@@ -78,6 +93,14 @@ class CAPTrainingArguments(DistillationArguments):
     pruning_schedule: str | None = field(
         default=None, metadata={"help": "Explicit 'epoch:sparsity,...' list, e.g. '0:0.4,2:0.6,4:0.75'; "
                                         "overrides the fields above."})
+    # the same schedule in optimizer steps (the only unit of a streamed run)
+    pruning_start_step: int | None = field(default=None, metadata={"help": "Optimizer step of the first pruning "
+                                                                          "step (instead of pruning_start_epoch)."})
+    pruning_end_step: int | None = field(default=None, metadata={"help": "Optimizer step of the last pruning step."})
+    pruning_frequency_steps: int | None = field(default=None, metadata={"help": "Optimizer steps between pruning "
+                                                                               "steps."})
+    pruning_schedule_steps: str | None = field(
+        default=None, metadata={"help": "Explicit 'step:sparsity,...' list, e.g. '0:0.4,2000:0.6,4000:0.75'."})
     # learning rate
     cyclic_lr: bool = field(
         default=False, metadata={"help": "The paper's LR: restart at learning_rate at every pruning step and fall "
@@ -89,11 +112,42 @@ class CAPTrainingArguments(DistillationArguments):
         if self.cyclic_lr and not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"min_learning_rate ({self.min_learning_rate}) must be in [0, learning_rate].")
 
+    def epoch_schedule_given(self) -> list[str]:
+        given = {"pruning_start_epoch": self.pruning_start_epoch != 0, "pruning_end_epoch": self.pruning_end_epoch,
+                 "pruning_frequency_epochs": self.pruning_frequency_epochs, "pruning_schedule": self.pruning_schedule}
+        return [f"--{k}" for k, v in given.items() if v is not None and v is not False]
+
+    def step_schedule_given(self) -> list[str]:
+        given = {"pruning_start_step": self.pruning_start_step, "pruning_end_step": self.pruning_end_step,
+                 "pruning_frequency_steps": self.pruning_frequency_steps,
+                 "pruning_schedule_steps": self.pruning_schedule_steps}
+        return [f"--{k}" for k, v in given.items() if v is not None]
+
+    def check_stream(self) -> None:
+        super().check_stream()
+        if self.epoch_schedule_given():
+            raise ValueError(f"A stream has no epochs, so {', '.join(self.epoch_schedule_given())} cannot be placed: "
+                             "give the schedule in optimizer steps (--pruning_start_step, --pruning_end_step, "
+                             "--pruning_frequency_steps or --pruning_schedule_steps), or leave it to the default "
+                             "(num_pruning_steps steps from step 0 to two thirds of --max_steps).")
+
     def check_pruning(self, config: PruningConfig) -> None:
         """The schedule against the recipe's final sparsity, before any data is loaded."""
         check_schedule_values(config.sparsity, self.init_sparsity, self.inter_func, self.pruning_frequency_epochs)
+        if self.epoch_schedule_given() and self.step_schedule_given():
+            raise ValueError(f"Give the pruning schedule in epochs or in steps, not both: "
+                             f"{', '.join(self.epoch_schedule_given() + self.step_schedule_given())}.")
+        if self.pruning_frequency_steps is not None and self.pruning_frequency_steps <= 0:
+            raise ValueError("pruning_frequency_steps must be positive.")
 
-    def sparsity_schedule(self, final_sparsity: float, total_steps: int, steps_per_epoch: float) -> SparsitySchedule:
+    def sparsity_schedule(self, final_sparsity: float, total_steps: int,
+                          steps_per_epoch: float | None) -> SparsitySchedule:
+        """The schedule in optimizer steps: from the epoch fields (steps_per_epoch of the run), or from the step
+        fields (a streamed run has no epochs: steps_per_epoch None)."""
+        if steps_per_epoch is None or self.step_schedule_given():
+            return build_schedule(final_sparsity, total_steps, 1.0, self.init_sparsity, self.pruning_start_step or 0,
+                                  self.pruning_end_step, self.pruning_frequency_steps, self.num_pruning_steps,
+                                  self.inter_func, self.pruning_schedule_steps, unit="step")
         return build_schedule(final_sparsity, total_steps, steps_per_epoch, self.init_sparsity,
                               self.pruning_start_epoch, self.pruning_end_epoch, self.pruning_frequency_epochs,
                               self.num_pruning_steps, self.inter_func, self.pruning_schedule)
@@ -132,6 +186,9 @@ class DistillationTrainer(Trainer):
                            args.eval_strategy.value)
             args.eval_strategy = IntervalStrategy.NO
         kwargs.setdefault("data_collator", collate)
+        self._stream_loader = self._stream_resume = None
+        if is_stream(kwargs.get("train_dataset")):
+            args.check_stream()
         super().__init__(model=model, args=args, **kwargs)
         if self.teacher is not None:
             self.loss_is_scaled_for_ga = False  # distillation loss is a per-batch mean
@@ -159,14 +216,62 @@ class DistillationTrainer(Trainer):
                              f"({s_cfg.num_labels}); distillation needs the same label set. Pass a teacher "
                              "trained on the same classes, or --distill false.")
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         # evaluate() before train() prepares the model in evaluation mode and marks it
         # `_is_accelerate_prepared`; accelerate (1.15) then skips DDP wrapping for training, and every
         # process would train alone. Clear the mark while the model is not wrapped yet.
         if self.args.world_size > 1 and self.model_wrapped is self.model \
                 and getattr(self.model, "_is_accelerate_prepared", False):
             del self.model._is_accelerate_prepared
-        return super().train(*args, **kwargs)
+        if resume_from_checkpoint and is_stream(self.train_dataset):
+            self._resume_stream(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # ---- streamed training data (cap_hf.io.stream) --------------------------------------------------
+    def get_train_dataloader(self):
+        """A stream's own loader (this process's share, split by datasets, resumable), not accelerate's: its
+        sharding would split the share again. The Trainer moves each batch to the device itself."""
+        if not is_stream(self.train_dataset):
+            return super().get_train_dataloader()
+        if self._stream_loader is None:
+            args = self.args
+            self._stream_loader = StreamLoader(self.train_dataset, args.per_device_train_batch_size, self.data_collator,
+                                               args.dataloader_num_workers, args.dataloader_pin_memory,
+                                               args.dataloader_prefetch_factor)
+            if self._stream_resume is not None:
+                self._stream_loader.restore(self._stream_resume)
+        return self._stream_loader
+
+    def _resume_stream(self, checkpoint: str | bool) -> None:
+        """Continue the stream where the checkpoint stopped (StreamLoader.restore) instead of the Trainer's
+        skipping of the batches already trained on, which would read and decode them all again."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = get_last_checkpoint(self.args.output_dir) if checkpoint is True else checkpoint
+        state = load_stream_state(folder, self.args.process_index) if folder else None
+        if state is None:
+            logger.warning("%s holds no stream position (%s): the Trainer skips the batches already trained on by "
+                           "reading them again.", folder, STATE_FILE.format(rank=self.args.process_index))
+            return
+        self._stream_resume = state
+        self._stream_loader = None
+        self.args.ignore_data_skip = True  # the loader itself starts where the checkpoint stopped
+        logger.info("Resuming the stream at pass %d, positions %s per worker.", state["pass"], state["positions"])
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stream's position of this process goes into checkpoint-N first, then the Trainer's files."""
+        if self._stream_loader is not None:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            save_stream_state(self._stream_loader, folder)
+        return super()._save_checkpoint(model, trial)
+
+    @property
+    def skipped_images(self) -> int:
+        """Corrupt images the training stream skipped in its current pass (0 without a stream)."""
+        return sum(self._stream_loader.skipped.values()) if self._stream_loader is not None else 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
@@ -256,7 +361,10 @@ class CAPTrainer(DistillationTrainer):
         return self.pruning_callback.config
 
     # ---- schedule ------------------------------------------------------------------------------
-    def _steps_per_epoch(self) -> float:
+    def _steps_per_epoch(self) -> float | None:
+        """None for a stream (no length, no epochs)."""
+        if is_stream(self.train_dataset):
+            return None
         batches = len(self.get_train_dataloader())
         return max(batches // self.args.gradient_accumulation_steps, 1)
 

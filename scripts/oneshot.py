@@ -11,7 +11,9 @@ out: each process computes num_grads / N gradients and builds the Fisher of, and
 Every PruningConfig field is a flag (--method, --sparsity, --damp, ...; or --recipe FILE). The Fisher is
 collected once for all methods (one gradient pass per layer group) and each method prepares once for
 all sparsities. Writes OUTPUT_DIR/results.json (records: method, sparsity, achieved_sparsity, accuracy,
-prune_seconds, ...) and OUTPUT_DIR/accuracy_vs_sparsity.png.
+prune_seconds, ...) and OUTPUT_DIR/accuracy_vs_sparsity.png. --streaming reads the dataset as a stream
+(cap_hf.io.stream): calibration batches from a seeded shuffle of it, evaluation on the first
+--max_eval_samples images (default 10000, a sample seeded by --seed) of the evaluation split.
 
 A backbone without a head (DINO's ViTModel, Dinov2Model: a checkpoint saved without
 *ForImageClassification) is pruned with the Fisher of its output features (no labels needed: the training
@@ -44,6 +46,7 @@ from cap_hf.io.data import calibration_loader, collate, prepare_splits
 from cap_hf.io.models import load_model
 from cap_hf.io.plots import plot_accuracy_vs_sparsity
 from cap_hf.io.sources import check_sources
+from cap_hf.io.stream import StreamArguments
 from cap_hf.oneshot import METRICS, main_metric, oneshot_sweep
 
 logger = logging.getLogger("cap_hf.oneshot")
@@ -83,13 +86,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:  # every combination, and where the model and the data come from, is checked before anything is loaded
-        args, feature_args, config = parse_args((OneShotArguments, FeatureEvalArguments, PruningConfig), argv,
+        args, feature_args, config, stream = parse_args((OneShotArguments, FeatureEvalArguments, PruningConfig,
+                                                          StreamArguments), argv,
                                                 description=__doc__, prog="python scripts/oneshot.py")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [config.method]
         sparsities = parse_floats(args.sparsities, "sparsities") if args.sparsities else [config.sparsity]
         if config.calibration_seed is None:
             config = config.replace(calibration_seed=args.seed)
         methods, sparsities = config.sweep(methods, sparsities)
+        stream.check()
         out = Path(args.output_dir)
         if (out / "results.json").exists() and not args.overwrite_output_dir:
             raise ValueError(f"{out / 'results.json'} exists; pass --overwrite_output_dir to replace it.")
@@ -118,8 +123,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
             args.train_split, args.eval_split, None, args.max_eval_samples,
             train_needs_labels=needs_labels and any(config.replace(method=m).needs_fisher for m in methods),
-            eval_needs_labels=not backbone, seed=args.seed)
-        if any(config.replace(method=m).needs_fisher for m in methods):
+            eval_needs_labels=not backbone, seed=args.seed, stream=stream, rank=rank, world=state.num_processes)
+        if any(config.replace(method=m).needs_fisher for m in methods) and not stream.streaming:
             check_calibration_size(len(train), config.num_grads, config.grad_batch_size, state.num_processes)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                       pooling=config.feature_pooling, image_column=args.image_column_name,
                                       label_column=args.label_column_name, eval_split=args.eval_split, seed=args.seed,
                                       batch_size=args.eval_batch_size, num_workers=args.dataloader_num_workers,
+                                      stream=stream,
                                       device=device)
     else:
         labels = evaluation.with_format(None)[args.label_column_name]

@@ -51,6 +51,7 @@ from cap_hf.io.models import (
     saved_as_classifier,
 )
 from cap_hf.io.sources import check_sources
+from cap_hf.io.stream import StreamArguments
 from cap_hf.masks import SparsityMismatchError
 from cap_hf.oneshot import METRICS
 from cap_hf.trainer import CAPTrainer, CAPTrainingArguments, check_backbone_distillation
@@ -87,7 +88,7 @@ class DataArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
 
 
-TYPES = (ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig, CAPTrainingArguments)
+TYPES = (ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig, CAPTrainingArguments, StreamArguments)
 PROG = "accelerate launch scripts/prune.py"
 
 
@@ -97,7 +98,7 @@ def parse(argv: list[str]) -> tuple[list[str], tuple]:
     if not demo.is_demo(argv):
         parsed = parse_args(TYPES, argv, description=__doc__, prog=PROG, hint="(Give neither --model_name_or_path nor "
                             "--dataset_name for the offline demo, with any other flag over its own.)")
-        parsed[4].check_pruning(parsed[3])
+        check_run(parsed)
     else:
         from accelerate import PartialState
 
@@ -106,7 +107,7 @@ def parse(argv: list[str]) -> tuple[list[str], tuple]:
         out = None if demo.gives_output_dir(user) else demo.demo_output_dir(config.method, config.sparsity)
         argv = demo.demo_arguments(out) + user
         parsed = parse_args(TYPES, argv, prog=PROG)
-        parsed[4].check_pruning(parsed[3])  # before the teacher is trained
+        check_run(parsed)  # before the teacher is trained
         logger.info("No --model_name_or_path / --dataset_name given: the offline demo (a ViT trained on scikit-learn's "
                     "digits, pruned gradually with %s and distillation)%s, into %s. For your model: "
                     "--model_name_or_path M --dataset_name D --output_dir OUT.", parsed[3].method,
@@ -117,6 +118,15 @@ def parse(argv: list[str]) -> tuple[list[str], tuple]:
                 demo.prepare_output(out)
             demo.ensure_digits_teacher(progress=state.is_main_process)
     return argv, parsed
+
+
+def check_run(parsed: tuple) -> None:
+    """The schedule against the recipe, and a streamed run's own rules (--max_steps, a schedule in steps)."""
+    config, training_args, stream = parsed[3], parsed[4], parsed[5]
+    training_args.check_pruning(config)
+    if stream.streaming:
+        stream.check()
+        training_args.check_stream()
 
 
 def check_output_dir(data_args: DataArguments, training_args: CAPTrainingArguments) -> None:
@@ -133,7 +143,7 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("trainer_plugins").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:  # before anything is loaded: bad values, the push (token, repo), where the model and data come from
-        argv, (model_args, data_args, feature_args, config, training_args) = parse(argv)
+        argv, (model_args, data_args, feature_args, config, training_args, stream_args) = parse(argv)
         check_output_dir(data_args, training_args)
         repo_id = check_push(training_args, hub_api)
         check_sources(model=model_args.model_name_or_path, dataset=data_args.dataset_name,
@@ -158,15 +168,15 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         check_backbone_distillation(backbone, training_args.distill, model_args.model_name_or_path)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    augment = RandomResizedCropFlip(scale=(data_args.crop_scale_min, 1.0), hflip=data_args.hflip,
-                                    seed=training_args.seed)
+    augment = RandomResizedCropFlip(scale=(data_args.crop_scale_min, 1.0), hflip=data_args.hflip)
     try:
         train, evaluation, names = prepare_splits(
             data_args.dataset_name, processor, channels, data_args.image_column_name, data_args.label_column_name,
             data_args.train_split, data_args.eval_split, data_args.max_train_samples, data_args.max_eval_samples,
             train_needs_labels=not backbone, seed=training_args.seed, train_augment=augment,
-            train_val_split=data_args.train_val_split, eval_needs_labels=not backbone)
-        if config.needs_fisher:  # the same check as CAPTrainer's, before the probe and the dense evaluation
+            train_val_split=data_args.train_val_split, eval_needs_labels=not backbone, stream=stream_args,
+            rank=training_args.process_index, world=training_args.world_size)
+        if config.needs_fisher and not stream_args.streaming:  # CAPTrainer's check, before the probe and the dense evaluation
             check_calibration_size(len(train), config.num_grads, config.grad_batch_size, training_args.world_size)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
@@ -175,6 +185,11 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         fresh_head = False
     else:
         model, processor, fresh_head = load_for_labels(model_args.model_name_or_path, names)
+        if fresh_head and stream_args.streaming:
+            raise SystemExit(f"error: {model_args.model_name_or_path} has no head for the labels of "
+                             f"{data_args.dataset_name}, and the linear probe it would need first is trained in "
+                             "epochs, which a stream does not have. Train the head first (say, scripts/prune.py "
+                             "--sparsity 0 on a prepared subset), or prune the backbone on its features.")
     calibration = train.with_transform(ImageClassificationTransform(
         processor, data_args.image_column_name, data_args.label_column_name, channels))  # eval transforms
 
@@ -199,7 +214,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             trainer.model, processor, data_args.dataset_name, evaluation, feature_args, pooling=config.feature_pooling,
             image_column=data_args.image_column_name, label_column=data_args.label_column_name,
             eval_split=data_args.eval_split, seed=training_args.seed,
-            batch_size=training_args.per_device_eval_batch_size, num_workers=training_args.dataloader_num_workers)
+            batch_size=training_args.per_device_eval_batch_size, num_workers=training_args.dataloader_num_workers,
+            stream=stream_args)
 
     dense_metrics = trainer.evaluate(metric_key_prefix="dense")
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
@@ -209,6 +225,9 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     metrics["pruning_history"] = trainer.pruning_callback.history
     metrics["num_processes"] = trainer.args.world_size
     metrics["ranks_identical"] = trainer.pruning_callback.ranks_identical
+    if stream_args.streaming:  # what the stream gave: a fixed evaluation set, corrupt images skipped
+        metrics["eval_samples"] = len(evaluation)
+        metrics["skipped_images"] = trainer.skipped_images
     command = shlex.join(["accelerate", "launch", "scripts/prune.py", *argv])
     trainer.recipe_info = {"command": command, "base_model": model_args.model_name_or_path,
                            "dataset": data_args.dataset_name}

@@ -75,10 +75,11 @@ from cap_hf.engine.feature_fisher import FeatureFisherLoss
 from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
 from cap_hf.io.checkpoint import CheckpointError
-from cap_hf.io.data import calibration_loader, collate, prepare_splits
+from cap_hf.io.data import calibration_loader, collate, is_stream, prepare_splits
 from cap_hf.io.hub import HubError, check_push, push_checkpoint
 from cap_hf.io.models import load_classifier, load_image_processor, load_model, processor_image_size
 from cap_hf.io.sources import check_sources
+from cap_hf.io.stream import StreamArguments
 from cap_hf.structured import (
     StructuredConfig,
     pfs,
@@ -148,10 +149,21 @@ class StructuredArguments:
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace a non-empty output_dir."})
 
 
-def check_arguments(args: StructuredArguments, config: StructuredConfig) -> None:
+def check_arguments(args: StructuredArguments, config: StructuredConfig, stream: StreamArguments | None = None,
+                    training_args: DistillationArguments | None = None) -> None:
     """ValueError for a request that cannot be run, before anything is loaded: the request's own checks
-    (StructuredConfig.check), then what this script adds (data, training)."""
+    (StructuredConfig.check), then what this script adds (data, training, a stream's rules)."""
     config.check()
+    if stream is not None and stream.streaming:
+        stream.check()
+        if config.kind == "scratch":
+            raise ValueError(f"--method {config.method} holds out part of the train split to learn its gates and "
+                             "trains for epochs; a stream has neither. Run it without --streaming.")
+        if args.finetune_epochs:
+            raise ValueError("A stream has no epochs: fine-tune a streamed run with --max_steps N instead of "
+                             "--finetune_epochs.")
+        if training_args is not None and training_args.max_steps > 0:
+            training_args.check_stream()
     if args.finetune_epochs < 0 or args.train_epochs < 0:
         raise ValueError("--finetune_epochs and --train_epochs must be >= 0.")
     for name in ("reconstruction_samples", "bn_recalibration_samples"):
@@ -237,7 +249,7 @@ def check_backbone(args: StructuredArguments, config: StructuredConfig) -> None:
 def prune_with_curvature(config, model, image_size, train, training_args) -> tuple[torch.nn.Module, dict]:
     """obs / cap on calibration images of the train split (eval transforms, a fixed shuffle). A backbone's cap
     Fisher is that of its CLS features (cap_hf.engine.feature_fisher.FeatureFisherLoss: no labels)."""
-    if len(train) < config.calibration_samples:
+    if not is_stream(train) and len(train) < config.calibration_samples:  # a stream says so when it runs out
         raise ValueError(f"--calibration_samples {config.calibration_samples} is more than the {len(train)} images of the "
                          "train split; lower it or use a larger split.")
     batch_size = 64 if config.method == "obs" else 1  # cap: one gradient per image
@@ -255,10 +267,10 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     logging.getLogger("cap_hf").setLevel(logging.INFO)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args, config, feature_args, training_args = parse_args(
-            (StructuredArguments, StructuredConfig, FeatureEvalArguments, DistillationArguments), argv,
+        args, config, feature_args, training_args, stream = parse_args(
+            (StructuredArguments, StructuredConfig, FeatureEvalArguments, DistillationArguments, StreamArguments), argv,
             TRAINING_DEFAULTS, description=__doc__, prog="python scripts/structured_prune.py")
-        check_arguments(args, config)
+        check_arguments(args, config, stream, training_args)
         batch_sizes = [int(b) for b in args.latency_batch_sizes.split(",") if b.strip()]
         if config.target_speedup is not None and config.speedup_batch_size not in batch_sizes:
             batch_sizes.append(config.speedup_batch_size)  # the final measurement says whether the target holds
@@ -288,12 +300,13 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                 args.dataset_name, processor, model.config.num_channels, args.image_column_name,
                 args.label_column_name, None, args.eval_split, args.max_train_samples, args.max_eval_samples,
                 train_needs_labels=bool(args.finetune_epochs) or scratch or (config.method == "cap" and not backbone),
-                eval_needs_labels=not backbone, seed=training_args.seed)
+                eval_needs_labels=not backbone, seed=training_args.seed, stream=stream,
+                rank=training_args.process_index, world=training_args.world_size)
             if backbone:  # k-NN, linear probe and feature similarity against the dense model (labels only here)
                 evaluate = backbone_evaluator(
                     model, processor, args.dataset_name, evaluation, feature_args, image_column=args.image_column_name,
                     label_column=args.label_column_name, eval_split=args.eval_split, seed=training_args.seed,
-                    batch_size=args.eval_batch_size, num_workers=training_args.dataloader_num_workers)
+                    batch_size=args.eval_batch_size, num_workers=training_args.dataloader_num_workers, stream=stream)
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: {err}") from None
         loader = torch.utils.data.DataLoader(evaluation, batch_size=args.eval_batch_size, collate_fn=collate,
@@ -328,20 +341,20 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     if loader is not None and not scratch:
         results.update(_evaluation(evaluate(small), "pruned"))
         if args.reconstruction_samples:
-            images = min(args.reconstruction_samples, len(train))
+            images = capped(args.reconstruction_samples, train)
             record = reconstruct(model, small, run, image_size, calibration_loader(train, 64, training_args.seed), images)
             results["reconstruction"] = {**record, "accuracy_before": results["accuracy_pruned"]}
             results.update(_evaluation(evaluate(small), "pruned"))
         if args.bn_recalibration_samples:
-            images = min(args.bn_recalibration_samples, len(train))
+            images = capped(args.bn_recalibration_samples, train)
             norms = recalibrate_batch_norms(small, calibration_loader(train, 64, training_args.seed), images)
             if norms:
                 results["bn_recalibration"] = {"images": images, "batch_norms": norms,
                                                "accuracy_before": results["accuracy_pruned"]}
                 results.update(_evaluation(evaluate(small), "pruned"))
     epochs = args.train_epochs / config.flops_ratio if args.budget_train else args.train_epochs or args.finetune_epochs
-    if epochs:
-        training_args.num_train_epochs = epochs
+    if epochs or (stream.streaming and training_args.max_steps > 0):
+        training_args.num_train_epochs = epochs or training_args.num_train_epochs
         teacher = model if trained else None
         if training_args.distill and training_args.teacher_name_or_path:
             teacher = load_classifier(training_args.teacher_name_or_path)[0].eval()
@@ -351,7 +364,8 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
             results["accuracy_pruned_before_finetuning"] = results["accuracy_pruned"]
         results.update(_evaluation(evaluate(small), "pruned"))
         results["training" if scratch else "finetuning"] = {
-            "epochs": epochs, "train_samples": len(train), "distill": training_args.distill,
+            "epochs": epochs, "train_samples": available(train), "distill": training_args.distill,
+            "max_steps": training_args.max_steps if training_args.max_steps > 0 else None,
             "learning_rate": training_args.learning_rate,
             "teacher": (training_args.teacher_name_or_path or args.model_name_or_path) if training_args.distill else None,
             "train_runtime_s": metrics.get("train_runtime")}
@@ -393,6 +407,16 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
                              "would prune again).") from None
         print(f"pushed {out} -> {getattr(info, 'commit_url', repo_id)}")
     return results
+
+
+def available(train) -> int | None:
+    """Images of a split held in memory; None for a stream (its length is unknown)."""
+    return None if is_stream(train) else len(train)
+
+
+def capped(count: int, train) -> int:
+    """`count` images, or all of a smaller split held in memory (a stream is read for `count`)."""
+    return count if is_stream(train) else min(count, len(train))
 
 
 def _evaluation(metrics: dict, which: str) -> dict:

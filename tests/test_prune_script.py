@@ -140,7 +140,7 @@ def test_the_demo_takes_overrides_and_leaves_other_files_alone(teacher, tmp_path
     taught = []
     monkeypatch.setattr(demo, "ensure_digits_teacher", lambda **kwargs: taught.append(kwargs))
     with caplog.at_level("INFO"):
-        argv, (model_args, data_args, _, config, args) = prune.parse(["--sparsity", "0.9"])
+        argv, (model_args, data_args, _, config, args, _) = prune.parse(["--sparsity", "0.9"])
     assert (config.method, config.sparsity, config.num_grads) == ("cap", 0.9, 64)  # the demo's num_grads
     assert args.output_dir == str(Path("outputs/demo/cap90")) and taught
     assert model_args.model_name_or_path == str(Path("outputs/demo/teacher"))
@@ -177,7 +177,7 @@ def test_every_pruning_field_is_a_flag_and_recipes_are_checked(tmp_path):
 
     prune = load_script("prune")
     common = ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", str(tmp_path / "o")]
-    _, (_, _, _, config, args) = prune.parse([*common, "--ignore", ".*fc2", "--grad_chunk_size", "8", "--method",
+    _, (_, _, _, config, args, _) = prune.parse([*common, "--ignore", ".*fc2", "--grad_chunk_size", "8", "--method",
                                            "fastcap", "--elimination_chunk_size", "9", "--fastcap_column_block", "4"])
     assert (config.ignore, config.grad_chunk_size, config.elimination_chunk_size, config.fastcap_column_block) == (
         ".*fc2", 8, 9, 4)

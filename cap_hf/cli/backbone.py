@@ -28,16 +28,19 @@ class FeatureEvalArguments:
 def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, args: FeatureEvalArguments, *,
                        pooling: str = "cls", image_column: str = "image", label_column: str = "label",
                        eval_split: str | None = None, seed: int = 0, batch_size: int = 256, num_workers: int = 0,
-                       device: torch.device | str | None = None) -> FeatureEvaluator:
+                       device: torch.device | str | None = None, stream=None) -> FeatureEvaluator:
     """A FeatureEvaluator of `model` (dense, as it is now) on the prepared `evaluation` split, with the bank
     from --knn_bank_split (default: the training split) of `dataset_name`. Without labels in the evaluation
-    split or the bank, feature cosine alone, and the log says why."""
+    split or the bank, feature cosine alone, and the log says why. With `stream` (StreamArguments, streaming
+    on) the bank is a fixed set of --max_knn_bank_samples images (default 10000) read from the stream."""
     from cap_hf.io.data import collate, prepare_splits
 
     bank = None
     if label_column not in evaluation.column_names:
         logger.warning("The evaluation split has no label column %r: reporting feature cosine alone (k-NN and the "
                        "linear probe need labels).", label_column)
+    elif stream is not None and stream.streaming:
+        bank = stream_bank(model, processor, dataset_name, args, stream, image_column, label_column, seed)
     else:
         bank, _, _ = prepare_splits(dataset_name, processor, model.config.num_channels, image_column, label_column,
                                     args.knn_bank_split, eval_split, args.max_knn_bank_samples,
@@ -52,3 +55,18 @@ def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, ar
 
     return FeatureEvaluator(model, loader(bank) if bank is not None else None, loader(evaluation), pooling,
                             device=device)
+
+
+def stream_bank(model: nn.Module, processor, dataset_name: str, args: FeatureEvalArguments, stream, image_column: str,
+                label_column: str, seed: int):
+    """The k-NN bank of a streamed run: the first --max_knn_bank_samples images of a seeded shuffle of the bank
+    split, held as a fixed set (the whole split would be read at every evaluation otherwise)."""
+    from cap_hf.io.data import ImageClassificationTransform
+    from cap_hf.io.stream import DEFAULT_STREAM_EVAL_SAMPLES, ImageStream, materialize, open_stream
+
+    name, split = open_stream(dataset_name, args.knn_bank_split, ("train",), "k-NN bank (--knn_bank_split)",
+                              image_column, label_column)
+    transform = ImageClassificationTransform(processor, image_column, label_column, model.config.num_channels)
+    count = args.max_knn_bank_samples or DEFAULT_STREAM_EVAL_SAMPLES
+    return materialize(ImageStream(split, transform, split=name, seed=seed, buffer_size=stream.shuffle_buffer_size,
+                                   max_bad_fraction=stream.max_bad_fraction), count)

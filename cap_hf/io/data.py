@@ -110,13 +110,28 @@ def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: 
                        collate_fn: Callable | None = None) -> torch.utils.data.DataLoader:
     """Shuffled, full batches (one batch = one gradient), decoded by `num_workers` worker processes like
     the Trainer's training batches (TrainingArguments.dataloader_*). The order depends only on `seed`, so
-    the batches are the same with any number of workers and can be replayed."""
-    generator = torch.Generator().manual_seed(seed)
+    the batches are the same with any number of workers and can be replayed. From an ImageStream: the stream
+    shuffled with `seed` (every process reads the whole stream with its own seed, as it samples the whole
+    split with its own seed otherwise); the same batches again at each replay, for a fixed number of workers."""
     workers = int(num_workers or 0)
+    if is_stream(dataset):  # a seeded shuffle of the stream (buffer and shard order) instead of a sampler
+        extra = {"prefetch_factor": prefetch_factor} if workers > 0 and prefetch_factor else {}
+        return torch.utils.data.DataLoader(dataset.with_(seed=seed, shuffle=True, rank=0, world=1, limit=None),
+                                           batch_size=batch_size, drop_last=True, collate_fn=collate_fn or collate,
+                                           num_workers=workers, pin_memory=bool(pin_memory) and torch.cuda.is_available(),
+                                           **extra)
+    generator = torch.Generator().manual_seed(seed)
     extra = {"persistent_workers": persistent_workers, "prefetch_factor": prefetch_factor} if workers > 0 else {}
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                        collate_fn=collate_fn or collate, generator=generator, num_workers=workers,
                                        pin_memory=bool(pin_memory) and torch.cuda.is_available(), **extra)
+
+
+def is_stream(dataset) -> bool:
+    """A streamed split (cap_hf.io.stream.ImageStream): no length, read pass by pass."""
+    from cap_hf.io.stream import ImageStream
+
+    return isinstance(dataset, ImageStream)
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str], split: str) -> Dataset:
@@ -161,12 +176,23 @@ def fashion_mnist_dataset(root: str | os.PathLike = FASHION_MNIST_DIR) -> Datase
 
 class RandomResizedCropFlip:
     """Training augmentation on PIL images (no torchvision): a random crop of `scale` of the area and
-    aspect `ratio`, then an optional horizontal flip. The image processor resizes afterwards."""
+    aspect `ratio`, then an optional horizontal flip. The image processor resizes afterwards.
+
+    Its random numbers come from a generator seeded, in each process, by torch.initial_seed(): the Trainer's
+    seed in the main process and a different seed in every DataLoader worker (torch seeds each one), so workers
+    do not repeat each other's crops."""
 
     def __init__(self, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: bool = True, seed: int | None = None):
+                 hflip: bool = True):
         self.scale, self.ratio, self.hflip = scale, ratio, hflip
-        self.rng = np.random.default_rng(seed)
+        self._rng, self._seed = None, None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        seed = torch.initial_seed()
+        if self._rng is None or seed != self._seed:  # first use in this process (or worker)
+            self._rng, self._seed = np.random.default_rng(seed), seed
+        return self._rng
 
     def __call__(self, img):
         width, height = img.size
@@ -201,11 +227,27 @@ def prepare_splits(
     train_augment=None,
     train_val_split: float | None = None,
     eval_needs_labels: bool = True,
+    stream=None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[Dataset, Dataset, list[str] | None]:
     """(train, eval, label names): train is the calibration/training split, eval is `validation` or
     else `test` (or a `train_val_split` fraction of train); both carry a transform giving
     pixel_values (+ labels, where the split has them: a split without them is refused when it
-    `needs_labels`). Columns are checked up front. `train_augment` (PIL -> PIL) applies to train."""
+    `needs_labels`). Columns are checked up front. `train_augment` (PIL -> PIL) applies to train.
+    With `stream` (cap_hf.io.stream.StreamArguments) and its `streaming` on, train is this process's
+    (`rank` of `world`) ImageStream and eval the first max_eval_samples images (prepare_stream_splits)."""
+    if stream is not None and stream.streaming:
+        from cap_hf.io.stream import prepare_stream_splits
+
+        if train_val_split is not None:
+            raise ValueError("--train_val_split holds out part of a split held in memory; a stream has none. Name an "
+                             "evaluation split with --eval_split.")
+        return prepare_stream_splits(
+            dataset_name, image_processor, num_channels, stream, image_column=image_column, label_column=label_column,
+            train_split=train_split, eval_split=eval_split, max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples, train_needs_labels=train_needs_labels,
+            eval_needs_labels=eval_needs_labels, seed=seed, train_augment=train_augment, rank=rank, world=world)
     dataset = dataset_name if isinstance(dataset_name, DatasetDict) else load_image_dataset(dataset_name)
     if train_val_split is not None and eval_split is None and not any(n in dataset for n in EVAL_SPLITS):
         if not 0 < train_val_split < 1:
