@@ -42,7 +42,7 @@ from cap_hf.engine.feature_fisher import fisher_objective
 from cap_hf.engine.plan import MemoryBudgetError, check_budget
 from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
-from cap_hf.io.data import calibration_loader, collate, prepare_splits
+from cap_hf.io.data import calibration_loader, collate
 from cap_hf.io.models import load_model
 from cap_hf.io.plots import plot_accuracy_vs_sparsity
 from cap_hf.io.sources import check_sources
@@ -119,11 +119,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"error: {err}") from None
     needs_labels = fisher_objective(config, model) == "cross_entropy" and not config.label_free_fisher
     try:
-        train, evaluation, _ = prepare_splits(
-            args.dataset_name, processor, model.config.num_channels, args.image_column_name, args.label_column_name,
-            args.train_split, args.eval_split, None, args.max_eval_samples,
+        train, evaluation, _ = stream.splits(
+            args.dataset_name, processor, model.config.num_channels, image_column=args.image_column_name,
+            label_column=args.label_column_name, train_split=args.train_split, eval_split=args.eval_split,
+            max_eval_samples=args.max_eval_samples,
             train_needs_labels=needs_labels and any(config.replace(method=m).needs_fisher for m in methods),
-            eval_needs_labels=not backbone, seed=args.seed, stream=stream, rank=rank, world=state.num_processes)
+            eval_needs_labels=not backbone, seed=args.seed, rank=rank, world=state.num_processes)
         if any(config.replace(method=m).needs_fisher for m in methods) and not stream.streaming:
             check_calibration_size(len(train), config.num_grads, config.grad_batch_size, state.num_processes)
     except (ValueError, FileNotFoundError) as err:

@@ -41,7 +41,7 @@ from cap_hf.engine.calibration import check_calibration_size
 from cap_hf.evaluation.metrics import compute_metrics
 from cap_hf.evaluation.probe import train_linear_probe
 from cap_hf.io.checkpoint import CheckpointError
-from cap_hf.io.data import ImageClassificationTransform, RandomResizedCropFlip, prepare_splits
+from cap_hf.io.data import ImageClassificationTransform, RandomResizedCropFlip
 from cap_hf.io.hub import HubError, check_push, push_checkpoint
 from cap_hf.io.models import (
     load_classifier,
@@ -85,7 +85,17 @@ class DataArguments:
     max_eval_samples: int | None = field(default=None)
     crop_scale_min: float = field(default=0.08, metadata={"help": "RandomResizedCrop minimum area (1 = no crop)."})
     hflip: bool = field(default=True, metadata={"help": "Random horizontal flips in training."})
+    augmentation_backend: str = field(default="auto", metadata={
+        "help": "auto: torchvision's transforms v2 where torchvision imports (faster), else PIL; "
+                "torchvision (an error without it); pil."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+
+    def __post_init__(self):
+        self.augmentation()  # a backend that cannot run fails here, before anything is loaded
+
+    def augmentation(self) -> RandomResizedCropFlip:
+        return RandomResizedCropFlip(scale=(self.crop_scale_min, 1.0), hflip=self.hflip,
+                                     backend=self.augmentation_backend)
 
 
 TYPES = (ModelArguments, DataArguments, FeatureEvalArguments, PruningConfig, CAPTrainingArguments, StreamArguments)
@@ -168,13 +178,14 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
         check_backbone_distillation(backbone, training_args.distill, model_args.model_name_or_path)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
-    augment = RandomResizedCropFlip(scale=(data_args.crop_scale_min, 1.0), hflip=data_args.hflip)
+    augment = data_args.augmentation()
     try:
-        train, evaluation, names = prepare_splits(
-            data_args.dataset_name, processor, channels, data_args.image_column_name, data_args.label_column_name,
-            data_args.train_split, data_args.eval_split, data_args.max_train_samples, data_args.max_eval_samples,
-            train_needs_labels=not backbone, seed=training_args.seed, train_augment=augment,
-            train_val_split=data_args.train_val_split, eval_needs_labels=not backbone, stream=stream_args,
+        train, evaluation, names = stream_args.splits(
+            data_args.dataset_name, processor, channels, image_column=data_args.image_column_name,
+            label_column=data_args.label_column_name, train_split=data_args.train_split,
+            eval_split=data_args.eval_split, max_train_samples=data_args.max_train_samples,
+            max_eval_samples=data_args.max_eval_samples, train_needs_labels=not backbone, seed=training_args.seed,
+            train_augment=augment, train_val_split=data_args.train_val_split, eval_needs_labels=not backbone,
             rank=training_args.process_index, world=training_args.world_size)
         if config.needs_fisher and not stream_args.streaming:  # CAPTrainer's check, before the probe and the dense evaluation
             check_calibration_size(len(train), config.num_grads, config.grad_batch_size, training_args.world_size)

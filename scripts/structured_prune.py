@@ -75,7 +75,7 @@ from cap_hf.engine.feature_fisher import FeatureFisherLoss
 from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
 from cap_hf.io.checkpoint import CheckpointError
-from cap_hf.io.data import calibration_loader, collate, is_stream, prepare_splits
+from cap_hf.io.data import calibration_loader, collate, is_stream
 from cap_hf.io.hub import HubError, check_push, push_checkpoint
 from cap_hf.io.models import load_classifier, load_image_processor, load_model, processor_image_size
 from cap_hf.io.sources import check_sources
@@ -296,11 +296,12 @@ def main(argv: list[str] | None = None, hub_api=None) -> dict:
     train = evaluation = loader = None
     if args.dataset_name:
         try:
-            train, evaluation, names = prepare_splits(
-                args.dataset_name, processor, model.config.num_channels, args.image_column_name,
-                args.label_column_name, None, args.eval_split, args.max_train_samples, args.max_eval_samples,
+            train, evaluation, names = stream.splits(
+                args.dataset_name, processor, model.config.num_channels, image_column=args.image_column_name,
+                label_column=args.label_column_name, eval_split=args.eval_split,
+                max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
                 train_needs_labels=bool(args.finetune_epochs) or scratch or (config.method == "cap" and not backbone),
-                eval_needs_labels=not backbone, seed=training_args.seed, stream=stream,
+                eval_needs_labels=not backbone, seed=training_args.seed,
                 rank=training_args.process_index, world=training_args.world_size)
             if backbone:  # k-NN, linear probe and feature similarity against the dense model (labels only here)
                 evaluate = backbone_evaluator(

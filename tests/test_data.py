@@ -8,8 +8,11 @@ import torch
 from PIL import Image
 
 from cap_hf.evaluation.metrics import topk_accuracy
+from cap_hf.io import data
 from cap_hf.io.data import (
     FASHION_MNIST_DIR,
+    ImageClassificationTransform,
+    RandomResizedCropFlip,
     collate,
     digits_dataset,
     fashion_mnist_dataset,
@@ -85,3 +88,49 @@ def test_topk_accuracy():
     labels = np.array([1, 1, 0])
     assert topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
     assert topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)
+
+
+def smooth_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    small = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BICUBIC)
+
+
+def test_the_pil_augmentation_and_a_clear_error_without_torchvision(monkeypatch):
+    """backend pil: the PIL crop, then the processor; torchvision asked for where it does not import: refused;
+    auto without it: PIL."""
+    processor = make_image_processor(8, 1)
+    assert RandomResizedCropFlip(backend="pil").torchvision_pipeline(processor) is None
+    monkeypatch.setattr(data, "torchvision_transforms", lambda: None)
+    with pytest.raises(ValueError, match="torchvision does not import"):
+        RandomResizedCropFlip(backend="torchvision")
+    with pytest.raises(ValueError, match="one of auto, torchvision, pil"):
+        RandomResizedCropFlip(backend="cv2")
+    transform = ImageClassificationTransform(processor, "image", "label", 1, augment=RandomResizedCropFlip((0.3, 1)))
+    assert transform.pipeline is None
+    out = transform({"image": [smooth_image(32, 24)], "label": [3]})
+    assert out["pixel_values"].shape == (1, 1, 8, 8) and out["labels"].tolist() == [3]
+    assert -1 <= float(out["pixel_values"].min()) and float(out["pixel_values"].max()) <= 1  # (x - 0.5) / 0.5
+
+
+def test_torchvision_augmentation_gives_the_processors_shapes_and_normalisation():
+    """transforms v2 sized and normalised from the processor: the whole image (scale 1, its own aspect, no flip)
+    comes out as the processor makes it, within the two resizers' rounding; a flat image exactly."""
+    pytest.importorskip("torchvision.transforms.v2")  # CI's CPU torch 2.13 has no torchvision that imports
+    from transformers import ViTImageProcessorPil
+
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    processor = ViTImageProcessorPil(size={"height": 24, "width": 32}, image_mean=mean, image_std=std)
+    whole = RandomResizedCropFlip(scale=(1, 1), ratio=(4 / 3, 4 / 3), hflip=False, backend="torchvision")
+    transform = ImageClassificationTransform(processor, "image", None, 3, augment=whole)
+    assert transform.pipeline is not None
+    image = smooth_image(96, 72)
+    got = transform({"image": [image]})["pixel_values"][0]
+    expected = processor(images=[image], return_tensors="pt")["pixel_values"][0]
+    assert got.shape == expected.shape == (3, 24, 32)
+    assert float((got - expected).abs().max()) < 3 / 255 / min(std)  # at most 3 levels of 255 apart
+    flat = transform({"image": [Image.new("RGB", (96, 72), (128, 64, 200))]})["pixel_values"][0]
+    want = (torch.tensor([128, 64, 200]) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    assert torch.allclose(flat, want.view(3, 1, 1).expand(3, 24, 32), atol=1e-5)
+    crops = ImageClassificationTransform(processor, "image", None, 3, augment=RandomResizedCropFlip((0.1, 0.5)))
+    first, second = (crops({"image": [image]})["pixel_values"][0] for _ in range(2))
+    assert first.shape == (3, 24, 32) and not torch.equal(first, second)  # random crops

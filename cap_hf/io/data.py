@@ -3,7 +3,9 @@ from the model's image processor; and the offline data sets that ship in package
 
 from __future__ import annotations
 
+import functools
 import gzip
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,7 +14,10 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
 
+from cap_hf.io.models import processor_image_size
 from cap_hf.io.sources import BUILTIN_PREFIX, SourceError, check_dataset_source
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian package dataset-fashion-mnist
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -86,12 +91,18 @@ class ImageClassificationTransform:
         self.label_column = label_column
         self.mode = "L" if num_channels == 1 else "RGB"
         self.augment = augment
+        # the augmentation with torchvision's transforms v2 (it sizes and normalises itself), where it can
+        self.pipeline = augment.torchvision_pipeline(image_processor) if isinstance(augment, RandomResizedCropFlip) \
+            else None
 
     def __call__(self, examples: dict) -> dict:
         images = [img.convert(self.mode) for img in examples[self.image_column]]
-        if self.augment is not None:
-            images = [self.augment(img) for img in images]
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if self.pipeline is not None:
+            pixel_values = torch.stack([self.pipeline(img) for img in images])
+        else:
+            if self.augment is not None:
+                images = [self.augment(img) for img in images]
+            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
         out = {"pixel_values": pixel_values}
         if self.label_column is not None and self.label_column in examples:
             out["labels"] = torch.as_tensor(examples[self.label_column], dtype=torch.long)
@@ -128,10 +139,8 @@ def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: 
 
 
 def is_stream(dataset) -> bool:
-    """A streamed split (cap_hf.io.stream.ImageStream): no length, read pass by pass."""
-    from cap_hf.io.stream import ImageStream
-
-    return isinstance(dataset, ImageStream)
+    """A streamed split (an IterableDataset: cap_hf.io.stream.ImageStream): no length, read pass by pass."""
+    return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str], split: str) -> Dataset:
@@ -174,18 +183,62 @@ def fashion_mnist_dataset(root: str | os.PathLike = FASHION_MNIST_DIR) -> Datase
                         for split, (img, lab) in files.items()})
 
 
-class RandomResizedCropFlip:
-    """Training augmentation on PIL images (no torchvision): a random crop of `scale` of the area and
-    aspect `ratio`, then an optional horizontal flip. The image processor resizes afterwards.
+AUGMENTATION_BACKENDS = ("auto", "torchvision", "pil")
 
-    Its random numbers come from a generator seeded, in each process, by torch.initial_seed(): the Trainer's
-    seed in the main process and a different seed in every DataLoader worker (torch seeds each one), so workers
-    do not repeat each other's crops."""
+
+@functools.cache
+def torchvision_transforms():
+    """torchvision.transforms.v2, or None where torchvision is missing or was built for another torch (PyPI's
+    torchvision 0.28 beside a CPU-only torch 2.13 fails to import, for one)."""
+    try:
+        import torchvision.transforms.v2 as v2
+    except Exception as err:  # ImportError, or RuntimeError / OSError of a build for another torch or CUDA
+        logger.info("torchvision's transforms v2 unavailable (%s: %s): training crops with PIL.", type(err).__name__,
+                    err)
+        return None
+    return v2
+
+
+class RandomResizedCropFlip:
+    """The training augmentation: a random crop of `scale` of the area and aspect `ratio`, resized to the model's
+    input, and an optional horizontal flip (ImageNet's RandomResizedCrop, as DeiT and transformers'
+    image-classification example train).
+
+    backend "auto" (default): torchvision's transforms v2 where torchvision imports, sized and normalised from
+    the model's image processor as transformers' example does (torchvision_pipeline); PIL otherwise.
+    "torchvision": the same, and an error where it does not import. "pil": always the PIL crop, then the image
+    processor resizes and normalises. v2 works on uint8 tensors and is faster (docs/benchmarks.md,
+    "Image processors and transforms"). Its random numbers are torch's; the PIL crop's come
+    from a generator seeded, in each process, by torch.initial_seed(). Either way the Trainer's seed drives the
+    main process and every DataLoader worker gets its own seed, so workers do not repeat each other's crops."""
 
     def __init__(self, scale: tuple[float, float] = (0.08, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: bool = True):
-        self.scale, self.ratio, self.hflip = scale, ratio, hflip
+                 hflip: bool = True, backend: str = "auto"):
+        if backend not in AUGMENTATION_BACKENDS:
+            raise ValueError(f"augmentation backend must be one of {', '.join(AUGMENTATION_BACKENDS)}, got {backend!r}.")
+        if backend == "torchvision" and torchvision_transforms() is None:
+            raise ValueError(f"--augmentation_backend torchvision: torchvision does not import with torch "
+                             f"{torch.__version__}. Install the torchvision release built for it (torch 2.13 -> "
+                             "torchvision 0.28, and so on), or use auto / pil.")
+        self.scale, self.ratio, self.hflip, self.backend = scale, ratio, hflip, backend
         self._rng, self._seed = None, None
+
+    def torchvision_pipeline(self, image_processor):
+        """This augmentation with transforms v2 for `image_processor`'s model: RandomResizedCrop to its input
+        size (antialiased), the flip, then its rescaling and normalisation; None with backend "pil", without
+        torchvision, or for a processor that does not rescale by 1/255 (then PIL and the processor)."""
+        v2 = torchvision_transforms() if self.backend != "pil" else None
+        if v2 is None or not getattr(image_processor, "do_rescale", False) \
+                or abs(image_processor.rescale_factor - 1 / 255) > 1e-9:
+            return None
+        steps = [v2.ToImage(), v2.RandomResizedCrop(processor_image_size(image_processor), scale=self.scale,
+                                                    ratio=self.ratio, antialias=True)]
+        if self.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+        steps.append(v2.ToDtype(torch.float32, scale=True))
+        if getattr(image_processor, "do_normalize", False):
+            steps.append(v2.Normalize(list(image_processor.image_mean), list(image_processor.image_std)))
+        return v2.Compose(steps)
 
     @property
     def rng(self) -> np.random.Generator:
@@ -227,27 +280,12 @@ def prepare_splits(
     train_augment=None,
     train_val_split: float | None = None,
     eval_needs_labels: bool = True,
-    stream=None,
-    rank: int = 0,
-    world: int = 1,
 ) -> tuple[Dataset, Dataset, list[str] | None]:
     """(train, eval, label names): train is the calibration/training split, eval is `validation` or
     else `test` (or a `train_val_split` fraction of train); both carry a transform giving
     pixel_values (+ labels, where the split has them: a split without them is refused when it
-    `needs_labels`). Columns are checked up front. `train_augment` (PIL -> PIL) applies to train.
-    With `stream` (cap_hf.io.stream.StreamArguments) and its `streaming` on, train is this process's
-    (`rank` of `world`) ImageStream and eval the first max_eval_samples images (prepare_stream_splits)."""
-    if stream is not None and stream.streaming:
-        from cap_hf.io.stream import prepare_stream_splits
-
-        if train_val_split is not None:
-            raise ValueError("--train_val_split holds out part of a split held in memory; a stream has none. Name an "
-                             "evaluation split with --eval_split.")
-        return prepare_stream_splits(
-            dataset_name, image_processor, num_channels, stream, image_column=image_column, label_column=label_column,
-            train_split=train_split, eval_split=eval_split, max_train_samples=max_train_samples,
-            max_eval_samples=max_eval_samples, train_needs_labels=train_needs_labels,
-            eval_needs_labels=eval_needs_labels, seed=seed, train_augment=train_augment, rank=rank, world=world)
+    `needs_labels`). Columns are checked up front. `train_augment` (a RandomResizedCropFlip) applies to train.
+    A streamed run's splits: cap_hf.io.stream.StreamArguments.splits, which calls this without --streaming."""
     dataset = dataset_name if isinstance(dataset_name, DatasetDict) else load_image_dataset(dataset_name)
     if train_val_split is not None and eval_split is None and not any(n in dataset for n in EVAL_SPLITS):
         if not 0 < train_val_split < 1:

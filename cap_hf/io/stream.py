@@ -34,6 +34,16 @@ from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict,
 from datasets import Image as ImageFeature
 from datasets.distributed import split_dataset_by_node
 
+from cap_hf.io.data import (
+    BUILTIN_DATASETS,
+    EVAL_SPLITS,
+    ImageClassificationTransform,
+    check_columns,
+    label_names,
+    load_image_dataset,
+    pick_split,
+    prepare_splits,
+)
 from cap_hf.io.sources import check_dataset_source
 
 logger = logging.getLogger(__name__)
@@ -58,6 +68,19 @@ class StreamArguments:
         "help": "--streaming: corrupt images are skipped and counted; stop when more than this fraction of the "
                 "images a worker read were bad (after the first 10)."})
 
+    def splits(self, dataset_name: str, image_processor, num_channels: int, *, rank: int = 0, world: int = 1,
+               train_val_split: float | None = None, **kwargs) -> tuple:
+        """(train, eval, label names) as these flags ask: with --streaming, this process's (`rank` of `world`)
+        ImageStream and a fixed evaluation sample (prepare_stream_splits); else cap_hf.io.data.prepare_splits.
+        kwargs: prepare_splits' own (columns, splits, sample counts, labels needed, seed, train_augment)."""
+        if not self.streaming:
+            return prepare_splits(dataset_name, image_processor, num_channels, train_val_split=train_val_split,
+                                  **kwargs)
+        if train_val_split is not None:
+            raise ValueError("--train_val_split holds out part of a split held in memory; a stream has none. Name an "
+                             "evaluation split with --eval_split.")
+        return prepare_stream_splits(dataset_name, image_processor, num_channels, self, rank=rank, world=world, **kwargs)
+
     def check(self) -> None:
         if self.shuffle_buffer_size < 1:
             raise ValueError(f"--shuffle_buffer_size must be >= 1, got {self.shuffle_buffer_size}.")
@@ -74,8 +97,6 @@ class BadImagesError(RuntimeError):
 
 def _splits_of(name_or_path: str) -> IterableDatasetDict:
     """Every split of a data set as streams: Hub id, parquet / imagefolder folder, save_to_disk folder, builtin."""
-    from cap_hf.io.data import BUILTIN_DATASETS, load_image_dataset
-
     if name_or_path in BUILTIN_DATASETS:  # small, in memory: streamed from their Arrow tables, 4 shards each
         return IterableDatasetDict({k: v.to_iterable_dataset(num_shards=4) for k, v in
                                     load_image_dataset(name_or_path).items()})
@@ -102,8 +123,6 @@ def open_stream(name_or_path: str, split: str | None, candidates: tuple[str, ...
                 label_column: str | None) -> tuple[str, IterableDataset]:
     """(the split's name, the split as a stream with undecoded images), checked: the split exists (`split`, else
     the first of `candidates`) and has the image column (and the label column when one is given)."""
-    from cap_hf.io.data import check_columns, pick_split
-
     splits = _splits_of(name_or_path)
     name = pick_split(splits, split, candidates, role)
     stream = splits[name]
@@ -347,8 +366,6 @@ def prepare_stream_splits(dataset_name: str, image_processor, num_channels: int,
     evaluation split (default DEFAULT_STREAM_EVAL_SAMPLES: the first of a shuffle seeded by `seed`, the same on
     every process) as a fixed Dataset, label names). Both splits and their columns are checked before anything
     is decoded."""
-    from cap_hf.io.data import EVAL_SPLITS, ImageClassificationTransform, label_names
-
     args.check()
     train_name, train = open_stream(dataset_name, train_split, ("train",), "train (--train_split)", image_column,
                                     label_column if train_needs_labels else None)

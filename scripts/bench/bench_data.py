@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchlib import command_line, machine, parse_bench, write_section
+from benchlib import command_line, machine, parse_bench, publish
 
 from cap_hf.config import PruningConfig
+from cap_hf.io.data import torchvision_transforms
 
 SECTION = "## Data pipeline: streamed decoding against the training step (issue 26)"
 
@@ -166,6 +167,9 @@ def main() -> None:
         steps[name] = step_seconds(hidden, heads, args.batch_size, args.steps)
         print(name, steps[name], flush=True)
 
+    augmentation = (
+        "torchvision v2" if torchvision_transforms() is not None else "PIL (torchvision does not import)"
+    )
     per_core = {size: rate for size, kind, workers, rate in rows if kind == "train" and workers == 0}
     eval_rate = {size: rate for size, kind, _, rate in rows if kind == "eval"}
     lines = [
@@ -178,7 +182,9 @@ def main() -> None:
         f"{args.images} JPEGs per size, made here (smooth random images, quality 90; mean file "
         + ", ".join(f"{w}x{h}: {b // 1024} KB" for (w, h), b in sizes.items())
         + f"), 8 parquet shards, read as a stream (cap_hf.io.stream, shuffle buffer 256) at batch "
-        f"{args.batch_size}. Each worker and the main process with 0 workers decode on one thread. Not in the "
+        f"{args.batch_size}. Augmentation backend: {augmentation} (--augmentation_backend auto here; "
+        "scripts/bench/bench_transforms.py compares the two). Each worker and the main process with 0 workers "
+        "decode on one thread. Not in the "
         f"rates: datasets pauses {pause} s (config.SLEEP_TIME_ON_THREADS_SHUTDOWN, for apache/arrow#45214) when "
         "a worker's shuffled shards run out, once per pass and worker, and when a shuffled stream is left early "
         "(each calibration pass): nothing next to a pass over ImageNet, but most of a pass of a few hundred "
@@ -238,10 +244,7 @@ def main() -> None:
         f"the {grads} backward passes when workers x {eval_rate['500x375']:.0f} exceeds {batch} / (the seconds of "
         "one backward pass of a batch).",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_write:
-        write_section(text, SECTION)
+    publish(lines, SECTION, write=not args.no_write)
 
 
 if __name__ == "__main__":

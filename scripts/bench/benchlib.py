@@ -100,6 +100,14 @@ def write_section(body: str, section: str, path: Path = BENCHMARKS) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
+def publish(lines: list[str], section: str, write: bool) -> None:
+    """Print a benchmark's section (its lines) and, when `write`, put it into docs/benchmarks.md."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        write_section(text, section)
+
+
 def load_reference():
     """tests/reference.py: the deliberately plain implementation the library is checked against."""
     spec = importlib.util.spec_from_file_location("cap_hf_reference", ROOT / "tests" / "reference.py")
