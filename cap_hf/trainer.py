@@ -25,8 +25,8 @@ from cap_hf.engine.calibration import calibration_seed, check_calibration_size
 from cap_hf.engine.plan import check_budget
 from cap_hf.evaluation.features import FeatureEvaluator, extract_features, is_backbone
 from cap_hf.evaluation.metrics import compute_metrics
-from cap_hf.io.data import calibration_loader, collate, is_stream
-from cap_hf.io.stream import STATE_FILE, StreamLoader, load_stream_state, save_stream_state
+from cap_hf.io.data import calibration_loader, collate
+from cap_hf.io.stream import STATE_FILE, StreamLoader, is_stream, load_stream_state, save_stream_state
 from cap_hf.schedule import SparsitySchedule, build_schedule, check_schedule_values, cyclic_linear_factor
 from trainer_plugins.pruning import CAPPruningCallback
 

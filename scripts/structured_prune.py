@@ -75,11 +75,11 @@ from cap_hf.engine.feature_fisher import FeatureFisherLoss
 from cap_hf.evaluation.features import is_backbone
 from cap_hf.evaluation.metrics import evaluate_accuracy
 from cap_hf.io.checkpoint import CheckpointError
-from cap_hf.io.data import calibration_loader, collate, is_stream
+from cap_hf.io.data import calibration_loader, collate
 from cap_hf.io.hub import HubError, check_push, push_checkpoint
 from cap_hf.io.models import load_classifier, load_image_processor, load_model, processor_image_size
 from cap_hf.io.sources import check_sources
-from cap_hf.io.stream import StreamArguments
+from cap_hf.io.stream import StreamArguments, is_stream
 from cap_hf.structured import (
     StructuredConfig,
     pfs,

@@ -52,6 +52,16 @@ def write_shards(root, corrupt: int | None = None, all_bad_split: str | None = N
     return root
 
 
+@pytest.fixture(autouse=True)
+def short_pause_after_a_shuffled_pass(monkeypatch):
+    """datasets sleeps 5 s when a shuffled parquet stream ends or is left (for apache/arrow#45214: its reader
+    threads must stop before the process exits), most of each test's time here; half a second still lets them
+    stop. Forked DataLoader workers inherit the value."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.5)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("parquet") / "digits", corrupt=5)

@@ -125,7 +125,7 @@ def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: 
     shuffled with `seed` (every process reads the whole stream with its own seed, as it samples the whole
     split with its own seed otherwise); the same batches again at each replay, for a fixed number of workers."""
     workers = int(num_workers or 0)
-    if is_stream(dataset):  # a seeded shuffle of the stream (buffer and shard order) instead of a sampler
+    if isinstance(dataset, torch.utils.data.IterableDataset):  # an ImageStream: its own seeded shuffle, no sampler
         extra = {"prefetch_factor": prefetch_factor} if workers > 0 and prefetch_factor else {}
         return torch.utils.data.DataLoader(dataset.with_(seed=seed, shuffle=True, rank=0, world=1, limit=None),
                                            batch_size=batch_size, drop_last=True, collate_fn=collate_fn or collate,
@@ -136,11 +136,6 @@ def calibration_loader(dataset, batch_size: int, seed: int = 0, *, num_workers: 
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
                                        collate_fn=collate_fn or collate, generator=generator, num_workers=workers,
                                        pin_memory=bool(pin_memory) and torch.cuda.is_available(), **extra)
-
-
-def is_stream(dataset) -> bool:
-    """A streamed split (an IterableDataset: cap_hf.io.stream.ImageStream): no length, read pass by pass."""
-    return isinstance(dataset, torch.utils.data.IterableDataset)
 
 
 def _image_dataset(images: np.ndarray, labels: np.ndarray, names: list[str], split: str) -> Dataset:

@@ -249,6 +249,11 @@ class ImageStream(torch.utils.data.IterableDataset):
             yield out
 
 
+def is_stream(dataset) -> bool:
+    """A streamed split (ImageStream): no length, read pass by pass."""
+    return isinstance(dataset, ImageStream)
+
+
 def _where(value) -> str:
     path = value.get("path") if isinstance(value, dict) else None
     return f"file {os.path.basename(path)}" if path else "no file name"
