@@ -113,15 +113,15 @@ class CAPTrainingArguments(DistillationArguments):
             raise ValueError(f"min_learning_rate ({self.min_learning_rate}) must be in [0, learning_rate].")
 
     def epoch_schedule_given(self) -> list[str]:
-        given = {"pruning_start_epoch": self.pruning_start_epoch != 0, "pruning_end_epoch": self.pruning_end_epoch,
-                 "pruning_frequency_epochs": self.pruning_frequency_epochs, "pruning_schedule": self.pruning_schedule}
-        return [f"--{k}" for k, v in given.items() if v is not None and v is not False]
+        """The flags of the schedule in epochs that were given (pruning_start_epoch: when not 0, its default)."""
+        epochs = ("pruning_end_epoch", "pruning_frequency_epochs", "pruning_schedule")
+        return [f"--{k}" for k in ("pruning_start_epoch", *epochs)
+                if (getattr(self, k) != 0 if k == "pruning_start_epoch" else getattr(self, k) is not None)]
 
     def step_schedule_given(self) -> list[str]:
-        given = {"pruning_start_step": self.pruning_start_step, "pruning_end_step": self.pruning_end_step,
-                 "pruning_frequency_steps": self.pruning_frequency_steps,
-                 "pruning_schedule_steps": self.pruning_schedule_steps}
-        return [f"--{k}" for k, v in given.items() if v is not None]
+        """The flags of the schedule in optimizer steps that were given."""
+        steps = ("pruning_start_step", "pruning_end_step", "pruning_frequency_steps", "pruning_schedule_steps")
+        return [f"--{k}" for k in steps if getattr(self, k) is not None]
 
     def check_stream(self) -> None:
         super().check_stream()

@@ -39,8 +39,12 @@ def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, ar
     if label_column not in evaluation.column_names:
         logger.warning("The evaluation split has no label column %r: reporting feature cosine alone (k-NN and the "
                        "linear probe need labels).", label_column)
-    elif stream is not None and stream.streaming:
-        bank = stream_bank(model, processor, dataset_name, args, stream, image_column, label_column, seed)
+    elif stream is not None and stream.streaming:  # a fixed set: the whole split would be read at every evaluation
+        from cap_hf.io.stream import fixed_sample
+
+        bank = fixed_sample(dataset_name, args.knn_bank_split, ("train",), "k-NN bank (--knn_bank_split)", processor,
+                            model.config.num_channels, stream, image_column=image_column, label_column=label_column,
+                            seed=seed, count=args.max_knn_bank_samples or None)
     else:
         bank, _, _ = prepare_splits(dataset_name, processor, model.config.num_channels, image_column, label_column,
                                     args.knn_bank_split, eval_split, args.max_knn_bank_samples,
@@ -56,17 +60,3 @@ def backbone_evaluator(model: nn.Module, processor, dataset_name, evaluation, ar
     return FeatureEvaluator(model, loader(bank) if bank is not None else None, loader(evaluation), pooling,
                             device=device)
 
-
-def stream_bank(model: nn.Module, processor, dataset_name: str, args: FeatureEvalArguments, stream, image_column: str,
-                label_column: str, seed: int):
-    """The k-NN bank of a streamed run: the first --max_knn_bank_samples images of a seeded shuffle of the bank
-    split, held as a fixed set (the whole split would be read at every evaluation otherwise)."""
-    from cap_hf.io.data import ImageClassificationTransform
-    from cap_hf.io.stream import DEFAULT_STREAM_EVAL_SAMPLES, ImageStream, materialize, open_stream
-
-    name, split = open_stream(dataset_name, args.knn_bank_split, ("train",), "k-NN bank (--knn_bank_split)",
-                              image_column, label_column)
-    transform = ImageClassificationTransform(processor, image_column, label_column, model.config.num_channels)
-    count = args.max_knn_bank_samples or DEFAULT_STREAM_EVAL_SAMPLES
-    return materialize(ImageStream(split, transform, split=name, seed=seed, buffer_size=stream.shuffle_buffer_size,
-                                   max_bad_fraction=stream.max_bad_fraction), count)

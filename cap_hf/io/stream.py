@@ -206,9 +206,10 @@ class ImageStream(torch.utils.data.IterableDataset):
         stream.set_epoch(self.epoch)
         return stream
 
-    def decoded(self, worker: int = 0) -> Iterator[tuple[int, dict, object]]:
-        """(raw position, example, decoded image) of this process's pass, from `self.skip[worker]` on: corrupt
-        images skipped, counted and logged; too many stop the pass (BadImagesError)."""
+    def decoded(self, worker: int = 0) -> Iterator[tuple[int, dict, object, int]]:
+        """(raw position, example, decoded image, corrupt images skipped so far) of this process's pass, from
+        `self.skip[worker]` on: corrupt images skipped, counted and logged; too many stop the pass
+        (BadImagesError)."""
         skip = self.skip.get(worker, 0)
         mode, column = self.transform.mode, self.transform.image_column
         read = bad = 0
@@ -220,7 +221,6 @@ class ImageStream(torch.utils.data.IterableDataset):
                 image = decode_image(example[column], mode)
             except Exception as err:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
                 bad += 1
-                self.bad = bad
                 logger.warning("Skipped a corrupt image of split %s (process %d, worker %d, position %d in its "
                                "stream, %s): %s: %s; %d skipped by this worker in this pass.", self.split, self.rank,
                                worker, position, _where(example[column]), type(err).__name__, err, bad)
@@ -232,20 +232,19 @@ class ImageStream(torch.utils.data.IterableDataset):
                         "raise --max_bad_fraction. The last checkpoint is unchanged; resume from it once the data "
                         "is repaired.") from err
                 continue
-            yield position, example, image
+            yield position, example, image, bad
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        self.bad = 0
         image_column = self.transform.image_column
-        for given, (position, example, image) in enumerate(self.decoded(worker)):
+        for given, (position, example, image, bad) in enumerate(self.decoded(worker)):
             if self.limit is not None and given >= self.limit:
                 return
             out = {k: v[0] for k, v in self.transform({**{k: [v] for k, v in example.items()},
                                                         image_column: [image]}).items()}
             if self.tag:
-                out.update(stream_worker=worker, stream_position=position, stream_skipped=self.bad)
+                out.update(stream_worker=worker, stream_position=position, stream_skipped=bad)
             yield out
 
 
@@ -342,7 +341,7 @@ def materialize(stream: ImageStream, count: int) -> Dataset:
     ImageNet: 1.1 GB for 10,000): a fixed set that every evaluation reads the same way. Fewer when the split is
     shorter (the log says so)."""
     features = stream.examples().features
-    rows = [example for _, example, _ in islice(stream.decoded(), count)]  # decoded once, to skip the bad ones
+    rows = [example for _, example, _, _ in islice(stream.decoded(), count)]  # decoded once, to skip the bad ones
     if len(rows) < count:
         logger.warning("Split %s gave %d images, fewer than the %d asked for.", stream.split, len(rows), count)
     data = Dataset.from_list(rows, features=features, split=stream.split)
@@ -361,6 +360,21 @@ class _DecodeThen:
         return self.transform({**examples, column: images})
 
 
+def fixed_sample(dataset_name: str, split: str | None, candidates: tuple[str, ...], role: str, image_processor,
+                 num_channels: int, args: StreamArguments, *, image_column: str = "image", label_column: str = "label",
+                 needs_labels: bool = True, seed: int = 0, count: int | None = None) -> Dataset:
+    """A fixed set of `count` images (default DEFAULT_STREAM_EVAL_SAMPLES) of a streamed split, checked first
+    (open_stream): the first of a shuffle seeded by `seed`, the same on every process, not the first images (an
+    imagefolder, and some parquet exports, list a split by class). The evaluation set and the k-NN bank."""
+    name, stream = open_stream(dataset_name, split, candidates, role, image_column,
+                               label_column if needs_labels else None)
+    labels = label_column if label_column in (stream.features or {}) else None
+    transform = ImageClassificationTransform(image_processor, image_column, labels, num_channels)
+    return materialize(ImageStream(stream, transform, split=name, seed=seed, buffer_size=args.shuffle_buffer_size,
+                                   max_bad_fraction=args.max_bad_fraction),
+                       DEFAULT_STREAM_EVAL_SAMPLES if count is None else count)
+
+
 def prepare_stream_splits(dataset_name: str, image_processor, num_channels: int, args: StreamArguments, *,
                           image_column: str = "image", label_column: str = "label", train_split: str | None = None,
                           eval_split: str | None = None, max_train_samples: int | None = None,
@@ -374,23 +388,15 @@ def prepare_stream_splits(dataset_name: str, image_processor, num_channels: int,
     args.check()
     train_name, train = open_stream(dataset_name, train_split, ("train",), "train (--train_split)", image_column,
                                     label_column if train_needs_labels else None)
-    eval_name, evaluation = open_stream(dataset_name, eval_split, EVAL_SPLITS, "evaluation (--eval_split)",
-                                        image_column, label_column if eval_needs_labels else None)
-
-    def transform(stream, augment=None):
-        labels = label_column if label_column in (stream.features or {}) else None
-        return ImageClassificationTransform(image_processor, image_column, labels, num_channels, augment=augment)
-
+    labels = label_column if label_column in (train.features or {}) else None
+    transform = ImageClassificationTransform(image_processor, image_column, labels, num_channels, augment=train_augment)
     limit = None if max_train_samples is None else max(1, max_train_samples // world)
-    train_stream = ImageStream(train, transform(train, train_augment), split=train_name, seed=seed,
-                               buffer_size=args.shuffle_buffer_size, rank=rank, world=world, limit=limit,
-                               max_bad_fraction=args.max_bad_fraction)
-    count = DEFAULT_STREAM_EVAL_SAMPLES if max_eval_samples is None else max_eval_samples
-    # a seeded shuffle, not the first images: an imagefolder (and some parquet exports) lists the split by class
-    fixed = materialize(ImageStream(evaluation, transform(evaluation), split=eval_name, seed=seed,
-                                    buffer_size=args.shuffle_buffer_size, max_bad_fraction=args.max_bad_fraction),
-                        count)
+    train_stream = ImageStream(train, transform, split=train_name, seed=seed, buffer_size=args.shuffle_buffer_size,
+                               rank=rank, world=world, limit=limit, max_bad_fraction=args.max_bad_fraction)
+    fixed = fixed_sample(dataset_name, eval_split, EVAL_SPLITS, "evaluation (--eval_split)", image_processor,
+                         num_channels, args, image_column=image_column, label_column=label_column,
+                         needs_labels=eval_needs_labels, seed=seed, count=max_eval_samples)
     logger.info("Streaming %s: training on split %s (shuffle buffer %d, process %d of %d); evaluation on %d images "
                 "of split %s (the first of a shuffle seeded by --seed %d).", dataset_name, train_name,
-                args.shuffle_buffer_size, rank, world, len(fixed), eval_name, seed)
+                args.shuffle_buffer_size, rank, world, len(fixed), fixed.split, seed)
     return train_stream, fixed, label_names(fixed, label_column)

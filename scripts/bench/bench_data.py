@@ -45,9 +45,12 @@ def smooth_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
     import PIL.Image
 
     small = rng.integers(0, 256, (height // 16 + 1, width // 16 + 1, 3), dtype=np.uint8)
-    image = PIL.Image.fromarray(small).resize((width, height), PIL.Image.BICUBIC)
+    return jpeg(PIL.Image.fromarray(small).resize((width, height), PIL.Image.BICUBIC))
+
+
+def jpeg(image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=90)
+    image.save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 

@@ -21,14 +21,13 @@ Writes docs/benchmarks.md (section "Image processors and transforms").
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from bench_data import smooth_jpeg
+from bench_data import jpeg, smooth_jpeg
 from benchlib import command_line, machine, parse_bench, publish
 
 SECTION = "## Image processors and transforms: torchvision against PIL (issue 26)"
@@ -55,16 +54,11 @@ def need_torchvision():
     return torchvision
 
 
-def jpeg(image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
 def decoded(data: bytes, mode: str):
-    import PIL.Image
+    """What a stream's worker does with an image's bytes (cap_hf.io.stream.decode_image)."""
+    from cap_hf.io.stream import decode_image
 
-    return PIL.Image.open(io.BytesIO(data)).convert(mode)
+    return decode_image({"bytes": data, "path": None}, mode)
 
 
 def pixels(transform, jpegs: list[bytes]) -> tuple[torch.Tensor, float]:
@@ -75,12 +69,13 @@ def pixels(transform, jpegs: list[bytes]) -> tuple[torch.Tensor, float]:
     return torch.stack(out), rate
 
 
-def difference(a: torch.Tensor, b: torch.Tensor, std: float) -> str:
-    """Max and mean absolute difference, in the model's input units and in 8-bit levels."""
+def difference(a: torch.Tensor, b: torch.Tensor, std: float) -> tuple[str, float]:
+    """(max and mean absolute difference, in the model's input units and in 8-bit levels; the max in levels)."""
     d = (a - b).abs()
+    levels = float(d.max()) * std * 255
     return (
-        f"max {d.max():.3f} ({d.max() * std * 255:.1f} levels), mean {d.mean():.4f} "
-        f"({d.mean() * std * 255:.2f} levels)"
+        f"max {d.max():.3f} ({levels:.1f} levels), mean {d.mean():.4f} ({d.mean() * std * 255:.2f} levels)",
+        levels,
     )
 
 
@@ -117,12 +112,8 @@ def digits_evaluation(upscale: int) -> list[str]:
         "|---|---|---:|",
     ]
     lines += [f"| {b} | {name} | {100 * acc:.2f}% |" for b, name, _, acc in rows]
-    lines += [
-        "",
-        f"Predictions that agree: {100 * agree:.2f}%; pixel_values: "
-        f"{difference(rows[0][2], rows[1][2], std)}.",
-    ]
-    levels = float((rows[0][2] - rows[1][2]).abs().max()) * std * 255
+    text, levels = difference(rows[0][2], rows[1][2], std)
+    lines += ["", f"Predictions that agree: {100 * agree:.2f}%; pixel_values: {text}."]
     if agree == 1 and levels <= 1.5:
         verdict = (
             "the fast (torchvision) path is enough for evaluation: the same prediction for every image, the "
@@ -192,7 +183,7 @@ def imagenet_sized(count: int, rounds: int) -> list[str]:
     ]
     lines += [
         "",
-        f"Evaluation pixel_values of the two backends: {difference(values[names[0]], values[names[1]], max(std))}"
+        f"Evaluation pixel_values of the two backends: {difference(values[names[0]], values[names[1]], max(std))[0]}"
         f" (shapes {tuple(values[names[0]].shape[1:])} and {tuple(values[names[1]].shape[1:])}; training: "
         f"{tuple(values[names[3]].shape[1:])}).",
     ]
